@@ -1,0 +1,1 @@
+"""Benchmarks: one script per measured claim, on the shared harness in `harness.py`."""

@@ -1,0 +1,1 @@
+"""featurecache: compute a frozen teacher's features once, train against them forever."""

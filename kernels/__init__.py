@@ -1,0 +1,1 @@
+"""Fused cosine-alignment loss: Triton kernel, torch reference, autograd op."""

@@ -1,0 +1,1 @@
+"""VLA students (`tiny-vla`, `hf-llava:`) and the alignment projector."""

@@ -1,0 +1,1 @@
+"""Frozen teachers: one loader per spec (`hf:`, `hf-vlm:`, `efficientnet-lite0`)."""
