@@ -1,0 +1,5 @@
+"""`python -m featurecache ...` (what `torchrun -m featurecache train ...` runs)."""
+
+from featurecache.cli import main
+
+main()
