@@ -1,1 +1,21 @@
-"""VLA students (`tiny-vla`, `hf-llava:`) and the alignment projector."""
+"""VLA students (`tiny-vla`, `hf-llava:PATH`) and the alignment projector."""
+
+from featurecache.pipelines.students.base import ACTION_DIM, ByteTokenizer, Student, StudentOutput
+from featurecache.pipelines.students.loader import load_student, parse_student_spec
+from featurecache.pipelines.students.projector import (
+    DEFAULT_PROJECTOR_HIDDEN,
+    AlignmentProjector,
+    build_projector,
+)
+
+__all__ = [
+    "ACTION_DIM",
+    "DEFAULT_PROJECTOR_HIDDEN",
+    "AlignmentProjector",
+    "ByteTokenizer",
+    "Student",
+    "StudentOutput",
+    "build_projector",
+    "load_student",
+    "parse_student_spec",
+]

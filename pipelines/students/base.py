@@ -1,0 +1,106 @@
+"""What every student offers the training loop, and the byte-level instruction tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+ACTION_DIM = 7  # end-effector delta (xyz, rpy) + gripper, as in the paper's WidowX set-up
+
+
+@dataclass(frozen=True, slots=True)
+class StudentOutput:
+    """actions: (B, 7) float32 predicted actions.
+    visual: (B, T, hidden) the language model's hidden states at the aligned layer, at the T
+    visual-token positions (image patches in grid order, row-major)."""
+
+    actions: torch.Tensor
+    visual: torch.Tensor
+
+
+class Student(nn.Module):
+    """A VLA student. Subclasses set the attributes below and implement `forward`.
+
+    spec: how it was named (`tiny-vla`, `hf-llava:PATH`).
+    image_size: the square input size in pixels the stream resizes frames to.
+    visual_grid: (rows, cols) of visual tokens; their count is what the cache must match.
+    hidden_size: width of the language model's hidden states (the projector's input).
+    num_layers: number of decoder layers; `align_layer` indexes hidden_states[0..num_layers].
+    default_projector_hidden: the projector width that suits this student's size.
+    """
+
+    spec: str
+    image_size: int
+    visual_grid: tuple[int, int]
+    hidden_size: int
+    num_layers: int
+    default_projector_hidden: int
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.visual_grid[0] * self.visual_grid[1]
+
+    @property
+    def default_align_layer(self) -> int:
+        """The middle layer, as in the paper (16 of 32)."""
+        return max(1, self.num_layers // 2)
+
+    def check_align_layer(self, align_layer: int) -> None:
+        if not 0 <= align_layer <= self.num_layers:
+            raise ValueError(
+                f"The `--align-layer` should be in 0..{self.num_layers} for student "
+                f"{self.spec!r} ({self.num_layers} layers). Found {align_layer}."
+            )
+
+    def options(self) -> dict[str, Any]:
+        """JSON-able keyword arguments that rebuild this architecture with `load_student`."""
+        raise NotImplementedError
+
+    def forward(
+        self, images: torch.Tensor, instructions: list[str], align_layer: int
+    ) -> StudentOutput:
+        """images (B, 3, H, W) float in [0, 1] at `image_size`; instructions: B strings."""
+        raise NotImplementedError
+
+
+class ByteTokenizer:
+    """Instruction text -> ids with no vocabulary file: UTF-8 bytes shifted past the specials.
+
+    ids: 0 pad, 1 BOS, 2 EOS, 3 + byte. Vocabulary size 259.
+    """
+
+    PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
+    vocab_size = 256 + OFFSET
+
+    def __init__(self, max_length: int = 96) -> None:
+        self.max_length = max_length
+
+    def encode(self, text: str) -> list[int]:
+        """Bytes of `text` (truncated to max_length - 1) followed by EOS."""
+        ids = [b + self.OFFSET for b in text.encode("utf-8")[: self.max_length - 1]]
+        return [*ids, self.EOS]
+
+    def batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids (B, L) int64 and attention mask (B, L) int64."""
+        encoded = [self.encode(t) for t in texts]
+        length = max(len(e) for e in encoded)
+        ids = torch.full((len(texts), length), self.PAD, dtype=torch.long)
+        mask = torch.zeros((len(texts), length), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+        return ids, mask
+
+
+def last_token_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden (B, L, D), mask (B, L) with right padding -> (B, D) at each row's last real token."""
+    last = mask.sum(dim=1) - 1  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def action_head(hidden: int, action_dim: int = ACTION_DIM) -> nn.Module:
+    """A two-layer MLP reading the final hidden state: (B, hidden) -> (B, action_dim)."""
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, action_dim))
