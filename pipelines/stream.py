@@ -1,0 +1,351 @@
+"""The training stream: WebDataset frame shards joined by `__key__` with cached teacher targets.
+
+    shard list -> split by node (rank) -> split by worker -> shard shuffle (seed + epoch)
+      -> tar samples (raw bytes) -> select image/json/action.npy members
+      -> join with the cache, in shard order, a chunk of keys at a time        # (T, D) + (T,)
+      -> shuffle buffer (raw bytes + targets) -> [resume: drop consumed samples]
+      -> decode (PIL image, json, npy with allow_pickle=False) -> batch
+
+Why the join comes before the shuffle buffer: the reader decodes a whole Zarr shard when its
+first row is asked for and keeps it in a small LRU. Asking in shard order (the order the tar
+shard and the cache block were written in) decodes each Zarr shard once; asking after a
+shuffle buffer would hop between shards and could evict a shard before its last row is read.
+Image decoding comes after the shuffle (and after the resume skip), so buffered samples stay
+small and skipping consumed samples on resume costs no decoding.
+
+Nothing here unpickles: only the image, `json` and `action.npy` members are decoded (npy with
+allow_pickle=False); every other member is dropped unread.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+JOIN_CHUNK = 32  # keys per cache read: amortises the per-call cost, stays within a Zarr shard
+
+
+@dataclass(kw_only=True, slots=True)
+class StreamConfig:
+    """What one pass (epoch) over the frames reads.
+
+    shards: the tar shards, in order (expand patterns with frames.expand_frame_paths first).
+    image_size: the student's square input size; frames are resized to it (bilinear).
+    batch_size: samples per batch (the last batch of an epoch may be smaller).
+    cache: a feature cache folder to join targets from, or None for frames only.
+    layer: the cache layer to read (required with `cache`).
+    seed, epoch: shard shuffle and shuffle buffer are seeded by (seed, epoch, rank, worker).
+    shuffle: False reads shards and samples in order (evaluation).
+    shuffle_buffer: samples held by the shuffle buffer (after the join).
+    on_missing: "error" (a key not in the cache raises, naming it) or "skip" (counted).
+    keep_images: also return the decoded PIL images (for a resident teacher).
+    require_actions: raise when a sample has no `action.npy` (training, evaluation).
+    skip_batches: batches of this epoch already consumed (resume): dropped before decoding.
+    num_workers: DataLoader worker processes (0 = in this process).
+    """
+
+    shards: Sequence[str | Path]
+    image_size: int
+    batch_size: int
+    cache: str | Path | None = None
+    layer: str | None = None
+    seed: int = 0
+    epoch: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 256
+    on_missing: Literal["error", "skip"] = "error"
+    keep_images: bool = False
+    require_actions: bool = True
+    skip_batches: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError(
+                "The stream's `shards` should name at least one tar shard. Found none."
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"The `batch_size` should be >= 1. Found {self.batch_size}.")
+        if self.cache is not None and self.layer is None:
+            raise ValueError("A `layer` should be given with a `cache`. Found layer=None.")
+        if self.on_missing not in ("error", "skip"):
+            raise ValueError(f"The `on_missing` should be error|skip. Found {self.on_missing!r}.")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"The `shuffle_buffer` should be >= 1. Found {self.shuffle_buffer}.")
+
+
+@dataclass(slots=True)
+class Batch:
+    """One training batch.
+
+    keys: B sample keys. images: (B, 3, S, S) float32 in [0, 1]. instructions: B strings.
+    actions: (B, 7) float32 (NaN rows where a frame has none and require_actions is False).
+    target: (B, T, D) as stored (int8 or float16), or None without a cache.
+    scales: (B, T) float32 per-token absmax scales of an int8 cache, else None.
+    meta: B parsed json dicts. images_pil: B PIL images when keep_images, else None.
+    missing: keys skipped since the previous batch because the cache lacks them.
+    """
+
+    keys: list[str]
+    images: torch.Tensor
+    instructions: list[str]
+    actions: torch.Tensor
+    target: torch.Tensor | None
+    scales: torch.Tensor | None
+    meta: list[dict]
+    images_pil: list | None = None
+    missing: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _select(samples: Iterable[dict]) -> Iterator[dict]:
+    """Raw tar samples -> {key, source, image (bytes), ext, json (bytes|None), npy (bytes|None)}."""
+    for s in samples:
+        ext = next((e for e in IMAGE_EXTS if e in s), None)
+        if ext is None:
+            from featurecache.pipelines.frames import BadFrameError
+
+            raise BadFrameError(
+                f"Expected an image ({'/'.join(IMAGE_EXTS)}) in sample {s['__key__']!r} of "
+                f"{s.get('__url__')}, got members {sorted(k for k in s if not k.startswith('__'))}."
+            )
+        yield {
+            "key": s["__key__"],
+            "source": s.get("__url__", ""),
+            "image": s[ext],
+            "ext": ext,
+            "json": s.get("json"),
+            "npy": s.get("action.npy"),
+        }
+
+
+class _Join:
+    """Attach each sample's cached target, reading `JOIN_CHUNK` keys per cache call, in order."""
+
+    def __init__(self, cache: str | Path, layer: str, on_missing: str) -> None:
+        self.cache_path, self.layer, self.on_missing = cache, layer, on_missing
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        from featurecache.reader import open_cache
+
+        cache = open_cache(self.cache_path)  # opened here: once per worker process
+        missing: list[str] = []
+        chunk: list[dict] = []
+        for s in samples:
+            if s["key"] not in cache:
+                if self.on_missing == "error":
+                    from featurecache.errors import UnknownKeyError
+
+                    raise UnknownKeyError(
+                        f"Expected sample {s['key']!r} of {s['source']} in cache "
+                        f"{self.cache_path}, got no such key (pass --on-missing skip to skip "
+                        f"frames the cache lacks)."
+                    )
+                missing.append(s["key"])
+                continue
+            chunk.append(s)
+            if len(chunk) == JOIN_CHUNK:
+                yield from self._read(cache, chunk, missing)
+                chunk, missing = [], []
+        if chunk:
+            yield from self._read(cache, chunk, missing)
+        elif missing:  # report skips that no later sample can carry
+            yield {"key": None, "missing": missing}
+
+    def _read(self, cache: Any, chunk: list[dict], missing: list[str]) -> Iterator[dict]:
+        values, scales = cache.read_raw([s["key"] for s in chunk], self.layer)
+        for i, s in enumerate(chunk):
+            s["target"] = values[i]
+            s["scales"] = None if scales is None else scales[i]
+            s["missing"] = missing if i == 0 else []
+            yield s
+
+
+class _Shuffle:
+    """A seeded shuffle buffer; the seed also depends on rank and worker, so streams differ."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        (worker, _), (rank, _) = _worker(), _rank()
+        rng = random.Random(f"{self.seed}/{rank}/{worker}")
+        buf: list[dict] = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= self.size:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+
+class _SkipConsumed:
+    """Drop the samples of the first `skip_batches` batches of this worker's share (resume).
+
+    A DataLoader returns worker w's batches at positions w, w + W, w + 2W, ... (in order), so of
+    the first k batches worker w made len(range(w, k, W)) of them.
+    """
+
+    def __init__(self, skip_batches: int, batch_size: int) -> None:
+        self.skip_batches, self.batch_size = skip_batches, batch_size
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        worker, workers = _worker()
+        todo = len(range(worker, self.skip_batches, workers)) * self.batch_size
+        pending: list[str] = []  # skip reports must survive the skip
+        for s in samples:
+            if s["key"] is not None and todo > 0:
+                todo -= 1
+                pending += s.get("missing", [])
+                continue
+            if pending:
+                s = {**s, "missing": pending + s.get("missing", [])}
+                pending = []
+            yield s
+        if pending:
+            yield {"key": None, "missing": pending}
+
+
+class _DecodeBatch:
+    """Decode and collate samples into `Batch`es of `batch_size`."""
+
+    def __init__(self, config: StreamConfig) -> None:
+        self.image_size, self.batch_size = config.image_size, config.batch_size
+        self.keep_images, self.require_actions = config.keep_images, config.require_actions
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[Batch]:
+        group: list[dict] = []
+        missing: list[str] = []
+        for s in samples:
+            missing += s.get("missing", [])
+            if s["key"] is None:
+                continue
+            group.append(s)
+            if len(group) == self.batch_size:
+                yield self._collate(group, missing)
+                group, missing = [], []
+        if group:
+            yield self._collate(group, missing)
+        elif missing:
+            yield self._collate([], missing)
+
+    def _collate(self, group: list[dict], missing: list[str]) -> Batch:
+        from featurecache.pipelines.frames import BadFrameError, decode_image
+        from PIL import Image
+
+        pil, pixels, metas, actions = [], [], [], []
+        for s in group:
+            image = decode_image(s["image"], s["ext"])
+            pil.append(image)
+            resized = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+            pixels.append(torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()))
+            metas.append(json.loads(s["json"]) if s["json"] else {})
+            if s["npy"] is None:
+                if self.require_actions:
+                    raise BadFrameError(
+                        f"Expected an action.npy in sample {s['key']!r} of {s['source']}, got none."
+                    )
+                actions.append(np.full(7, np.nan, np.float32))
+            else:
+                actions.append(np.load(io.BytesIO(s["npy"]), allow_pickle=False))
+        side = self.image_size
+        images = (
+            torch.stack(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+            if group
+            else torch.zeros((0, 3, side, side))
+        )  # (B, 3, S, S)
+        has_target = bool(group) and "target" in group[0]
+        has_scales = has_target and group[0]["scales"] is not None
+        return Batch(
+            keys=[s["key"] for s in group],
+            images=images,
+            instructions=[m.get("instruction", "") for m in metas],
+            actions=torch.from_numpy(np.stack(actions).astype(np.float32))
+            if group
+            else torch.zeros((0, 7)),
+            target=torch.stack([s["target"] for s in group]) if has_target else None,
+            scales=torch.stack([s["scales"] for s in group]) if has_scales else None,
+            meta=metas,
+            images_pil=pil if self.keep_images else None,
+            missing=missing,
+        )
+
+
+def build_pipeline(config: StreamConfig) -> Any:
+    """The webdataset DataPipeline of one epoch (iterate it, or hand it to a DataLoader)."""
+    import webdataset as wds
+
+    urls = [str(p) for p in config.shards]
+    stages: list[Any] = [
+        wds.SimpleShardList(urls),
+        wds.split_by_node,
+        wds.split_by_worker,
+    ]
+    if config.shuffle:
+        stages.append(
+            wds.shuffle(len(urls), initial=len(urls), seed=config.seed * 1009 + config.epoch)
+        )
+    stages += [wds.tarfile_to_samples(handler=wds.reraise_exception), _select]
+    if config.cache is not None:
+        assert config.layer is not None
+        stages.append(_Join(config.cache, config.layer, config.on_missing))
+    if config.shuffle:
+        stages.append(_Shuffle(config.shuffle_buffer, config.seed * 1009 + config.epoch))
+    if config.skip_batches:
+        stages.append(_SkipConsumed(config.skip_batches, config.batch_size))
+    stages.append(_DecodeBatch(config))
+    return wds.DataPipeline(*stages)
+
+
+def iter_batches(config: StreamConfig) -> Iterator[Batch]:
+    """Batches of one epoch, through a DataLoader with `num_workers` workers when > 0.
+
+    Batches with no samples (only a skip report) are passed on too: check `len(batch)`.
+    """
+    pipeline = build_pipeline(config)
+    if config.num_workers == 0:
+        yield from pipeline
+        return
+    loader = torch.utils.data.DataLoader(
+        pipeline, batch_size=None, num_workers=config.num_workers, collate_fn=None
+    )
+    yield from loader
+
+
+def check_shards_per_rank(shards: Sequence[str | Path], world_size: int, num_workers: int) -> None:
+    """Each rank reads its own shards: there must be at least one per rank (and per worker)."""
+    need = world_size * max(1, num_workers)
+    if len(shards) < world_size:
+        raise ValueError(
+            f"Each of the {world_size} ranks reads its own tar shards: expected at least "
+            f"{world_size} shards, got {len(shards)}. Write the frames in more, smaller shards."
+        )
+    if len(shards) < need:
+        raise ValueError(
+            f"Expected at least {need} tar shards for {world_size} rank(s) x {num_workers} "
+            f"worker(s), got {len(shards)}; lower --num-workers."
+        )
