@@ -1,0 +1,435 @@
+"""The write side: create a cache from a spec and a block plan, then write blocks, each in one
+streaming pass, from any number of processes.
+
+    writer = create_cache(path, spec, plan_blocks([("frames-000000.tar", 1000), ...], 64))
+    bw = writer.open_block(0)
+    bw.append(keys, {"4": feats})        # (n, tokens, dim) float, numpy or torch
+    writer.mark_done(bw.finish())        # finish() writes the last shard; mark_done commits it
+
+A block owns whole Zarr shards, so writers of different blocks never touch one file. Opening a
+block that is not done deletes whatever an earlier (crashed) attempt left, so a block is always
+written whole. The manifest is only changed under a file lock and replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from featurecache.codecs import inner_codecs, quantize_int8, to_numpy_float
+from featurecache.errors import (
+    BlockAlreadyDoneError,
+    BlockCapacityError,
+    FeatureCacheError,
+    InvalidFeaturesError,
+    InvalidKeyError,
+    NotACacheError,
+    ShapeMismatchError,
+    SpecMismatchError,
+    UnknownLayerError,
+)
+from featurecache.format import (
+    ATTRS_KEY,
+    CHECKSUM_PREFIX,
+    FEATURE_DTYPE,
+    GROUP_METADATA,
+    KEY_DTYPE,
+    KEYS_ARRAY,
+    SCALE_DTYPE,
+    STATUS_DONE,
+    STATUS_PENDING,
+    Block,
+    CacheSpec,
+    Manifest,
+    checksum_arrays,
+    features_path,
+    manifest_lock,
+    read_group_metadata,
+    read_manifest,
+    scales_path,
+    shard_file,
+    update_manifest,
+    write_group_metadata,
+)
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """What a finished block reports to the driver: rows written, checksum, skipped keys."""
+
+    index: int
+    count: int
+    checksum: str
+    skipped: tuple[str, ...] = ()
+
+
+def encode_key(key: str, key_bytes: int, where: str = "") -> bytes:
+    """A sample key as its UTF-8 bytes; InvalidKeyError when empty, holding NUL or too long."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError(f"Expected a non-empty str key{where}, got {key!r}")
+    raw = key.encode("utf-8")
+    if b"\x00" in raw:
+        raise InvalidKeyError(f"Expected a key without NUL characters{where}, got {key!r}")
+    if len(raw) > key_bytes:
+        raise InvalidKeyError(
+            f"Expected a key of at most key_bytes={key_bytes} UTF-8 bytes{where}, got "
+            f"{len(raw)} bytes: {key!r}"
+        )
+    return raw
+
+
+def _validate_plan(spec: CacheSpec, plan: Sequence[Block]) -> tuple[Block, ...]:
+    row = 0
+    blocks = []
+    for i, b in enumerate(plan):
+        if b.index != i or b.row_start != row:
+            raise SpecMismatchError(
+                f"Expected block {i} to start at row {row}, got index {b.index} row_start "
+                f"{b.row_start} (use plan_blocks)"
+            )
+        if b.capacity % spec.shard_rows or b.count > b.capacity or b.count < 0:
+            raise SpecMismatchError(
+                f"Expected block {i} to own whole shards of {spec.shard_rows} rows holding its "
+                f"count, got rows [{b.row_start}, {b.row_stop}) for count {b.count}"
+            )
+        blocks.append(replace(b, status=STATUS_PENDING, checksum=None, skipped=()))
+        row = b.row_stop
+    return tuple(blocks)
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = sorted(set(a) | set(b))
+    parts = [
+        f"{k}: existing {a.get(k)!r} vs requested {b.get(k)!r}"
+        for k in keys
+        if a.get(k) != b.get(k)
+    ]
+    return "; ".join(parts)
+
+
+def _create_arrays(path: Path, spec: CacheSpec, rows: int) -> None:
+    store = LocalStore(path)
+    zarr.create_group(store=store, zarr_format=3)
+    sr = spec.shard_rows
+    zarr.create_array(
+        store, name=KEYS_ARRAY, shape=(rows, spec.key_bytes), chunks=(sr, spec.key_bytes),
+        dtype=KEY_DTYPE, fill_value=0, dimension_names=("row", "byte"), **inner_codecs(),
+    )  # fmt: skip
+    for layer in spec.layers:
+        t, d = layer.tokens, layer.dim
+        zarr.create_array(
+            store, name=features_path(layer.name), shape=(rows, t, d), chunks=(1, t, d),
+            shards=(sr, t, d), dtype=FEATURE_DTYPE[spec.codec], fill_value=0,
+            dimension_names=("row", "token", "dim"), **inner_codecs(),
+        )  # fmt: skip
+        if spec.codec == "int8":
+            zarr.create_array(
+                store, name=scales_path(layer.name), shape=(rows, t), chunks=(sr, t),
+                dtype=SCALE_DTYPE, fill_value=0, dimension_names=("row", "token"),
+                **inner_codecs(),
+            )  # fmt: skip
+
+
+def create_cache(
+    path: str | Path, spec: CacheSpec, plan: Sequence[Block], *, overwrite: bool = False
+) -> CacheWriter:
+    """Create the cache at `path` for `spec` and `plan` (see plan_blocks) and return its writer.
+
+    An existing cache with the same spec and plan is reopened (resume: done blocks stay done);
+    a different spec, fingerprint or plan raises SpecMismatchError showing both, unless
+    overwrite=True, which deletes the old cache first. A non-empty folder that is not a cache is
+    never deleted (NotACacheError). The cache appears atomically (built beside, then renamed).
+    """
+    path = Path(path)
+    blocks = _validate_plan(spec, plan)
+    rows = blocks[-1].row_stop if blocks else 0
+    manifest = Manifest(spec=spec, blocks=blocks, rows=rows)
+    if path.exists():
+        if not path.is_dir():
+            raise NotACacheError(f"Expected a folder (or nothing) at {str(path)!r}, got a file")
+        if any(path.iterdir()):
+            existing = read_manifest(path)  # NotACacheError for a non-empty non-cache folder
+            if overwrite:
+                shutil.rmtree(path)
+            else:
+                _check_same(path, existing, manifest)
+                return CacheWriter(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+    try:
+        _create_arrays(tmp, spec, rows)
+        meta = read_group_metadata(tmp)
+        meta.setdefault("attributes", {})[ATTRS_KEY] = manifest.to_json()
+        write_group_metadata(tmp, meta)
+        (tmp / ".gitignore").unlink(missing_ok=True)
+        try:
+            os.rename(tmp, path)  # atomic; replaces an empty folder; fails if another won
+        except OSError:
+            if path.is_dir() and (path / GROUP_METADATA).exists():
+                _check_same(path, read_manifest(path), manifest)
+                return CacheWriter(path)
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return CacheWriter(path)
+
+
+def _check_same(path: Path, existing: Manifest, wanted: Manifest) -> None:
+    if existing.spec != wanted.spec:
+        raise SpecMismatchError(
+            f"Expected the cache at {str(path)!r} to match the requested spec, got "
+            f"{_diff(existing.spec.to_json(), wanted.spec.to_json())} (pass overwrite=True to "
+            f"start over)"
+        )
+    same = len(existing.blocks) == len(wanted.blocks) and all(
+        a.same_plan(b) for a, b in zip(existing.blocks, wanted.blocks, strict=True)
+    )
+    if not same:
+
+        def show(m: Manifest) -> str:
+            return ", ".join(f"{b.source}[{b.row_start}:{b.row_stop}]" for b in m.blocks[:4]) + (
+                f", ... ({len(m.blocks)} blocks)" if len(m.blocks) > 4 else ""
+            )
+
+        raise SpecMismatchError(
+            f"Expected the cache at {str(path)!r} to have the requested block plan, got existing "
+            f"{show(existing)} vs requested {show(wanted)} (pass overwrite=True to start over)"
+        )
+
+
+def open_writer(path: str | Path) -> CacheWriter:
+    """The writer of an existing cache (e.g. in a Ray actor; the driver created it)."""
+    return CacheWriter(path)
+
+
+class CacheWriter:
+    """Writes blocks of one cache. Cheap to create and picklable (holds only the path)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CacheWriter, (str(self.path),))
+
+    @property
+    def spec(self) -> CacheSpec:
+        return self.manifest.spec
+
+    def refresh(self) -> Manifest:
+        """Re-read the manifest (other processes may have marked blocks done)."""
+        self.manifest = read_manifest(self.path)
+        return self.manifest
+
+    def open_block(self, index: int, *, overwrite: bool = False) -> BlockWriter:
+        """A BlockWriter for block `index`. A done block raises BlockAlreadyDoneError unless
+        overwrite=True (then it is marked pending first). Whatever files the block's rows had
+        are deleted, so the block is written whole."""
+        with manifest_lock(self.path):
+            manifest = self.refresh()
+            block = manifest.block(index)
+            if block.done and not overwrite:
+                raise BlockAlreadyDoneError(
+                    f"Expected a pending block, got block {index} ({block.source}) already done "
+                    f"in {str(self.path)!r} (pass overwrite=True to rewrite it)"
+                )
+        if block.done:
+            pending = replace(block, status=STATUS_PENDING, checksum=None, skipped=())
+            self.manifest = update_manifest(self.path, lambda m: m.with_block(pending))
+            block = pending
+        self._delete_block_files(block)
+        return BlockWriter(self.path, self.spec, block)
+
+    def _delete_block_files(self, block: Block) -> None:
+        sr = self.spec.shard_rows
+        for array in checksum_arrays(self.spec):
+            ndim = 2 if array == KEYS_ARRAY or array.startswith("scales/") else 3
+            for s in range(block.row_start // sr, block.row_stop // sr):
+                (self.path / shard_file(array, ndim, s)).unlink(missing_ok=True)
+
+    def mark_done(self, result: BlockResult) -> Block:
+        """Mark a finished block done in the manifest (atomic, under the cross-process lock)."""
+        sr = self.spec.shard_rows
+
+        def change(m: Manifest) -> Manifest:
+            block = m.block(result.index)
+            if not 0 <= result.count <= block.capacity:
+                raise BlockCapacityError(
+                    f"Expected a count in [0, {block.capacity}] for block {result.index}, got "
+                    f"{result.count}"
+                )
+            if result.count:
+                last = shard_file(KEYS_ARRAY, 2, (block.row_start + result.count - 1) // sr)
+                if not (self.path / last).exists():
+                    raise FeatureCacheError(
+                        f"Expected block {result.index}'s data in {str(self.path / last)!r} "
+                        f"before marking it done, found no file"
+                    )
+            return m.with_block(
+                replace(
+                    block,
+                    status=STATUS_DONE,
+                    count=result.count,
+                    checksum=result.checksum,
+                    skipped=tuple(result.skipped),
+                )
+            )
+
+        self.manifest = update_manifest(self.path, change)
+        return self.manifest.block(result.index)
+
+
+class BlockWriter:
+    """Streams one block: `append` batches, whole shards are encoded and written as they fill,
+    `finish` writes the last (partial) shard and returns the BlockResult. Padding rows are never
+    written (all-zero chunks are not stored). The checksum covers the written rows' stored bytes
+    (FORMAT.md "Block checksum")."""
+
+    def __init__(self, path: Path, spec: CacheSpec, block: Block) -> None:
+        self.path, self.spec, self.block = path, spec, block
+        store = LocalStore(path)
+        self._arrays = {
+            name: zarr.open_array(store, path=name, mode="r+") for name in checksum_arrays(spec)
+        }
+        self._hash = hashlib.sha256()
+        self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self._arrays}
+        self._buffered = 0
+        self._written = 0
+        self._seen: set[str] = set()
+        self._skipped: list[str] = []
+        self._finished = False
+
+    @property
+    def count(self) -> int:
+        """Rows appended so far (written or buffered)."""
+        return self._written + self._buffered
+
+    def __enter__(self) -> BlockWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise FeatureCacheError(
+                f"Expected an open block writer, got block {self.block.index} finished"
+            )
+
+    def skip(self, key: str) -> None:
+        """Record a bad frame's key as skipped (it gets no row)."""
+        self._check_open()
+        self._skipped.append(str(key))
+
+    def append(self, keys: Sequence[str], features: dict[str, Any]) -> None:
+        """Append rows: keys (n,) unique str; features {layer: (n, tokens, dim) float array or
+        tensor} for every layer of the spec. Validates everything before buffering anything."""
+        self._check_open()
+        keys = list(keys)
+        n = len(keys)
+        where = f" in block {self.block.index} ({self.block.source})"
+        encoded = [encode_key(k, self.spec.key_bytes, where) for k in keys]
+        batch_seen: set[str] = set()
+        for k in keys:
+            if k in self._seen or k in batch_seen:
+                raise InvalidKeyError(f"Expected unique keys{where}, got {k!r} twice")
+            batch_seen.add(k)
+        if set(features) != set(self.spec.layer_names):
+            extra = sorted(set(map(str, features)) - set(self.spec.layer_names))
+            if extra:
+                raise UnknownLayerError(
+                    f"Expected layers {list(self.spec.layer_names)}, got unknown {extra}{where}"
+                )
+            raise ShapeMismatchError(
+                f"Expected features for every layer {list(self.spec.layer_names)}, got "
+                f"{sorted(features)}{where}"
+            )
+        if self.count + n > self.block.capacity:
+            raise BlockCapacityError(
+                f"Expected at most {self.block.capacity} rows in block {self.block.index} "
+                f"({self.block.source}), got {self.count + n}"
+            )
+        staged: dict[str, np.ndarray] = {}
+        for layer in self.spec.layers:
+            x = to_numpy_float(features[layer.name])
+            expected = (n, layer.tokens, layer.dim)
+            if tuple(x.shape) != expected:
+                raise ShapeMismatchError(
+                    f"Expected layer {layer.name!r} features of shape {expected}, got "
+                    f"{tuple(x.shape)}{where}"
+                )
+            if x.dtype.kind != "f":
+                raise ShapeMismatchError(
+                    f"Expected float features for layer {layer.name!r}, got {x.dtype}{where}"
+                )
+            finite = np.isfinite(x).reshape(n, -1).all(axis=1)
+            if self.spec.codec == "fp16":
+                finite &= (np.abs(x).reshape(n, -1) <= _FP16_MAX).all(axis=1)
+            if not finite.all():
+                bad = keys[int(np.argmin(finite))]
+                raise InvalidFeaturesError(
+                    f"Expected finite{' fp16-range' if self.spec.codec == 'fp16' else ''} "
+                    f"features for layer {layer.name!r}, got NaN/Inf/overflow at key {bad!r}{where}"
+                )
+            if self.spec.codec == "fp16":
+                staged[features_path(layer.name)] = x.astype(np.float16)
+            else:
+                q, scale = quantize_int8(x)
+                staged[features_path(layer.name)] = q
+                staged[scales_path(layer.name)] = scale
+        key_rows = np.zeros((n, self.spec.key_bytes), dtype=np.uint8)
+        for i, raw in enumerate(encoded):
+            key_rows[i, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        staged[KEYS_ARRAY] = key_rows
+        for name, value in staged.items():
+            self._buffers[name].append(value)
+        self._seen |= batch_seen
+        self._buffered += n
+        while self._buffered >= self.spec.shard_rows:
+            self._flush_shard()
+
+    def _flush_shard(self) -> None:
+        """Write the next shard from the buffers (all of it, or the rest padded with zeros)."""
+        sr = self.spec.shard_rows
+        take = min(self._buffered, sr)
+        start = self.block.row_start + self._written
+        assert start % sr == 0, "blocks start on shard boundaries and shards flush whole"
+        for name in checksum_arrays(self.spec):  # hashing order of FORMAT.md
+            parts = self._buffers[name]
+            data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            head, rest = data[:take], data[take:]
+            self._buffers[name] = [rest] if len(rest) else []
+            self._hash.update(np.ascontiguousarray(head).tobytes())
+            if take < sr:
+                padded = np.zeros((sr, *head.shape[1:]), dtype=head.dtype)
+                padded[:take] = head
+                head = padded
+            self._arrays[name][start : start + sr] = head
+        self._buffered -= take
+        self._written += take
+
+    def finish(self) -> BlockResult:
+        """Write what is buffered and return the result for CacheWriter.mark_done."""
+        self._check_open()
+        if self._buffered:
+            self._flush_shard()
+        self._finished = True
+        return BlockResult(
+            index=self.block.index,
+            count=self._written,
+            checksum=CHECKSUM_PREFIX + self._hash.hexdigest(),
+            skipped=tuple(self._skipped),
+        )
