@@ -1,0 +1,311 @@
+"""Fused cosine alignment loss: one Triton pass writes per-row losses and the student gradient.
+
+The maths (per row i of the last dim; m_i the mask weight, 1 without a mask):
+
+    |x|'  = max(|x|, eps)                                  eps = 1e-12, as F.normalize
+    cos_i = <s_i, t_i> / (|s_i|' |t_i|')
+    loss  = weight * sum_i m_i (1 - cos_i) / max(sum_i m_i, 1)
+    dS_i  = c_i * ( -t_i / (|s_i|' |t_i|')  +  [|s_i| >= eps] cos_i s_i / |s_i|'^2 ),
+    c_i   = weight * m_i / max(sum_j m_j, 1)
+
+Only the three row sums <s,t>, |s|^2, |t|^2 are needed, so the forward reads S and T once,
+accumulates in fp32 and writes dS (student dtype) in the same pass; the backward only multiplies
+the saved dS by grad_output (a 0-d device tensor: no host sync). `c_i` needs the count, which is
+a device reduction of the mask done before the launch and read by the kernel through a pointer.
+A per-row scale on the target cancels in cos, so int8 targets are read as stored (no dequantized
+copy). Rows wider than one tile (D > _MAX_ONE_TILE_D) take two passes over D tiles: pass 1
+accumulates the sums, pass 2 re-reads the row (mostly from L2) and writes dS.
+
+Determinism: each program writes its rows' losses m_i (1 - cos_i); the loss is a torch.sum of
+that vector (a fixed-order reduction on CPU and CUDA) times c. No atomics.
+
+Layout: the last dim must have stride 1; other strides are kept when the leading dims flatten to
+one row stride, otherwise (and when the last dim is strided) the input is copied to contiguous.
+dS is always contiguous.
+
+Gradients: only the student gets one. A target that requires grad is an error (ValueError): the
+fused op never computes dT; use `cosine_alignment_loss_reference` to differentiate the target.
+The mask is a constant (no gradient).
+
+Registration: `featurecache::cosine_alignment_fwd` is an opaque `torch.library.custom_op` with a
+fake (meta) implementation and `register_autograd`, so torch.compile traces a module that uses it
+without a graph break, on CUDA and CPU alike. We chose an opaque custom op over `triton_op`
+because one registration must also serve the CPU paths (torch maths, or the Triton interpreter),
+which Inductor cannot inline; the kernel is a single memory-bound pass, so there is nothing for
+Inductor to fuse into it.
+
+Dispatch inside the op: CUDA tensors -> Triton. CPU tensors -> the Triton kernel under the
+interpreter when TRITON_INTERPRET=1 was set before triton was imported (this is how CI tests the
+kernel), else the closed-form torch reference
+(`reference.cosine_alignment_loss_and_grad_reference`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from featurecache.kernels.reference import (
+    EPS,
+    check_inputs,
+    cosine_alignment_loss_and_grad_reference,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a dependency, but keep CPU use working
+    triton = None
+    tl = None
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated (below), so this is read once too.
+_INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_MAX_ONE_TILE_D = 8192  # widest row kept whole in registers; wider rows loop over D tiles
+_TILED_BLOCK_D = 4096  # tile width for rows wider than _MAX_ONE_TILE_D
+_TILE_ELEMS = 4096  # rows per program = _TILE_ELEMS // BLOCK_D (untuned: no GPU measured yet)
+_MIN_BLOCK_D = 16  # keep tiles at least 16 wide (D = 1 still works, masked)
+
+# Counts launches of the Triton kernel (tests use it to prove which path ran).
+launches = 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cosine_alignment_fwd_kernel(
+        S,  # (N, D) student rows, row stride stride_s, column stride 1; fp32/fp16/bf16/fp64
+        T,  # (N, D) target rows, row stride stride_t, column stride 1; fp32/fp16/bf16/int8/fp64
+        M,  # (N,) row weights m_i, ACC dtype (read only when HAS_MASK)
+        C,  # (1,) weight / max(sum m, 1), ACC dtype, on the device
+        LOSS,  # (N,) out: m_i * (1 - cos_i), ACC dtype
+        DS,  # (N, D) out: dS, contiguous, student dtype (written only when WRITE_GRAD)
+        n_rows,
+        n_cols,
+        stride_s,
+        stride_t,
+        eps,
+        HAS_MASK: tl.constexpr,
+        WRITE_GRAD: tl.constexpr,
+        ACC: tl.constexpr,  # tl.float32, or tl.float64 for fp64 students
+        BLOCK_M: tl.constexpr,  # rows per program
+        BLOCK_D: tl.constexpr,  # columns per tile (power of two)
+        ONE_TILE: tl.constexpr,  # n_cols <= BLOCK_D: the row stays in registers
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        row_ok = rows < n_rows
+        rows64 = rows.to(tl.int64)  # N * D may exceed 2^31
+        s_ptr = S + rows64[:, None] * stride_s  # (BLOCK_M, 1)
+        t_ptr = T + rows64[:, None] * stride_t
+        ds_ptr = DS + rows64[:, None] * n_cols
+        cols = tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D)
+
+        if ONE_TILE:
+            ok = row_ok[:, None] & (cols < n_cols)
+            # Cast right after loading: bf16 arithmetic is wrong in the interpreter, and we
+            # accumulate in fp32 anyway.
+            s = tl.load(s_ptr + cols, mask=ok, other=0.0).to(ACC)  # (BLOCK_M, BLOCK_D)
+            t = tl.load(t_ptr + cols, mask=ok, other=0).to(ACC)
+            dot = tl.sum(s * t, axis=1)  # (BLOCK_M,)
+            ss = tl.sum(s * s, axis=1)
+            tt = tl.sum(t * t, axis=1)
+        else:
+            dot = tl.zeros([BLOCK_M], dtype=ACC)
+            ss = tl.zeros([BLOCK_M], dtype=ACC)
+            tt = tl.zeros([BLOCK_M], dtype=ACC)
+            for d0 in range(0, n_cols, BLOCK_D):  # pass 1: the three row sums
+                ok = row_ok[:, None] & (cols + d0 < n_cols)
+                s = tl.load(s_ptr + d0 + cols, mask=ok, other=0.0).to(ACC)
+                t = tl.load(t_ptr + d0 + cols, mask=ok, other=0).to(ACC)
+                dot += tl.sum(s * t, axis=1)
+                ss += tl.sum(s * s, axis=1)
+                tt += tl.sum(t * t, axis=1)
+
+        s_norm = tl.sqrt(ss)
+        sn = tl.maximum(s_norm, eps)
+        tn = tl.maximum(tl.sqrt(tt), eps)
+        cos = dot / (sn * tn)
+        if HAS_MASK:
+            m = tl.load(M + rows, mask=row_ok, other=0.0).to(ACC)
+        else:
+            m = tl.where(row_ok, 1.0, 0.0).to(ACC)
+        tl.store(LOSS + rows, m * (1.0 - cos), mask=row_ok)
+
+        if WRITE_GRAD:
+            c = tl.load(C).to(ACC) * m
+            a = -c / (sn * tn)  # (BLOCK_M,) coefficient of t
+            b = tl.where(s_norm >= eps, c * cos / (sn * sn), 0.0)  # coefficient of s
+            if ONE_TILE:
+                ds = a[:, None] * t + b[:, None] * s
+                tl.store(ds_ptr + cols, ds.to(DS.dtype.element_ty), mask=ok)
+            else:
+                for d0 in range(0, n_cols, BLOCK_D):  # pass 2: write dS
+                    ok = row_ok[:, None] & (cols + d0 < n_cols)
+                    s = tl.load(s_ptr + d0 + cols, mask=ok, other=0.0).to(ACC)
+                    t = tl.load(t_ptr + d0 + cols, mask=ok, other=0).to(ACC)
+                    ds = a[:, None] * t + b[:, None] * s
+                    tl.store(ds_ptr + d0 + cols, ds.to(DS.dtype.element_ty), mask=ok)
+
+
+def launch_config(n_cols: int, *, max_one_tile_d: int = _MAX_ONE_TILE_D) -> dict[str, int]:
+    """Tile sizes and warps for rows of width `n_cols` (heuristic; not yet tuned on a GPU)."""
+    width = max(_MIN_BLOCK_D, triton.next_power_of_2(n_cols))
+    one_tile = width <= max_one_tile_d
+    block_d = width if one_tile else min(_TILED_BLOCK_D, max_one_tile_d)
+    block_m = max(1, min(64, _TILE_ELEMS // block_d))
+    elems = block_m * block_d
+    num_warps = 16 if elems >= 8192 else 8 if elems >= 2048 else 4
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_D": block_d,
+        "ONE_TILE": int(one_tile),
+        "num_warps": num_warps,
+    }
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (N, D) with column stride 1, a view when the strides allow, else a copy."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > 1 and rows.stride(-1) != 1:  # pragma: no cover - reshape keeps it
+        rows = rows.contiguous()
+    return rows
+
+
+def _forward_triton(
+    student: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: float,
+    needs_grad: bool,
+    max_one_tile_d: int = _MAX_ONE_TILE_D,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel. Returns (loss 0-d ACC, dS of the student's shape or an empty tensor)."""
+    global launches
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s2 = _as_rows(student)  # (N, D)
+    t2 = _as_rows(target)
+    n_rows, n_cols = s2.shape
+    device = student.device
+    if mask is None:
+        m = torch.empty(0, dtype=acc, device=device)
+        count = torch.full((), float(max(n_rows, 1)), dtype=acc, device=device)
+    else:
+        m = mask.reshape(-1).to(acc).contiguous()  # (N,)
+        count = m.sum().clamp_min(1.0)  # on the device: no host sync
+    c = (weight / count).reshape(1)  # (1,)
+    row_loss = torch.empty(n_rows, dtype=acc, device=device)
+    ds = (
+        torch.empty((n_rows, n_cols), dtype=student.dtype, device=device)
+        if needs_grad
+        else torch.empty(0, dtype=student.dtype, device=device)
+    )
+    if n_rows > 0:
+        cfg = launch_config(n_cols, max_one_tile_d=max_one_tile_d)
+        grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
+        _cosine_alignment_fwd_kernel[grid](
+            s2,
+            t2,
+            m,
+            c,
+            row_loss,
+            ds,
+            n_rows,
+            n_cols,
+            s2.stride(0),
+            t2.stride(0),
+            EPS,
+            HAS_MASK=mask is not None,
+            WRITE_GRAD=needs_grad,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_D=cfg["BLOCK_D"],
+            ONE_TILE=bool(cfg["ONE_TILE"]),
+            num_warps=cfg["num_warps"],
+        )
+        launches += 1
+    loss = row_loss.sum() * c[0]  # fixed-order reduction of per-row losses
+    return loss, ds.view(student.shape) if needs_grad else ds
+
+
+def _use_triton(device: torch.device) -> bool:
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and _INTERPRET)
+
+
+@torch.library.custom_op("featurecache::cosine_alignment_fwd", mutates_args=())
+def cosine_alignment_fwd(
+    student: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None,
+    weight: float,
+    needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op: (loss 0-d fp32 (fp64 for fp64 students), dS of the student's shape and dtype, or
+    an empty tensor when `needs_grad` is False). Inputs are checked by `cosine_alignment_loss`."""
+    if _use_triton(student.device):
+        return _forward_triton(student, target, mask, weight, needs_grad)
+    loss, grad = cosine_alignment_loss_and_grad_reference(
+        student, target, mask=mask, weight=weight, needs_grad=needs_grad
+    )
+    if grad is None:
+        grad = student.new_empty(0)
+    return loss, grad
+
+
+@cosine_alignment_fwd.register_fake
+def _(student, target, mask, weight, needs_grad):
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = student.new_empty((), dtype=acc)
+    grad = student.new_empty(student.shape if needs_grad else (0,)).contiguous()
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, grad = output
+    ctx.save_for_backward(grad)
+
+
+def _backward(ctx, grad_loss: torch.Tensor, _grad_ds: torch.Tensor | None):
+    (grad,) = ctx.saved_tensors
+    # In place: the gradient buffer is the only student-sized allocation of the op. A second
+    # backward through the same graph (retain_graph=True) fails loudly on the version counter.
+    return grad.mul_(grad_loss), None, None, None, None
+
+
+cosine_alignment_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cosine_alignment_loss(
+    student: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    weight: float = 1.0,
+) -> torch.Tensor:
+    """`weight * sum_i m_i * (1 - cos(s_i, t_i)) / max(sum_i m_i, 1)` over rows of the last dim.
+
+    student: (..., D) float32/float16/bfloat16 (float64 accepted, computed in float64);
+        the only input that gets a gradient, in its own dtype.
+    target: (..., D), same shape; float32/float16/bfloat16 or int8 (rows used as stored: a
+        per-row quantization scale cancels in the cosine). Must not require grad.
+    mask: optional (...) bool, or float weights per row (>= 0); a constant.
+    weight: the loss weight (lambda).
+    Returns a 0-d float32 tensor (float64 for float64 students). Norms are clamped at 1e-12 like
+    F.normalize (see reference.py for what that means for zero rows).
+    """
+    check_inputs(student, target, mask)
+    if target.requires_grad:
+        raise ValueError(
+            "Expected a `target` that does not require grad (the fused loss differentiates the "
+            "student only), got target.requires_grad=True; pass target.detach(), or use "
+            "cosine_alignment_loss_reference to differentiate the target too."
+        )
+    if mask is not None:
+        mask = mask.detach()
+    needs_grad = student.requires_grad and torch.is_grad_enabled()
+    loss, _ = cosine_alignment_fwd(student, target, mask, float(weight), needs_grad)
+    return loss
