@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import click
+
+
+def _fail(message: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": message}, indent=2))
+        sys.exit(1)
+    raise click.ClickException(message)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 @click.command("inspect")
@@ -10,7 +28,34 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect_cmd(cache: str, as_json: bool) -> None:
     """Show a cache's spec, rows, layers, codec, blocks done, size on disk and compression."""
-    raise click.ClickException("`inspect` is not built yet (issue: the cache format).")
+    from featurecache.audit import inspect_cache
+    from featurecache.errors import FeatureCacheError
+
+    try:
+        info = inspect_cache(cache)
+    except FeatureCacheError as exc:
+        _fail(f"{cache}: {exc}", as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"cache         {info['path']} (format v{info['format_version']})")
+    click.echo(f"codec         {info['codec']}   shard_rows {info['shard_rows']}")
+    click.echo(
+        f"rows          {info['rows_written']} written of {info['rows']} "
+        f"({info['skipped']} skipped frames)"
+    )
+    click.echo(f"blocks        {info['blocks_done']}/{info['blocks_total']} done")
+    click.echo(f"on disk       {_mib(info['size_on_disk_bytes'])}")
+    click.echo(f"compression   {_ratio(info['compression_ratio'])} (decoded / on disk)")
+    click.echo(f"fingerprint   {json.dumps(info['fingerprint'], sort_keys=True)}")
+    for layer in info["layers"]:
+        grid = "x".join(map(str, layer["grid"])) if layer["grid"] else "-"
+        click.echo(
+            f"layer {layer['name']:<8} tokens {layer['tokens']} (grid {grid}) dim {layer['dim']}  "
+            f"{_mib(layer['disk_bytes'])} on disk, {_ratio(layer['compression_ratio'])}, "
+            f"{_ratio(layer['ratio_vs_fp16'])} vs fp16"
+        )
 
 
 @click.command()
@@ -18,5 +63,27 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
 @click.option("--frames", multiple=True, help="Frame shards to check the cache's keys against.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def verify(cache: str, frames: tuple[str, ...], as_json: bool) -> None:
-    """Check every done block: readable, checksums match, finite values, unique keys."""
-    raise click.ClickException("`verify` is not built yet (issue: the cache format).")
+    """Check every done block: readable, checksums match, finite values, unique keys.
+
+    Exit status 0 only when every check holds."""
+    from featurecache.audit import verify_cache
+    from featurecache.errors import FeatureCacheError
+
+    try:
+        report = verify_cache(cache, frames=list(frames) or None)
+    except FeatureCacheError as exc:
+        _fail(f"{cache}: {exc}", as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for problem in report.problems:
+            click.echo(f"PROBLEM {problem}")
+        status = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
+        click.echo(
+            f"{status}: {report.blocks_checked} done block(s), {report.rows_checked} rows"
+            + (f", {report.frames_checked} frames" if frames else "")
+            + f" checked in {cache}"
+        )
+    if not report.ok:
+        sys.exit(1)

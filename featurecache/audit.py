@@ -1,0 +1,313 @@
+"""Look at a cache (`inspect_cache`) and check it end to end (`verify_cache`).
+
+verify_cache decodes every done block shard by shard, exactly as FORMAT.md describes (so Zarr's
+per-chunk crc32c is checked), recomputes each block's sha256, checks values are finite and keys
+non-empty and unique, and optionally that every frame of given WebDataset tars has a row (or was
+recorded as skipped). Each problem names its block, the shard file and the key range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from featurecache.errors import FeatureCacheError
+from featurecache.format import (
+    CHECKSUM_PREFIX,
+    FEATURE_DTYPE,
+    FORMAT_VERSION,
+    KEYS_ARRAY,
+    SCALE_DTYPE,
+    Block,
+    Manifest,
+    checksum_arrays,
+    features_path,
+    read_manifest,
+    scales_path,
+    shard_file,
+)
+from featurecache.reader import decode_keys
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def inspect_cache(path: str | Path) -> dict[str, Any]:
+    """A JSON-able summary: spec, rows, layers, codec, blocks done/total, rows written, size on
+    disk and compression ratio (decoded bytes of the stored dtype / bytes on disk), per layer and
+    overall. Decoded bytes count written rows only; disk bytes are what the files take."""
+    path = Path(path)
+    m = read_manifest(path)
+    spec = m.spec
+    written = sum(b.count for b in m.done_blocks)
+    itemsize = np.dtype(FEATURE_DTYPE[spec.codec]).itemsize
+    layers = []
+    decoded_total = 0
+    disk_total = _tree_bytes(path / KEYS_ARRAY)
+    for layer in spec.layers:
+        decoded = written * layer.tokens * layer.dim * itemsize
+        disk = _tree_bytes(path / features_path(layer.name))
+        if spec.codec == "int8":
+            decoded += written * layer.tokens * np.dtype(SCALE_DTYPE).itemsize
+            disk += _tree_bytes(path / scales_path(layer.name))
+        fp16 = written * layer.tokens * layer.dim * 2
+        layers.append(
+            {
+                **layer.to_json(),
+                "decoded_bytes": decoded,
+                "disk_bytes": disk,
+                "compression_ratio": decoded / disk if disk else None,
+                "ratio_vs_fp16": fp16 / disk if disk else None,
+            }
+        )
+        decoded_total += decoded
+        disk_total += disk
+    decoded_total += written * spec.key_bytes
+    done = len(m.done_blocks)
+    return {
+        "path": str(path),
+        "format_version": m.version,
+        "reader_version": FORMAT_VERSION,
+        "codec": spec.codec,
+        "shard_rows": spec.shard_rows,
+        "key_bytes": spec.key_bytes,
+        "rows": m.rows,
+        "rows_written": written,
+        "skipped": sum(len(b.skipped) for b in m.done_blocks),
+        "blocks_done": done,
+        "blocks_total": len(m.blocks),
+        "pending_blocks": [b.index for b in m.blocks if not b.done],
+        "fingerprint": spec.fingerprint,
+        "layers": layers,
+        "size_on_disk_bytes": _tree_bytes(path),
+        "decoded_bytes": decoded_total,
+        "compression_ratio": decoded_total / disk_total if disk_total else None,
+    }
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a cache: which block, what kind, a sentence, the file and keys."""
+
+    kind: str  # "corrupt" | "missing-file" | "checksum" | "non-finite" | "bad-key" | ...
+    message: str
+    block: int | None = None
+    source: str | None = None
+    file: str | None = None
+    rows: tuple[int, int] | None = None
+    keys: tuple[str, str] | None = None
+
+    def __str__(self) -> str:
+        where = [f"block {self.block} ({self.source})"] if self.block is not None else []
+        if self.file:
+            where.append(self.file)
+        if self.rows:
+            where.append(f"rows [{self.rows[0]}, {self.rows[1]})")
+        if self.keys:
+            where.append(f"keys {self.keys[0]!r}..{self.keys[1]!r}")
+        return f"{self.kind}: {self.message}" + (f" [{', '.join(where)}]" if where else "")
+
+
+@dataclass
+class VerifyReport:
+    """What verify_cache found. `ok` only when there is no problem at all."""
+
+    path: str
+    blocks_checked: int = 0
+    rows_checked: int = 0
+    frames_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["problems"] = [{**asdict(p), "text": str(p)} for p in self.problems]
+        return d
+
+
+def _check_block(
+    path: Path, m: Manifest, block: Block, arrays: dict[str, zarr.Array], report: VerifyReport
+) -> list[str]:
+    """Decode a done block shard by shard; append problems; return its keys ([] if unreadable)."""
+    spec, sr = m.spec, m.spec.shard_rows
+    stop = block.row_start + block.count
+    digest = hashlib.sha256()
+    keys: list[str] = []
+    failed = False
+    for s in range(block.row_start // sr, (stop - 1) // sr + 1 if block.count else 0):
+        r0, r1 = s * sr, min((s + 1) * sr, stop)
+        shard_keys: list[str] | None = None
+        for name in checksum_arrays(spec):
+            ndim = 3 if name.startswith("features/") else 2
+            file = str(path / shard_file(name, ndim, s))
+            span = (shard_keys[0], shard_keys[-1]) if shard_keys else None
+
+            def problem(kind: str, msg: str, file: str = file, span: Any = span) -> None:
+                rows = (s * sr, min((s + 1) * sr, stop))  # noqa: B023 (called in this iteration)
+                report.problems.append(
+                    Problem(kind, msg, block.index, block.source, file, rows, span)
+                )
+
+            if not os.path.exists(file):
+                problem("missing-file", f"shard file of {name} is missing")
+                failed = True
+                continue
+            try:
+                data = np.asarray(arrays[name][r0:r1])
+            except Exception as exc:
+                problem("corrupt", f"{name} does not decode: {type(exc).__name__}: {exc}")
+                failed = True
+                continue
+            digest.update(np.ascontiguousarray(data).tobytes())
+            if name == KEYS_ARRAY:
+                shard_keys = decode_keys(data)
+                if not all(shard_keys):
+                    problem("bad-key", "a written row has an empty key", span=None)
+                keys.extend(shard_keys)
+            elif data.dtype.kind == "f" and not np.isfinite(data).all():
+                bad = np.flatnonzero(~np.isfinite(data.reshape(len(data), -1)).all(axis=1))
+                problem("non-finite", f"{name} holds NaN/Inf in {len(bad)} row(s)")
+    if not failed and block.count:
+        got = CHECKSUM_PREFIX + digest.hexdigest()
+        if got != block.checksum:
+            report.problems.append(
+                Problem(
+                    "checksum",
+                    f"Expected checksum {block.checksum}, got {got}",
+                    block.index,
+                    block.source,
+                    str(
+                        path
+                        / shard_file(features_path(spec.layer_names[0]), 3, block.row_start // sr)
+                    ),
+                    (block.row_start, stop),
+                    (keys[0], keys[-1]) if keys else None,
+                )
+            )
+    if len(keys) != block.count and not failed:
+        report.problems.append(
+            Problem(
+                "bad-key",
+                f"Expected {block.count} keys, got {len(keys)}",
+                block.index,
+                block.source,
+            )
+        )
+    report.rows_checked += block.count
+    return keys
+
+
+def _expand_frames(patterns: Sequence[str | Path]) -> list[Path]:
+    """Tar files, folders (their *.tar, sorted), globs and brace ranges -> tar paths."""
+    try:
+        from braceexpand import braceexpand
+    except ImportError:  # pragma: no cover
+        braceexpand = lambda s: [s]
+    out: list[Path] = []
+    for pattern in patterns:
+        for p in braceexpand(str(pattern)):
+            path = Path(p)
+            if path.is_dir():
+                found = sorted(path.glob("*.tar"))
+            elif path.exists():
+                found = [path]
+            else:
+                found = [Path(g) for g in sorted(glob.glob(p))]
+            if not found:
+                raise FeatureCacheError(f"Expected tar shards matching {p!r}, found none")
+            out.extend(found)
+    return out
+
+
+def iter_tar_keys(tar_path: str | Path) -> Iterator[str]:
+    """Sample keys of a WebDataset tar, in order: member path up to the first dot of its file
+    name; consecutive members with one key are one sample; `__x__` members are skipped."""
+    last = None
+    with tarfile.open(tar_path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            head, _, base = member.name.rpartition("/")
+            if base.startswith("__"):
+                continue
+            key = (head + "/" if head else "") + base.split(".", 1)[0]
+            if key != last:
+                last = key
+                yield key
+
+
+def verify_cache(path: str | Path, frames: Sequence[str | Path] | None = None) -> VerifyReport:
+    """Check every done block (decodable, checksum, finite, keys non-empty and unique), that no
+    block is pending, and with `frames` that every frame key of those tars is in the cache or
+    recorded as skipped. NotACacheError / FormatVersionError when `path` is not a readable cache."""
+    path = Path(path)
+    m = read_manifest(path)
+    report = VerifyReport(path=str(path))
+    store = LocalStore(path, read_only=True)
+    arrays = {name: zarr.open_array(store, path=name, mode="r") for name in checksum_arrays(m.spec)}
+    seen: dict[str, int] = {}
+    for block in m.blocks:
+        if not block.done:
+            rows = (block.row_start, block.row_stop)
+            msg = "block is not done (cache incomplete)"
+            report.problems.append(Problem("pending", msg, block.index, block.source, rows=rows))
+            continue
+        keys = _check_block(path, m, block, arrays, report)
+        report.blocks_checked += 1
+        for i, key in enumerate(keys):
+            if key in seen and key:
+                report.problems.append(
+                    Problem(
+                        "duplicate-key",
+                        f"key {key!r} also at row {seen[key]}",
+                        block.index,
+                        block.source,
+                        str(
+                            path
+                            / shard_file(KEYS_ARRAY, 2, (block.row_start + i) // m.spec.shard_rows)
+                        ),
+                        (block.row_start + i, block.row_start + i + 1),
+                        (key, key),
+                    )
+                )
+            seen.setdefault(key, block.row_start + i)
+    if frames:
+        skipped = {k for b in m.blocks for k in b.skipped}
+        for tar in _expand_frames(frames):
+            missing = []
+            for key in iter_tar_keys(tar):
+                report.frames_checked += 1
+                if key not in seen and key not in skipped:
+                    missing.append(key)
+            if missing:
+                report.problems.append(
+                    Problem(
+                        "missing-frame",
+                        f"{len(missing)} frame key(s) of {str(tar)!r} have no row and were not "
+                        f"skipped, e.g. {missing[:3]}",
+                        file=str(tar),
+                        keys=(missing[0], missing[-1]),
+                    )
+                )
+    return report
