@@ -1,0 +1,91 @@
+"""Helpers shared by the training-side tests (stream, students, train, evaluate).
+
+`write_cache` writes a real feature cache with featurecache's writer, one block per tar shard, in
+the frames' order, from any function of (keys, images) -> {layer: (n, T, D) float32}. With
+`teacher_features(teacher)` that function is a real teacher forward (what the build job does);
+with `key_features` it is a recognisable per-key pattern (join tests: row i must hold key i's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from featurecache.pipelines.frames import decode_image, iter_samples
+
+from featurecache.format import CacheSpec, LayerSpec, plan_blocks
+from featurecache.writer import create_cache
+
+FeatureFn = Callable[[list[str], list[Any]], dict[str, np.ndarray]]
+
+# tiny-vla at 64 px (the conftest's sample frames): a 4x4 grid, small widths for fast tests.
+TINY_OPTIONS: dict[str, Any] = {
+    "image_size": 64,
+    "vision_hidden": 64,
+    "vision_layers": 1,
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "max_text_bytes": 48,
+}
+TEACHER = "efficientnet-lite0@64"  # layer "10": stride 16 -> a 4x4 grid of 112-d tokens at 64 px
+TEACHER_LAYER = "10"
+
+
+def key_vector(key: str, tokens: int, dim: int) -> np.ndarray:
+    """A deterministic (tokens, dim) float32 pattern of `key` (no two keys alike)."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal((tokens, dim)).astype(np.float32)
+
+
+def key_features(layer: str, tokens: int, dim: int) -> FeatureFn:
+    return lambda keys, _images: {layer: np.stack([key_vector(k, tokens, dim) for k in keys])}
+
+
+def teacher_features(teacher: Any) -> FeatureFn:
+    def fn(_keys: list[str], images: list[Any]) -> dict[str, np.ndarray]:
+        return {name: v.numpy() for name, v in teacher(images).items()}
+
+    return fn
+
+
+def write_cache(
+    path: str | Path,
+    shards: Sequence[str | Path],
+    layers: Sequence[LayerSpec],
+    features: FeatureFn,
+    *,
+    codec: str = "fp16",
+    shard_rows: int = 8,
+    fingerprint: dict | None = None,
+    drop_keys: Sequence[str] = (),
+    batch: int = 16,
+) -> Path:
+    """A cache of every frame of `shards` (except `drop_keys`), one block per shard."""
+    per_shard = []
+    for shard in shards:
+        samples = [s for s in iter_samples(shard) if s.key not in set(drop_keys)]
+        per_shard.append((str(shard), samples))
+    spec = CacheSpec(
+        layers=tuple(layers),
+        codec=codec,
+        shard_rows=shard_rows,
+        fingerprint=fingerprint or {"model": "test"},
+    )
+    plan = plan_blocks([(src, len(s)) for src, s in per_shard], shard_rows)
+    writer = create_cache(path, spec, plan, overwrite=True)
+    for block, (_src, samples) in zip(plan, per_shard, strict=True):
+        bw = writer.open_block(block.index)
+        for i in range(0, len(samples), batch):
+            chunk = samples[i : i + batch]
+            images = [decode_image(s.image_bytes, s.image_ext) for s in chunk]
+            bw.append([s.key for s in chunk], features([s.key for s in chunk], images))
+        writer.mark_done(bw.finish())
+    return Path(path)
+
+
+def all_keys(shards: Sequence[str | Path]) -> list[str]:
+    return [s.key for shard in shards for s in iter_samples(shard)]
