@@ -1,0 +1,122 @@
+"""Students (tiny-vla, hf-llava:PATH) and the alignment projector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from featurecache.pipelines.students import (
+    AlignmentProjector,
+    ByteTokenizer,
+    build_projector,
+    load_student,
+    parse_student_spec,
+)
+from torch import nn
+
+from ._train_helpers import TINY_OPTIONS, make_tiny_llava
+
+
+def test_projector_is_the_papers_mlp() -> None:
+    p = AlignmentProjector(4096, 1024)
+    kinds = [type(m) for m in p.net]
+    assert kinds == [
+        nn.LayerNorm, nn.Linear, nn.SiLU, nn.Dropout, nn.Linear, nn.SiLU, nn.Dropout, nn.Linear
+    ]  # fmt: skip
+    assert (p.net[1].in_features, p.net[1].out_features) == (4096, 2048)
+    assert (p.net[4].in_features, p.net[4].out_features) == (2048, 2048)
+    assert (p.net[7].in_features, p.net[7].out_features) == (2048, 1024)
+    assert p.net[3].p == p.net[6].p == 0.1
+
+
+def test_projector_seeded_frozen_by_default_and_independent_of_global_rng() -> None:
+    torch.manual_seed(123)
+    a = build_projector(16, 8, hidden=32, seed=7)
+    torch.manual_seed(456)
+    b = build_projector(16, 8, hidden=32, seed=7)
+    c = build_projector(16, 8, hidden=32, seed=8)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb) and not pa.requires_grad
+    assert not torch.equal(a.net[1].weight, c.net[1].weight)
+    assert all(
+        p.requires_grad for p in build_projector(16, 8, hidden=32, trainable=True).parameters()
+    )
+    with pytest.raises(ValueError, match="dropout"):
+        AlignmentProjector(4, 4, dropout=1.5)
+
+
+def test_byte_tokenizer() -> None:
+    tok = ByteTokenizer(max_length=8)
+    ids, mask = tok.batch(["ab", "héllo world"])
+    assert ids[0, :3].tolist() == [ord("a") + 3, ord("b") + 3, ByteTokenizer.EOS]
+    assert mask.sum(1).tolist() == [3, 8]  # truncated to max_length
+    assert ids.max() < ByteTokenizer.vocab_size
+
+
+def test_student_spec_errors() -> None:
+    assert parse_student_spec("hf-llava:/x") == ("hf-llava", "/x")
+    with pytest.raises(ValueError, match="tiny-vla, hf-llava:PATH"):
+        parse_student_spec("gpt")
+
+
+def test_tiny_vla_shapes_defaults_and_seeding() -> None:
+    s = load_student("tiny-vla")
+    assert (s.image_size, s.visual_grid, s.num_layers, s.default_align_layer) == (112, (7, 7), 4, 2)
+    small = load_student("tiny-vla", seed=1, **TINY_OPTIONS)
+    again = load_student("tiny-vla", seed=1, **TINY_OPTIONS)
+    other = load_student("tiny-vla", seed=2, **TINY_OPTIONS)
+    sd, sd2, sd3 = small.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert not all(torch.equal(sd[k], sd3[k]) for k in sd)
+    small.eval()
+    out = small(torch.rand(3, 3, 64, 64), ["put the red cube on the plate", "a", ""], 1)
+    assert out.actions.shape == (3, 7) and out.actions.dtype == torch.float32
+    assert out.visual.shape == (3, 16, 64)
+    with pytest.raises(ValueError, match="align-layer"):
+        small.check_align_layer(3)
+    with pytest.raises(ValueError, match="Unknown tiny-vla option"):
+        load_student("tiny-vla", depth=3)
+
+
+def test_tiny_vla_visual_tokens_are_the_image_positions() -> None:
+    s = load_student("tiny-vla", **TINY_OPTIONS).eval()
+    images = torch.rand(2, 3, 64, 64)
+    # causal decoder: tokens 1..T never see the text, so changing the text leaves them unchanged
+    a = s(images, ["put the red cube on the plate", "x"], 2)
+    b = s(images, ["pick up the blue sphere", "yy"], 2)
+    assert torch.allclose(a.visual, b.visual, atol=1e-5)
+    assert not torch.allclose(a.actions, b.actions)
+    # ... while the image changes them
+    c = s(torch.rand(2, 3, 64, 64), ["put the red cube on the plate", "x"], 2)
+    assert not torch.allclose(a.visual, c.visual)
+    # right padding: an instruction's action does not depend on the batch's other lengths
+    solo = s(images[:1], ["put the red cube on the plate"], 2)
+    assert torch.allclose(solo.actions, a.actions[:1], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    return make_tiny_llava(tmp_path_factory.mktemp("llava") / "ckpt")
+
+
+def test_hf_llava_finds_image_tokens_at_the_align_layer(tiny_llava) -> None:
+    s = load_student(f"hf-llava:{tiny_llava}").eval()
+    assert s.visual_grid == (4, 4) and s.hidden_size == 48 and s.num_layers == 4
+    assert s.image_token_id == 4
+    images = torch.rand(2, 3, 64, 64)
+    out = s(images, ["put the red cube on the plate", "pick up"], 2)
+    assert out.actions.shape == (2, 7) and out.visual.shape == (2, 16, 48)
+    ids, mask = s._prompt_ids(["put the red cube on the plate", "pick up"])
+    with torch.no_grad():
+        ref = s.llava(
+            input_ids=ids, pixel_values=(images - 0.5) / 0.5, attention_mask=mask,
+            output_hidden_states=True,
+        ).hidden_states[2]  # fmt: skip
+    assert ids[0, 0] == 1 and (ids[:, 1:17] == 4).all()  # BOS, then 16 image tokens
+    assert torch.allclose(out.visual, ref[:, 1:17], atol=1e-5)
+    out.actions.sum().backward()  # trainable end to end
+    assert s.head[0].weight.grad is not None
+
+
+def test_hf_llava_refuses_a_folder_without_config(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        load_student(f"hf-llava:{tmp_path}")
