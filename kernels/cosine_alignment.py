@@ -148,8 +148,11 @@ if triton is not None:
                     tl.store(ds_ptr + d0 + cols, ds.to(DS.dtype.element_ty), mask=ok)
 
 
-def launch_config(n_cols: int, *, max_one_tile_d: int = _MAX_ONE_TILE_D) -> dict[str, int]:
-    """Tile sizes and warps for rows of width `n_cols` (heuristic; not yet tuned on a GPU)."""
+def launch_config(n_cols: int, *, max_one_tile_d: int | None = None) -> dict[str, int]:
+    """Tile sizes and warps for rows of width `n_cols` (heuristic; not yet tuned on a GPU).
+    `max_one_tile_d` defaults to _MAX_ONE_TILE_D (read at call time, so tests can lower it)."""
+    if max_one_tile_d is None:
+        max_one_tile_d = _MAX_ONE_TILE_D
     width = max(_MIN_BLOCK_D, triton.next_power_of_2(n_cols))
     one_tile = width <= max_one_tile_d
     block_d = width if one_tile else min(_TILED_BLOCK_D, max_one_tile_d)
@@ -180,7 +183,6 @@ def _forward_triton(
     mask: torch.Tensor | None,
     weight: float,
     needs_grad: bool,
-    max_one_tile_d: int = _MAX_ONE_TILE_D,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel. Returns (loss 0-d ACC, dS of the student's shape or an empty tensor)."""
     global launches
@@ -203,7 +205,7 @@ def _forward_triton(
         else torch.empty(0, dtype=student.dtype, device=device)
     )
     if n_rows > 0:
-        cfg = launch_config(n_cols, max_one_tile_d=max_one_tile_d)
+        cfg = launch_config(n_cols)
         grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
         _cosine_alignment_fwd_kernel[grid](
             s2,
@@ -269,10 +271,24 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(grad)
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True, create_graph, gradcheck,
+    a traced backward); True when that cannot be told, the safe answer."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):  # pragma: no cover - private API moved
+        return True
+
+
 def _backward(ctx, grad_loss: torch.Tensor, _grad_ds: torch.Tensor | None):
     (grad,) = ctx.saved_tensors
-    # In place: the gradient buffer is the only student-sized allocation of the op. A second
-    # backward through the same graph (retain_graph=True) fails loudly on the version counter.
+    if _graph_kept():
+        return grad * grad_loss, None, None, None, None
+    # The graph is freed after this backward, so the saved dS is scaled in place: the gradient
+    # buffer stays the op's only student-sized allocation. grad_loss is a 0-d device tensor: no
+    # host sync.
     return grad.mul_(grad_loss), None, None, None, None
 
 
