@@ -295,14 +295,19 @@ class CacheWriter:
 class BlockWriter:
     """Streams one block: `append` batches, whole shards are encoded and written as they fill,
     `finish` writes the last (partial) shard and returns the BlockResult. Padding rows are never
-    written (all-zero chunks are not stored). The checksum covers the written rows' stored bytes
+    written. The checksum covers the written rows' stored bytes
     (FORMAT.md "Block checksum")."""
 
     def __init__(self, path: Path, spec: CacheSpec, block: Block) -> None:
         self.path, self.spec, self.block = path, spec, block
         store = LocalStore(path)
+        # write_empty_chunks: an all-zero written row is stored too, so every shard holding
+        # written rows has a file and a missing file always means a lost one.
         self._arrays = {
-            name: zarr.open_array(store, path=name, mode="r+") for name in checksum_arrays(spec)
+            name: zarr.open_array(store, path=name, mode="r+").with_config(
+                {"write_empty_chunks": True}
+            )
+            for name in checksum_arrays(spec)
         }
         self._hash = hashlib.sha256()
         self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self._arrays}
@@ -402,7 +407,8 @@ class BlockWriter:
             self._flush_shard()
 
     def _flush_shard(self) -> None:
-        """Write the next shard from the buffers (all of it, or the rest padded with zeros)."""
+        """Write the next shard from the buffers: all of it, or for the block's last shard only the
+        written rows (the shard is new, so Zarr's partial write leaves padding chunks absent)."""
         sr = self.spec.shard_rows
         take = min(self._buffered, sr)
         start = self.block.row_start + self._written
@@ -413,11 +419,7 @@ class BlockWriter:
             head, rest = data[:take], data[take:]
             self._buffers[name] = [rest] if len(rest) else []
             self._hash.update(np.ascontiguousarray(head).tobytes())
-            if take < sr:
-                padded = np.zeros((sr, *head.shape[1:]), dtype=head.dtype)
-                padded[:take] = head
-                head = padded
-            self._arrays[name][start : start + sr] = head
+            self._arrays[name][start : start + take] = head
         self._buffered -= take
         self._written += take
 
