@@ -26,6 +26,8 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
 
+from featurecache.errors import FeatureCacheError
+
 __all__ = [
     "IMAGE_EXTS",
     "BadFrameError",
@@ -47,11 +49,11 @@ _META_RE = re.compile(r"(^|/)__[^/]*__($|/|\.)")
 _KEY_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")
 
 
-class FramesNotFoundError(ValueError):
+class FramesNotFoundError(FeatureCacheError):
     """A frames pattern, file or folder that names no tar shard."""
 
 
-class BadFrameError(ValueError):
+class BadFrameError(FeatureCacheError):
     """A sample that cannot be used as a frame (no image, undecodable image, bad action)."""
 
 

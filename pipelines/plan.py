@@ -1,0 +1,189 @@
+"""The build's configuration and plan: everything checked before any work starts.
+
+`prepare_build(config)` expands the frame patterns, counts every shard's samples (tar headers
+only), refuses empty shards and keys repeated across the input (naming both shards), checks that
+the output is nothing, an empty folder or a cache, loads the teacher on the driver's CPU (an
+unknown spec or a layer out of range fails here) and returns the cache spec and block plan: one
+block per input shard, aligned to Zarr shards (`featurecache.format.plan_blocks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from featurecache.pipelines.frames import expand_frame_paths, iter_keys
+
+from featurecache.errors import FeatureCacheError, NotACacheError
+from featurecache.format import (
+    CODECS,
+    DEFAULT_SHARD_ROWS,
+    GROUP_METADATA,
+    Block,
+    CacheSpec,
+    plan_blocks,
+    read_manifest,
+)
+
+__all__ = ["BuildConfig", "BuildError", "BuildPlan", "prepare_build", "scan_shards"]
+
+OnBadFrame = Literal["fail", "skip"]
+
+
+class BuildError(FeatureCacheError):
+    """A build input or option that cannot work (empty shard, duplicate key, bad option) or a
+    worker that kept dying."""
+
+
+@dataclass(kw_only=True)
+class BuildConfig:
+    """What `featurecache build` does; CLI options map one to one.
+
+    frames: tar files, globs, brace patterns or folders (see frames.expand_frame_paths).
+    teacher: "efficientnet-lite0[@R]", "hf:PATH_OR_ID" or "hf-vlm:PATH_OR_ID".
+    layers: the teacher's layer names to cache ("4", "16", "head"...).
+    out: the cache folder (created; an existing cache of the same spec resumes).
+    codec: "int8" (per-token absmax, ~4x smaller than fp16) or "fp16" (lossless).
+    batch_size: frames per teacher forward.
+    shard_rows: rows per Zarr shard (the unit a reader decodes and a block is aligned to).
+    address: a Ray cluster address ("auto", "ray://...", "host:port"); None starts a local one.
+    workers: teacher actors; None = the cluster's GPUs / gpus_per_worker, or 1 on CPU-only.
+    gpus_per_worker: GPUs each actor asks for when the cluster has GPUs (fractions share one).
+    on_bad_frame: "fail" (stop, naming shard and key) or "skip" (record the key, go on).
+    overwrite: delete an existing cache at `out` and start over.
+    grid: (H, W) to resample every layer's patch grid to; None keeps the native grid.
+    trust_remote_code: let transformers run the model folder's own code (hf specs only).
+    prompt: the hf-vlm prompt (must contain the image token); None = the teacher's default.
+    decode_threads: image decode + preprocess threads per actor (they run ahead of the model).
+    max_retries: times a block is retried after its actor died, before the build fails.
+    num_cpus: CPUs of a local Ray instance (None = all); ignored with `address`.
+    ray_temp_dir: the local Ray instance's temp dir (tests give each run its own).
+    progress: show the tqdm progress bar on the driver.
+    fault_kill_marker: TEST ONLY: a path; the first actor to finish a batch of block 1 while this
+        file does not exist creates it and dies (os._exit), exercising the retry path.
+    """
+
+    frames: Sequence[str]
+    teacher: str
+    layers: Sequence[str]
+    out: str | Path
+    codec: str = "int8"
+    batch_size: int = 32
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float = 1.0
+    on_bad_frame: OnBadFrame = "fail"
+    overwrite: bool = False
+    grid: tuple[int, int] | None = None
+    trust_remote_code: bool = False
+    prompt: str | None = None
+    decode_threads: int = 2
+    max_retries: int = 3
+    num_cpus: int | None = None
+    ray_temp_dir: str | None = None
+    progress: bool = True
+    fault_kill_marker: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.frames, str | Path):
+            self.frames = [str(self.frames)]
+        if isinstance(self.layers, str):
+            self.layers = [x for x in self.layers.split(",") if x.strip()]
+        self.layers = [str(x).strip() for x in self.layers]
+        if self.codec not in CODECS:
+            raise BuildError(f"Expected --codec in {CODECS}, got {self.codec!r}.")
+        if self.on_bad_frame not in ("fail", "skip"):
+            raise BuildError(f"Expected --on-bad-frame fail or skip, got {self.on_bad_frame!r}.")
+        for name in ("batch_size", "shard_rows", "decode_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise BuildError(f"Expected {name} to be an integer >= 1, got {value!r}.")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise BuildError(f"Expected --workers >= 1, got {self.workers!r}.")
+        if not self.gpus_per_worker > 0:
+            raise BuildError(f"Expected --gpus-per-worker > 0, got {self.gpus_per_worker!r}.")
+        if self.grid is not None:
+            grid = tuple(int(g) for g in self.grid)
+            if len(grid) != 2 or min(grid) < 1:
+                raise BuildError(f"Expected --grid HxW with H, W >= 1, got {self.grid!r}.")
+            self.grid = grid
+        self.out = Path(self.out)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """The checked inputs: shards (path, sample count), the cache spec and the block plan."""
+
+    shards: tuple[tuple[str, int], ...]
+    spec: CacheSpec
+    blocks: tuple[Block, ...]
+
+    @property
+    def frames(self) -> int:
+        return sum(count for _, count in self.shards)
+
+
+def scan_shards(paths: Sequence[Path]) -> list[tuple[str, int]]:
+    """(absolute path, sample count) per shard, reading tar headers only. Raises BuildError for
+    an empty shard or a key that repeats (within a shard or across shards, naming both)."""
+    seen: dict[str, str] = {}
+    out = []
+    for path in paths:
+        source = str(Path(path).resolve())
+        count = 0
+        for key in iter_keys(path):
+            if key in seen:
+                where = "twice in" if seen[key] == source else f"in {seen[key]} and in"
+                raise BuildError(f"Expected unique sample keys, got {key!r} {where} {source}.")
+            seen[key] = source
+            count += 1
+        if count == 0:
+            raise BuildError(f"Expected frame samples in every shard, got none in {source}.")
+        out.append((source, count))
+    return out
+
+
+def check_output(out: Path) -> None:
+    """Refuse an output that is a file, or a non-empty folder that is not a cache."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotACacheError(
+            f"Expected --out to be a cache folder or a new path, got a file: {out}"
+        )
+    if any(out.iterdir()):
+        if not (out / GROUP_METADATA).exists():
+            raise NotACacheError(
+                f"Expected --out to be a cache, an empty folder or a new path, got a non-empty "
+                f"folder that is not a cache: {out}"
+            )
+        read_manifest(out)  # NotACacheError / FormatVersionError for a foreign Zarr group
+
+
+def prepare_build(config: BuildConfig, teacher: Any | None = None) -> tuple[BuildPlan, Any]:
+    """Check everything and plan the build; returns (plan, the teacher loaded on the CPU)."""
+    from featurecache.pipelines.teachers import load_teacher
+
+    paths = expand_frame_paths(list(config.frames))
+    check_output(Path(config.out))
+    shards = scan_shards(paths)
+    if teacher is None:
+        teacher = load_teacher(
+            config.teacher,
+            config.layers,
+            device="cpu",
+            trust_remote_code=config.trust_remote_code,
+            grid=config.grid,
+            prompt=config.prompt,
+        )
+    spec = CacheSpec(
+        layers=teacher.layer_specs(),
+        codec=config.codec,
+        shard_rows=config.shard_rows,
+        fingerprint=teacher.fingerprint(),
+    )
+    blocks = plan_blocks(shards, config.shard_rows)
+    return BuildPlan(tuple(shards), spec, tuple(blocks)), teacher

@@ -1,0 +1,397 @@
+"""The build: a Ray job that runs a frozen teacher once over every frame into a feature cache.
+
+    summary = build_cache(BuildConfig(frames=["data/train"], teacher="efficientnet-lite0",
+                                      layers=["4"], out="cache.zarr"))
+
+Driver: `prepare_build` checks the inputs and plans one block per input tar shard (plan.py);
+`create_cache` creates the cache or reopens it (resume: done blocks are skipped; another
+fingerprint is refused). A pool of `BuildWorker` actors, each holding the teacher once (on a GPU
+when the cluster has them), takes one pending block at a time: it reads the shard sequentially,
+decodes and preprocesses batches on a small thread pool that runs ahead of the model, runs the
+teacher under inference mode, and streams the features through a BlockWriter, which quantizes
+and writes whole Zarr shards. The actor returns the BlockResult; the driver marks the block done.
+
+Faults: an actor that dies (RayActorError) is replaced and its block retried from scratch (the
+writer deletes what the dead attempt left) up to `max_retries` times. A driver killed mid-build
+leaves done blocks done; rerunning the same command writes only the rest, and each block is
+written whole by one actor, so the result equals an uninterrupted build array for array.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from featurecache.pipelines.frames import BadFrameError, FrameSample, decode_image, iter_samples
+from featurecache.pipelines.plan import BuildConfig, BuildError, BuildPlan, prepare_build
+
+from featurecache.errors import SpecMismatchError
+from featurecache.format import Block
+
+__all__ = ["BuildConfig", "BuildError", "BuildSummary", "BuildWorker", "build_cache"]
+
+_POLL_S = 0.25  # driver: how often the progress bar is refreshed while blocks run
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """What a build did. frames: rows in the cache's done blocks; new_frames: written by this run;
+    skipped: bad frames skipped (all done blocks); raw_bytes: those rows' features as fp16;
+    bytes_written: the cache folder's size; compression: raw_bytes / feature bytes on disk."""
+
+    out: str
+    frames: int
+    new_frames: int
+    skipped: int
+    blocks: int
+    blocks_resumed: int
+    seconds: float
+    frames_per_s: float
+    bytes_written: int
+    raw_bytes: int
+    compression: float
+    workers: int
+    retries: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.frames} frames in {self.blocks} blocks ({self.blocks_resumed} already done, "
+            f"{self.skipped} bad frames skipped) -> {self.out}\n"
+            f"{self.new_frames} new frames in {self.seconds:.1f} s = {self.frames_per_s:.1f} "
+            f"frames/s with {self.workers} worker(s), {self.retries} retried block(s)\n"
+            f"{_human(self.bytes_written)} on disk, {self.compression:.2f}x smaller than fp16 "
+            f"features ({_human(self.raw_bytes)})"
+        )
+
+
+class BuildWorker:
+    """A Ray actor (created with `ray.remote(BuildWorker)`): holds the teacher and writes blocks.
+
+    The teacher is loaded once, on `device`, and checked against the driver's fingerprint (so
+    nodes with different package versions or weights cannot mix features into one cache).
+    """
+
+    def __init__(self, config: BuildConfig, fingerprint: dict, device: str, progress: Any) -> None:
+        import torch
+        from featurecache.pipelines.teachers import load_teacher
+
+        from featurecache.writer import open_writer
+
+        if device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        self.config = config
+        self.teacher = load_teacher(
+            config.teacher,
+            config.layers,
+            device=device,
+            trust_remote_code=config.trust_remote_code,
+            grid=config.grid,
+            prompt=config.prompt,
+        )
+        mine = self.teacher.fingerprint()
+        if _canonical(mine) != _canonical(fingerprint):
+            raise SpecMismatchError(
+                f"Expected the worker's teacher fingerprint to equal the driver's, got\n"
+                f"  worker: {mine}\n  driver: {fingerprint}"
+            )
+        self.writer = open_writer(config.out)
+        self.progress = progress
+
+    def ready(self) -> str:
+        """The node this actor runs on (also: a cheap call to wait for the teacher to load)."""
+        import socket
+
+        return socket.gethostname()
+
+    def run_block(self, index: int, source: str) -> Any:
+        """Write block `index` from tar shard `source`; returns the BlockResult (not done yet)."""
+        import torch
+
+        cfg = self.config
+        block = self.writer.open_block(index, overwrite=False)
+        threads = ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode")
+        try:
+            pending: collections.deque[Future] = collections.deque()
+            batches = _batched(iter_samples(source), cfg.batch_size)
+            for batch in batches:  # keep decode_threads batches in flight ahead of the model
+                pending.append(threads.submit(self._prepare, batch, source))
+                if len(pending) <= cfg.decode_threads:
+                    continue
+                self._write(block, pending.popleft().result(), index, torch)
+            while pending:
+                self._write(block, pending.popleft().result(), index, torch)
+            return block.finish()
+        finally:
+            threads.shutdown(wait=False, cancel_futures=True)
+
+    def _prepare(self, batch: list[FrameSample], source: str) -> tuple[list[str], Any, list[str]]:
+        """Decode + preprocess (thread pool): (good keys, input tensor or None, bad keys)."""
+        keys, images, bad = [], [], []
+        for sample in batch:
+            try:
+                images.append(decode_image(sample.image_bytes, sample.image_ext))
+                keys.append(sample.key)
+            except BadFrameError as err:
+                if self.config.on_bad_frame == "fail":
+                    raise BadFrameError(
+                        f"Bad frame in shard {source} key {sample.key!r}: {err} "
+                        f"(use --on-bad-frame skip to skip and record such frames)"
+                    ) from None
+                bad.append(sample.key)
+        return keys, (self.teacher.preprocess(images) if images else None), bad
+
+    def _write(self, block: Any, prepared: tuple, index: int, torch: Any) -> None:
+        keys, inputs, bad = prepared
+        for key in bad:
+            block.skip(key)
+        if keys:
+            with torch.inference_mode():
+                feats = self.teacher.forward(inputs.to(self.teacher.device))
+            block.append(keys, {name: value.cpu() for name, value in feats.items()})
+        self._maybe_die(index)
+        if self.progress is not None:
+            self.progress.add.remote(index, len(keys) + len(bad))
+
+    def _maybe_die(self, index: int) -> None:
+        marker = self.config.fault_kill_marker
+        if marker and index == 1 and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(1)  # fault injection: the actor process dies mid-block
+
+
+class Progress:
+    """A tiny Ray actor: frames processed per block, reported by workers after each batch."""
+
+    def __init__(self) -> None:
+        self.frames: dict[int, int] = {}
+
+    def add(self, block: int, n: int) -> None:
+        self.frames[block] = self.frames.get(block, 0) + n
+
+    def reset(self, block: int) -> None:
+        self.frames.pop(block, None)
+
+    def get(self) -> dict[int, int]:
+        return dict(self.frames)
+
+
+def build_cache(config: BuildConfig) -> BuildSummary:
+    """Run the build described by `config`; see the module docstring. Returns the summary.
+
+    Raises (before any work): FramesNotFoundError, BuildError (empty shard, duplicate key),
+    UnknownTeacherError, UnknownLayerError, NotACacheError, SpecMismatchError (a cache made with
+    another teacher, layers, codec or input). During the build: BadFrameError (on_bad_frame
+    "fail"), BuildError (a block whose actor died max_retries + 1 times).
+    """
+    import ray
+
+    from featurecache.writer import create_cache
+
+    start = time.perf_counter()
+    plan, teacher = prepare_build(config)
+    fingerprint = teacher.fingerprint()
+    del teacher  # the driver never runs it
+    writer = create_cache(config.out, plan.spec, list(plan.blocks), overwrite=config.overwrite)
+    manifest = writer.refresh()
+    todo = [b for b in manifest.blocks if not b.done]
+    resumed = len(manifest.blocks) - len(todo)
+
+    started_ray = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR"}
+        if config.address:
+            kwargs["address"] = config.address
+        else:
+            kwargs["num_cpus"] = config.num_cpus
+            if config.ray_temp_dir:
+                kwargs["_temp_dir"] = str(config.ray_temp_dir)
+        ray.init(**kwargs)
+        started_ray = True
+    retries = 0
+    workers = 0
+    try:
+        if todo:
+            workers, retries = _run_blocks(ray, config, plan, todo, fingerprint, writer)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return _summarize(
+        config, plan, writer, time.perf_counter() - start, todo, resumed, workers, retries
+    )
+
+
+def _run_blocks(
+    ray: Any,
+    config: BuildConfig,
+    plan: BuildPlan,
+    todo: list[Block],
+    fingerprint: dict,
+    writer: Any,
+) -> tuple[int, int]:
+    """Drive the actor pool over the pending blocks; returns (workers, retries)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    if gpus > 0:
+        n = config.workers or max(1, int(gpus // config.gpus_per_worker))
+        options = {"num_gpus": config.gpus_per_worker, "num_cpus": 1}
+        device = "cuda"
+    else:
+        n = config.workers or 1
+        # One CPU-only worker gets the machine's cores (torch intra-op threads follow num_cpus).
+        options = {"num_cpus": max(1, int(cpus // n))}
+        device = "cpu"
+    n = min(n, len(todo))
+    worker_cls = ray.remote(max_restarts=0, max_task_retries=0)(BuildWorker)
+    progress = ray.remote(num_cpus=0)(Progress).remote()
+
+    def spawn() -> Any:
+        return worker_cls.options(**options).remote(config, fingerprint, device, progress)
+
+    actors: dict[int, Any] = {i: spawn() for i in range(n)}
+    idle = collections.deque(range(n))
+    queue = collections.deque(todo)
+    inflight: dict[Any, tuple[int, Block]] = {}
+    attempts: collections.Counter[int] = collections.Counter()
+    retries = 0
+    total = plan.frames
+    finished = sum(b.count + len(b.skipped) for b in writer.refresh().blocks if b.done)
+    bar = _progress_bar(config.progress, total, finished, n)
+    try:
+        while queue or inflight:
+            while queue and idle:
+                slot = idle.popleft()
+                block = queue.popleft()
+                inflight[actors[slot].run_block.remote(block.index, block.source)] = (slot, block)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_POLL_S)
+            for ref in ready:
+                slot, block = inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except RayActorError as err:
+                    attempts[block.index] += 1
+                    retries += 1
+                    ray.get(progress.reset.remote(block.index))
+                    if attempts[block.index] > config.max_retries:
+                        raise BuildError(
+                            f"Expected block {block.index} ({block.source}) to finish, got its "
+                            f"worker dying {attempts[block.index]} times; last: {err}"
+                        ) from None
+                    actors[slot] = spawn()  # replace the dead actor, retry the block first
+                    queue.appendleft(block)
+                except RayTaskError as err:
+                    raise _cause(err) from None
+                else:
+                    writer.mark_done(result)
+                    finished += result.count + len(result.skipped)
+                    ray.get(progress.reset.remote(block.index))
+                idle.append(slot)
+            if bar is not None:
+                running = sum(ray.get(progress.get.remote()).values())
+                bar.n = min(total, finished + running)
+                bar.set_postfix(workers=len(actors), refresh=False)
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+        for actor in actors.values():
+            ray.kill(actor)
+        ray.kill(progress)
+    return n, retries
+
+
+def _cause(err: Any) -> BaseException:
+    """The worker's own exception (BadFrameError, FeatureCacheError...) out of a RayTaskError."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return cause
+    try:
+        return err.as_instanceof_cause()
+    except Exception:  # pragma: no cover - older Ray
+        return err
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, workers: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="frame", desc="build", dynamic_ncols=True)
+    bar.set_postfix(workers=workers)
+    return bar
+
+
+def _batched(samples: Iterator[FrameSample], size: int) -> Iterator[list[FrameSample]]:
+    batch: list[FrameSample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _summarize(
+    config: BuildConfig,
+    plan: BuildPlan,
+    writer: Any,
+    seconds: float,
+    todo: Sequence[Block],
+    resumed: int,
+    workers: int,
+    retries: int,
+) -> BuildSummary:
+    manifest = writer.refresh()
+    done = [b for b in manifest.blocks if b.done]
+    frames = sum(b.count for b in done)
+    todo_ids = {b.index for b in todo}
+    new = sum(b.count + len(b.skipped) for b in done if b.index in todo_ids)
+    per_row = sum(layer.tokens * layer.dim for layer in plan.spec.layers) * 2  # fp16 bytes
+    out = Path(config.out)
+    total_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    feature_bytes = sum(
+        p.stat().st_size
+        for sub in ("features", "scales")
+        if (out / sub).exists()
+        for p in (out / sub).rglob("*")
+        if p.is_file()
+    )
+    raw = frames * per_row
+    return BuildSummary(
+        out=str(out),
+        frames=frames,
+        new_frames=new,
+        skipped=sum(len(b.skipped) for b in done),
+        blocks=len(manifest.blocks),
+        blocks_resumed=resumed,
+        seconds=seconds,
+        frames_per_s=new / seconds if seconds > 0 else 0.0,
+        bytes_written=total_bytes,
+        raw_bytes=raw,
+        compression=raw / feature_bytes if feature_bytes else 0.0,
+        workers=workers,
+        retries=retries,
+    )
+
+
+def _canonical(fingerprint: dict) -> Any:
+    import json
+
+    return json.loads(json.dumps(fingerprint, sort_keys=True))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
