@@ -126,6 +126,7 @@ def _create_arrays(path: Path, spec: CacheSpec, rows: int) -> None:
     zarr.create_array(
         store, name=KEYS_ARRAY, shape=(rows, spec.key_bytes), chunks=(sr, spec.key_bytes),
         dtype=KEY_DTYPE, fill_value=0, dimension_names=("row", "byte"), **inner_codecs(),
+        attributes={ATTRS_KEY: {"role": "keys", "encoding": "utf-8, NUL-padded"}},
     )  # fmt: skip
     for layer in spec.layers:
         t, d = layer.tokens, layer.dim
@@ -133,12 +134,14 @@ def _create_arrays(path: Path, spec: CacheSpec, rows: int) -> None:
             store, name=features_path(layer.name), shape=(rows, t, d), chunks=(1, t, d),
             shards=(sr, t, d), dtype=FEATURE_DTYPE[spec.codec], fill_value=0,
             dimension_names=("row", "token", "dim"), **inner_codecs(),
+            attributes={ATTRS_KEY: {"role": "features", "layer": layer.name, "codec": spec.codec}},
         )  # fmt: skip
         if spec.codec == "int8":
             zarr.create_array(
                 store, name=scales_path(layer.name), shape=(rows, t), chunks=(sr, t),
                 dtype=SCALE_DTYPE, fill_value=0, dimension_names=("row", "token"),
-                **inner_codecs(),
+                **inner_codecs(), attributes={ATTRS_KEY: {"role": "scales", "layer": layer.name,
+                "dequantize": "features[r, t, :] * scales[r, t]"}},
             )  # fmt: skip
 
 

@@ -1,0 +1,35 @@
+"""The spec types and block planning (pure functions, no files)."""
+
+from __future__ import annotations
+
+import pytest
+
+import featurecache as fc
+from featurecache.format import Manifest
+
+
+def test_plan_blocks_start_on_shard_boundaries() -> None:
+    plan = fc.plan_blocks([("a", 10), ("b", 8), ("c", 0), ("d", 1)], 8)
+    assert [(b.row_start, b.row_stop, b.count) for b in plan] == [
+        (0, 16, 10),
+        (16, 24, 8),
+        (24, 24, 0),
+        (24, 32, 1),
+    ]
+    assert all(b.row_start % 8 == 0 and b.status == "pending" for b in plan)
+    with pytest.raises(fc.ShapeMismatchError):
+        fc.plan_blocks([("a", -1)], 8)
+
+
+def test_manifest_json_round_trip() -> None:
+    spec = fc.CacheSpec(
+        (fc.LayerSpec("16", 256, 1024, (16, 16)), fc.LayerSpec("x", 1, 2)),
+        "int8",
+        32,
+        {"model": "m", "size": (256, 256)},
+        key_bytes=64,
+    )
+    assert spec.fingerprint == {"model": "m", "size": [256, 256]}  # JSON-canonical
+    m = Manifest(spec, tuple(fc.plan_blocks([("a", 40)], 32)), 64)
+    assert Manifest.from_json(m.to_json()) == m
+    assert spec.layer("16").grid == (16, 16)
