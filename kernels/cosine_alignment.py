@@ -43,6 +43,7 @@ kernel), else the closed-form torch reference
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from featurecache.kernels.reference import (
@@ -58,8 +59,6 @@ except ImportError:  # pragma: no cover - triton is a dependency, but keep CPU u
     triton = None
     tl = None
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated (below), so this is read once too.
-_INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _MAX_ONE_TILE_D = 8192  # widest row kept whole in registers; wider rows loop over D tiles
 _TILED_BLOCK_D = 4096  # tile width for rows wider than _MAX_ONE_TILE_D
@@ -76,8 +75,9 @@ if triton is not None:
     def _cosine_alignment_fwd_kernel(
         S,  # (N, D) student rows, row stride stride_s, column stride 1; fp32/fp16/bf16/fp64
         T,  # (N, D) target rows, row stride stride_t, column stride 1; fp32/fp16/bf16/int8/fp64
-        M,  # (N,) row weights m_i, ACC dtype (read only when HAS_MASK)
-        C,  # (1,) weight / max(sum m, 1), ACC dtype, on the device
+        M,  # (N,) row weights m_i, bool or float, contiguous (read only when HAS_MASK)
+        C,  # (1,) weight / max(sum m, 1), ACC dtype, on the device (read only when HAS_MASK)
+        c_no_mask,  # weight / max(N, 1), a host scalar (used when not HAS_MASK)
         LOSS,  # (N,) out: m_i * (1 - cos_i), ACC dtype
         DS,  # (N, D) out: dS, contiguous, student dtype (written only when WRITE_GRAD)
         n_rows,
@@ -133,7 +133,10 @@ if triton is not None:
         tl.store(LOSS + rows, m * (1.0 - cos), mask=row_ok)
 
         if WRITE_GRAD:
-            c = tl.load(C).to(ACC) * m
+            if HAS_MASK:  # noqa: SIM108 (a static if: Triton evaluates one branch)
+                c = tl.load(C).to(ACC) * m
+            else:
+                c = c_no_mask * m
             a = -c / (sn * tn)  # (BLOCK_M,) coefficient of t
             b = tl.where(s_norm >= eps, c * cos / (sn * sn), 0.0)  # coefficient of s
             if ONE_TILE:
@@ -146,6 +149,32 @@ if triton is not None:
                     t = tl.load(t_ptr + d0 + cols, mask=ok, other=0).to(ACC)
                     ds = a[:, None] * t + b[:, None] * s
                     tl.store(ds_ptr + d0 + cols, ds.to(DS.dtype.element_ty), mask=ok)
+
+
+def _interpreter_ready() -> bool:
+    """True when CPU tensors can run the kernel through Triton's interpreter: TRITON_INTERPRET=1
+    was set before triton itself was imported (triton decorates its own library functions, such
+    as tl.sum, at import; set later, only our kernel would be interpreted and it would fail)."""
+    if triton is None or os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(_cosine_alignment_fwd_kernel, InterpretedFunction) and isinstance(
+        tl.sum, InterpretedFunction
+    ):
+        return True
+    warnings.warn(
+        "TRITON_INTERPRET=1 was set after triton was imported, so the Triton interpreter cannot "
+        "run; CPU tensors use the torch implementation of the cosine alignment loss. Set it "
+        "before anything imports triton.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False
+
+
+# Read once: triton picks interpreter or compiler when a kernel is decorated.
+_INTERPRET = _interpreter_ready()
 
 
 def launch_config(n_cols: int, *, max_one_tile_d: int | None = None) -> dict[str, int]:
@@ -191,13 +220,13 @@ def _forward_triton(
     t2 = _as_rows(target)
     n_rows, n_cols = s2.shape
     device = student.device
-    if mask is None:
-        m = torch.empty(0, dtype=acc, device=device)
-        count = torch.full((), float(max(n_rows, 1)), dtype=acc, device=device)
-    else:
-        m = mask.reshape(-1).to(acc).contiguous()  # (N,)
-        count = m.sum().clamp_min(1.0)  # on the device: no host sync
-    c = (weight / count).reshape(1)  # (1,)
+    if mask is None:  # the count is known on the host: no extra device work
+        m = c = torch.empty(0, dtype=acc, device=device)
+        c_no_mask = weight / max(n_rows, 1)
+    else:  # the count is a device reduction read by the kernel: no host sync
+        m = mask.reshape(-1).contiguous()  # (N,) bool or float, read as stored
+        c = (weight / m.sum(dtype=acc).clamp_min(1.0)).reshape(1)  # (1,)
+        c_no_mask = 0.0
     row_loss = torch.empty(n_rows, dtype=acc, device=device)
     ds = (
         torch.empty((n_rows, n_cols), dtype=student.dtype, device=device)
@@ -212,6 +241,7 @@ def _forward_triton(
             t2,
             m,
             c,
+            c_no_mask,
             row_loss,
             ds,
             n_rows,
@@ -228,7 +258,8 @@ def _forward_triton(
             num_warps=cfg["num_warps"],
         )
         launches += 1
-    loss = row_loss.sum() * c[0]  # fixed-order reduction of per-row losses
+    # Fixed-order reduction of the per-row losses (no atomics: deterministic).
+    loss = row_loss.sum() * (c_no_mask if mask is None else c[0])
     return loss, ds.view(student.shape) if needs_grad else ds
 
 

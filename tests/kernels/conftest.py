@@ -23,9 +23,13 @@ from featurecache.kernels import cosine_alignment as ca
 def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test through each CPU implementation of the op: the Triton kernel under the
     interpreter, and the closed-form torch maths (the op's CPU path without the interpreter)."""
-    if request.param == "triton-interpreter":
-        if not ca._INTERPRET:
-            pytest.skip("TRITON_INTERPRET was not set before featurecache.kernels was imported")
+    if request.param == "triton-interpreter" and not ca._INTERPRET:
+        if torch.cuda.is_available():
+            pytest.skip("CUDA machine: the kernel is compiled, not interpreted")
+        pytest.fail(
+            "TRITON_INTERPRET=1 was not set before triton was imported (something imported "
+            "triton before tests/kernels/conftest.py ran): the interpreter path cannot be tested"
+        )
     else:
         monkeypatch.setattr(ca, "_INTERPRET", False)
     return request.param
