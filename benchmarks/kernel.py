@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from featurecache.benchmarks import harness
 from featurecache.kernels import cosine_alignment as _ca
 from featurecache.kernels import cosine_alignment_loss, cosine_alignment_loss_reference
@@ -78,8 +79,10 @@ def _copy_bandwidth_gbs(device: str) -> list[float]:
     return [2 * COPY_BYTES / (t * 1e-3) / 1e9 for t in times_ms]
 
 
-def _peak_extra_mib(step: Callable[[], None], device: str) -> float:
-    """Peak memory allocated during one step beyond what was allocated before it."""
+def _peak_extra_mib(step: Callable[[], None], student: torch.Tensor, device: str) -> float:
+    """Peak memory allocated during one fwd+bwd beyond the inputs (the student's gradient from
+    the previous step is dropped first, so it counts as part of the step)."""
+    student.grad = None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -88,10 +91,9 @@ def _peak_extra_mib(step: Callable[[], None], device: str) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / MIB
 
 
-def _run_cuda(quick: bool) -> tuple[list[harness.Result], str]:
+def _run_cuda(quick: bool, device: str = "cuda") -> tuple[list[harness.Result], str]:
     import triton.testing
 
-    device = "cuda"
     name = harness.device_name(device)
     # torch.compile specializes on each shape (its best case); allow one graph per shape.
     torch._dynamo.config.cache_size_limit = 256
@@ -121,7 +123,7 @@ def _run_cuda(quick: bool) -> tuple[list[harness.Result], str]:
                         step = _fwd_bwd(fn, student, target)
                         step()  # compile / autotune outside the timing
                         ms = triton.testing.do_bench(step, return_mode="all")
-                        peak = _peak_extra_mib(step, device)
+                        peak = _peak_extra_mib(step, student, device)
                         med = harness.summarize(ms)[0]
                         gbs = fused / (med * 1e-3) / 1e9
                         shape_rows.append(
