@@ -46,6 +46,7 @@ import os
 import warnings
 
 import torch
+
 from featurecache.kernels.reference import (
     EPS,
     check_inputs,

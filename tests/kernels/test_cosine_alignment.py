@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from featurecache.kernels import cosine_alignment as ca
 from featurecache.kernels import cosine_alignment_loss, cosine_alignment_loss_reference
 from featurecache.kernels import reference as ref_mod
