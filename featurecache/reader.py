@@ -9,6 +9,8 @@ a window of a few shards (what a WebDataset shuffle buffer produces), decodes ea
 from __future__ import annotations
 
 import bisect
+import json
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,7 +21,14 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
-from featurecache.codecs import dequantize_int8
+from featurecache.codecs import (
+    ChunkError,
+    chunk_present,
+    decode_chunk,
+    decode_shard_index,
+    dequantize_int8,
+    direct_layout,
+)
 from featurecache.errors import (
     BlockNotDoneError,
     CorruptShardError,
@@ -46,10 +55,13 @@ def decode_keys(raw: np.ndarray) -> list[str]:
     return [bytes(r).rstrip(b"\x00").decode("utf-8") for r in np.asarray(raw, dtype=np.uint8)]
 
 
-def open_cache(path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> FeatureCache:
+def open_cache(
+    path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES, direct: bool = True
+) -> FeatureCache:
     """Open the cache at `path` for reading. NotACacheError when it is not one,
-    FormatVersionError when a newer featurecache wrote it."""
-    return FeatureCache(path, cache_bytes=cache_bytes)
+    FormatVersionError when a newer featurecache wrote it. `cache_bytes` bounds the LRU of decoded
+    rows; `direct=False` reads everything through zarr-python (slower; for cross-checks)."""
+    return FeatureCache(path, cache_bytes=cache_bytes, direct=direct)
 
 
 class FeatureCache:
@@ -57,7 +69,9 @@ class FeatureCache:
     `.read(keys, layer)`, `.read_raw(keys, layer)`. Picklable: a copy in a DataLoader worker
     reopens the files itself on first use (it carries only the path)."""
 
-    def __init__(self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES, direct: bool = True
+    ) -> None:
         self.path = Path(path)
         self.cache_bytes = int(cache_bytes)
         self.manifest: Manifest = read_manifest(self.path)
@@ -71,15 +85,21 @@ class FeatureCache:
         self._keys: list[str] | None = None
         self._row_of: dict[str, int] | None = None
         self._block_starts = [b.row_start for b in self.manifest.blocks]
+        self.direct = direct
+        self._layouts: dict[str, str | None] = {}
+        self._shard_index: dict[tuple[str, int], np.ndarray] = {}
+        self._scale_chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        # decoded rows: (layer, row) -> (values (T, D), scales (T,) | None), bounded by bytes
         self._lru: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = (
             OrderedDict()
         )
         self._lru_bytes = 0
-        self.decoded_shards = 0  # how many shard decodes happened (for tests and benchmarks)
+        self.shard_reads = 0  # statistics, for tests and benchmarks
+        self.rows_decoded = 0
 
     # ---- pickling: carry the path only ------------------------------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (str(self.path), self.cache_bytes))
+        return (_reopen, (str(self.path), self.cache_bytes, self.direct))
 
     def __repr__(self) -> str:
         done = len(self.manifest.done_blocks)
@@ -199,28 +219,155 @@ class FeatureCache:
         )
 
     # ---- reading ----------------------------------------------------------------------------
-    def _shard(self, layer: str, shard: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """A shard's decoded written rows: values (m, T, D) int8/float16, scales (m, T) or None."""
-        hit = self._lru.get((layer, shard))
-        if hit is not None:
-            self._lru.move_to_end((layer, shard))
-            return hit
+    def _layout(self, name: str) -> str | None:
+        """'sharded'/'chunked' when the direct decoder applies to array `name`, else None."""
+        if name not in self._layouts:
+            layout = None
+            if self.direct:
+                try:
+                    meta = json.loads((self.path / name / "zarr.json").read_text())
+                    layout = direct_layout(meta)
+                except (OSError, ValueError):
+                    layout = None
+            self._layouts[name] = layout
+        return self._layouts[name]
+
+    def _corrupt(self, name: str, shard: int, rows: Sequence[int], why: str) -> CorruptShardError:
+        block = self.block_of_row(shard * self.spec.shard_rows)
+        ndim = 3 if name.startswith("features/") else 2
+        file = self.path / shard_file(name, ndim, shard)
+        span = f"rows [{min(rows)}, {max(rows) + 1})" if len(rows) else "no rows"
+        if self._keys is not None and len(rows):
+            keys = [self._keys_by_row(r) for r in (min(rows), max(rows))]
+            span += f" keys {keys[0]!r}..{keys[1]!r}"
+        return CorruptShardError(
+            f"Expected a readable shard file {str(file)!r} of block {block.index} "
+            f"({block.source}) {span}, got {why}"
+        )
+
+    def _keys_by_row(self, row: int) -> str:
+        block = self.block_of_row(row)
+        offset = sum(b.count for b in self.manifest.done_blocks if b.row_start < block.row_start)
+        keys = self._keys or []
+        i = offset + row - block.row_start
+        return keys[i] if 0 <= i < len(keys) else "?"
+
+    def _read_file(self, name: str, shard: int, rows: Sequence[int]) -> bytes:
+        ndim = 3 if name.startswith("features/") else 2
+        try:
+            return (self.path / shard_file(name, ndim, shard)).read_bytes()
+        except FileNotFoundError as exc:
+            raise self._corrupt(name, shard, rows, "no such file") from exc
+
+    def _direct_feature_rows(
+        self, name: str, shard: int, local: np.ndarray, shape: tuple[int, int]
+    ) -> np.ndarray:
+        """Decode rows `local` (sorted, unique, within the shard) of a sharded features array
+        straight from its file: index at the end, one pread per run of adjacent chunks."""
         sr = self.spec.shard_rows
-        block = self.block_of_row(shard * sr)
-        start, stop = shard * sr, min((shard + 1) * sr, block.row_start + block.count)
-        values = self._read_block_rows(features_path(layer), block, start, stop)
+        rows = [shard * sr + int(i) for i in local]
+        file = self.path / shard_file(name, 3, shard)
+        dtype = np.dtype(np.int8 if self.spec.codec == "int8" else np.float16)
+        out = np.empty((len(local), *shape), dtype=dtype)
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise self._corrupt(name, shard, rows, "no such file") from exc
+        try:
+            index = self._shard_index.get((name, shard))
+            if index is None:
+                size = os.fstat(fd).st_size
+                n = sr * 16 + 4
+                if size < n:
+                    raise ChunkError(f"a file of {size} bytes, shorter than its index ({n})")
+                index = decode_shard_index(os.pread(fd, n, size - n), sr)
+                if len(self._shard_index) >= 4096:
+                    self._shard_index.clear()
+                self._shard_index[(name, shard)] = index
+            i = 0
+            while i < len(local):  # runs of chunks adjacent in the file: one read each
+                j = i + 1
+                while (
+                    j < len(local)
+                    and index[local[j], 0] == index[local[j - 1], 0] + index[local[j - 1], 1]
+                ):
+                    j += 1
+                entries = index[local[i:j]]
+                if not all(chunk_present(e) for e in entries):
+                    raise ChunkError("a written row's chunk marked absent in the shard index")
+                start = int(entries[0, 0])
+                length = int(entries[-1, 0] + entries[-1, 1]) - start
+                buf = os.pread(fd, length, start)
+                if len(buf) != length:
+                    raise ChunkError(f"{len(buf)} bytes where the index promises {length}")
+                for k, (off, nbytes) in enumerate(entries):
+                    a = int(off) - start
+                    out[i + k] = decode_chunk(buf[a : a + int(nbytes)], dtype.str, shape)
+                i = j
+        except ChunkError as exc:
+            raise self._corrupt(name, shard, rows, str(exc)) from exc
+        finally:
+            os.close(fd)
+        return out
+
+    def _scale_chunk(self, layer: str, shard: int, rows: Sequence[int]) -> np.ndarray:
+        """The decoded scales chunk (shard_rows, tokens) float32 of a shard, cached."""
+        hit = self._scale_chunks.get((layer, shard))
+        if hit is not None:
+            self._scale_chunks.move_to_end((layer, shard))
+            return hit
+        name, sr = scales_path(layer), self.spec.shard_rows
+        tokens = self.spec.layer(layer).tokens
+        if self._layout(name) == "chunked":
+            try:
+                chunk = decode_chunk(self._read_file(name, shard, rows), "<f4", (sr, tokens))
+            except ChunkError as exc:
+                raise self._corrupt(name, shard, rows, str(exc)) from exc
+        else:
+            block = self.block_of_row(shard * sr)
+            chunk = self._read_block_rows(name, block, shard * sr, (shard + 1) * sr)
+        self._scale_chunks[(layer, shard)] = chunk
+        while len(self._scale_chunks) > 256:
+            self._scale_chunks.popitem(last=False)
+        return chunk
+
+    def _check_rows(self, rows: np.ndarray) -> None:
+        for row in np.unique(rows):
+            block = self.block_of_row(int(row))
+            if not block.done or row >= block.row_start + block.count:
+                raise BlockNotDoneError(
+                    f"Expected row {row} in the written rows of a done block, got block "
+                    f"{block.index} ({block.source}, {block.status}, {block.count} rows)"
+                )
+
+    def _decode(
+        self, layer: str, shard: int, local: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Decode rows `local` of `shard` for `layer` -> (rows, values, scales | None) and keep
+        them in the row LRU. Direct path: exactly those rows. Zarr path: the whole shard's
+        written rows in one slice (a prefetch of its other rows)."""
+        spec, sr = self.spec.layer(layer), self.spec.shard_rows
+        name = features_path(layer)
+        if self._layout(name) == "sharded":
+            values = self._direct_feature_rows(name, shard, local, (spec.tokens, spec.dim))
+            rows = shard * sr + local
+        else:
+            block = self.block_of_row(shard * sr)
+            stop = min((shard + 1) * sr, block.row_start + block.count)
+            values = self._read_block_rows(name, block, shard * sr, stop)
+            rows = np.arange(shard * sr, stop)
+        self.shard_reads += 1
+        self.rows_decoded += len(rows)
         scales = None
         if self.spec.codec == "int8":
-            scales = self._read_block_rows(scales_path(layer), block, start, stop)
-        self.decoded_shards += 1
-        entry = (values, scales)
-        size = values.nbytes + (scales.nbytes if scales is not None else 0)
-        self._lru[(layer, shard)] = entry
-        self._lru_bytes += size
-        while self._lru_bytes > self.cache_bytes and len(self._lru) > 1:
-            _, (v, s) = self._lru.popitem(last=False)
-            self._lru_bytes -= v.nbytes + (s.nbytes if s is not None else 0)
-        return entry
+            scales = self._scale_chunk(layer, shard, list(rows))[rows - shard * sr]
+        for k, row in enumerate(rows.tolist()):
+            self._lru[(layer, row)] = (values[k], None if scales is None else scales[k])
+            self._lru_bytes += values[k].nbytes
+        while self._lru_bytes > self.cache_bytes and self._lru:
+            _, (v, _s) = self._lru.popitem(last=False)
+            self._lru_bytes -= v.nbytes
+        return rows, values, scales
 
     def _rows(self, keys: Iterable[str]) -> np.ndarray:
         return np.fromiter((self.row_of(k) for k in keys), dtype=np.int64)
@@ -228,24 +375,39 @@ class FeatureCache:
     def read_rows_raw(
         self, rows: Sequence[int] | np.ndarray, layer: str
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stored values of rows (which must lie in done blocks): (n, T, D) int8|float16 and, for
-        int8, scales (n, T) float32; grouped by shard, each needed shard decoded once."""
+        """Stored values of rows of done blocks: (n, T, D) int8|float16 and, for int8, scales
+        (n, T) float32. Rows not in the LRU are grouped by shard and decoded together."""
         spec = self.spec.layer(layer)
-        rows = np.asarray(rows, dtype=np.int64)
-        n, sr = len(rows), self.spec.shard_rows
-        dtype = np.int8 if self.spec.codec == "int8" else np.float16
-        out = np.empty((n, spec.tokens, spec.dim), dtype=dtype)
-        out_scales = np.empty((n, spec.tokens), np.float32) if self.spec.codec == "int8" else None
-        shards = rows // sr
-        order = np.argsort(shards, kind="stable")
-        bounds = np.flatnonzero(np.diff(shards[order])) + 1
-        for group in np.split(order, bounds) if n else []:
-            shard = int(shards[group[0]])
-            values, scales = self._shard(spec.name, shard)
-            local = rows[group] - shard * sr
-            out[group] = values[local]
-            if out_scales is not None and scales is not None:
-                out_scales[group] = scales[local]
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        self._check_rows(rows)
+        sr = self.spec.shard_rows
+        int8 = self.spec.codec == "int8"
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        values = np.empty((len(uniq), spec.tokens, spec.dim), np.int8 if int8 else np.float16)
+        scales = np.empty((len(uniq), spec.tokens), np.float32) if int8 else None
+        missing = []
+        for i, row in enumerate(uniq.tolist()):
+            entry = self._lru.get((spec.name, row))
+            if entry is None:
+                missing.append(i)
+                continue
+            self._lru.move_to_end((spec.name, row))
+            values[i] = entry[0]
+            if scales is not None:
+                scales[i] = entry[1]
+        if missing:
+            want = uniq[missing]
+            shards = want // sr
+            for group in np.split(want, np.flatnonzero(np.diff(shards)) + 1):
+                shard = int(group[0] // sr)
+                got_rows, got, got_scales = self._decode(spec.name, shard, group - shard * sr)
+                at = np.searchsorted(got_rows, group)  # got_rows is sorted and holds group
+                dest = np.searchsorted(uniq, group)
+                values[dest] = got[at]
+                if scales is not None and got_scales is not None:
+                    scales[dest] = got_scales[at]
+        out = values[inverse] if len(uniq) != len(rows) or not np.all(np.diff(rows) > 0) else values
+        out_scales = None if scales is None else scales[inverse]
         return out, out_scales
 
     def read_raw(self, keys: Sequence[str], layer: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -263,5 +425,5 @@ class FeatureCache:
         return torch.from_numpy(dequantize_int8(values, scales))
 
 
-def _reopen(path: str, cache_bytes: int) -> FeatureCache:
-    return FeatureCache(path, cache_bytes=cache_bytes)
+def _reopen(path: str, cache_bytes: int, direct: bool) -> FeatureCache:
+    return FeatureCache(path, cache_bytes=cache_bytes, direct=direct)

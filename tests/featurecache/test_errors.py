@@ -159,9 +159,14 @@ def test_corrupt_shard_read(build_cache) -> None:
     raw[10] ^= 0xFF
     shard.write_bytes(bytes(raw))
     cache = fc.open_cache(path)
-    cache.read(["s00-0000"], "4")  # shard 0 is fine
+    cache.read(["s00-0000", "s00-0009"], "4")  # shard 0 is fine, and so is row 9's chunk
+    with pytest.raises(fc.CorruptShardError, match=r"features/4/c/1/0/0.*block 0.*crc32c"):
+        cache.read(["s00-0008"], "4")  # byte 10 of the file is in row 8's chunk
     with pytest.raises(fc.CorruptShardError, match=r"features/4/c/1/0/0.*block 0"):
-        cache.read(["s00-0009"], "4")
+        fc.open_cache(path, direct=False).read(["s00-0009"], "4")  # zarr decodes the shard
+    shard.write_bytes(bytes(raw[:-20]))  # truncated: the index at the end is damaged
+    with pytest.raises(fc.CorruptShardError, match="index"):
+        fc.open_cache(path).read(["s00-0009"], "4")
     shard.unlink()
-    with pytest.raises(fc.CorruptShardError, match="found none"):
+    with pytest.raises(fc.CorruptShardError, match="no such file"):
         fc.open_cache(path).read(["s00-0009"], "4")

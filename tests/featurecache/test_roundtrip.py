@@ -62,25 +62,44 @@ def test_key_index_and_blocks(build_cache) -> None:
     assert cache.manifest.rows == 48
 
 
-def test_sequential_reads_decode_each_shard_once(build_cache) -> None:
-    path, data = build_cache((40,), shard_rows=8)
-    cache = fc.open_cache(path)
+@pytest.mark.parametrize("direct", [True, False])
+def test_each_row_decoded_once(build_cache, direct: bool) -> None:
+    path, data = build_cache((40,), shard_rows=8, codec="int8")
+    cache = fc.open_cache(path, direct=direct)
     keys = list(data)
     for i in range(0, 40, 3):
         cache.read(keys[i : i + 3], "4")
-    assert cache.decoded_shards == 5
-    cache.read(keys[::-1], "4")  # all five shards still in the LRU
-    assert cache.decoded_shards == 5
+    assert cache.rows_decoded == 40
+    # direct: one read per shard per batch; zarr: one whole-shard read per shard
+    assert cache.shard_reads == (14 + 3 if direct else 5)
+    cache.read(keys[::-1], "4")  # all rows still in the LRU
+    assert cache.rows_decoded == 40
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_direct_path_matches_zarr(build_cache, codec: str) -> None:
+    path, data = build_cache((20, 5, 13), codec=codec)
+    keys = list(np.random.default_rng(0).permutation(list(data)))
+    direct, via_zarr = fc.open_cache(path), fc.open_cache(path, direct=False)
+    for layer in direct.spec.layer_names:
+        a, sa = direct.read_raw(keys, layer)
+        b, sb = via_zarr.read_raw(keys, layer)
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        if codec == "int8":
+            np.testing.assert_array_equal(sa.numpy(), sb.numpy())
 
 
 def test_lru_is_bounded(build_cache) -> None:
     path, data = build_cache((40,), shard_rows=8)
-    one_shard = 8 * 16 * 64 * 2
-    cache = fc.open_cache(path, cache_bytes=2 * one_shard)
+    row_bytes = 16 * 64 * 2
+    cache = fc.open_cache(path, cache_bytes=16 * row_bytes)
     keys = list(data)
     cache.read(keys, "4")
-    cache.read(keys[:8], "4")  # shard 0 was evicted
-    assert cache.decoded_shards == 6 and cache._lru_bytes <= 2 * one_shard
+    assert cache._lru_bytes <= 16 * row_bytes
+    cache.read(keys[-16:], "4")  # the last 16 rows are cached
+    assert cache.rows_decoded == 40
+    cache.read(keys[:8], "4")  # evicted: decoded again
+    assert cache.rows_decoded == 48
 
 
 def test_pickle_reopens(build_cache) -> None:
@@ -88,7 +107,7 @@ def test_pickle_reopens(build_cache) -> None:
     cache = fc.open_cache(path)
     cache.read(["s00-0001"], "4")
     clone = pickle.loads(pickle.dumps(cache))
-    assert clone.decoded_shards == 0 and clone.path == cache.path
+    assert clone.rows_decoded == 0 and clone.path == cache.path
     np.testing.assert_array_equal(
         clone.read(["s00-0003"], "blk.2").numpy(), cache.read(["s00-0003"], "blk.2").numpy()
     )
