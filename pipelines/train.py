@@ -502,7 +502,7 @@ def train(config: TrainConfig) -> TrainSummary:
             skip_batches=position["batches"],
             num_workers=config.num_workers,
         )
-        got_any = False
+        got_any = position["batches"] > 0  # a resume may start at the end of an epoch
         for batch in iter_batches(stream):
             missing += len(batch.missing)
             if not len(batch):

@@ -1,24 +1,238 @@
-"""`featurecache train` and `featurecache evaluate`: fine-tune a VLA against cached targets."""
+"""`featurecache train` and `featurecache evaluate`: fine-tune a VLA against cached targets.
+
+Each option maps onto one field of `featurecache.pipelines.train.TrainConfig` (see
+`OPTION_TO_FIELD`); torch and transformers are imported only when a command runs.
+"""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import click
 
+# CLI option name -> TrainConfig field (a test checks that every field is reachable).
+OPTION_TO_FIELD = {
+    "frames": "frames",
+    "out": "out",
+    "cache": "cache",
+    "student": "student",
+    "student_option": "student_options",
+    "teacher_layer": "teacher_layer",
+    "align_layer": "align_layer",
+    "lambda_align": "lambda_align",
+    "loss": "loss",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "warmup_steps": "warmup_steps",
+    "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip",
+    "seed": "seed",
+    "train_projector": "train_projector",
+    "projector_hidden": "projector_hidden",
+    "resample": "resample",
+    "on_missing": "on_missing",
+    "resident_teacher": "resident_teacher",
+    "checkpoint_every": "checkpoint_every",
+    "resume": "resume",
+    "num_workers": "num_workers",
+    "shuffle_buffer": "shuffle_buffer",
+    "device": "device",
+    "progress": "progress",
+    "plot": "plot",
+    "trust_remote_code": "trust_remote_code",
+}
 
-@click.command()
+
+def _student_options(values: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"Expected KEY=VALUE (e.g. image_size=224), got {item!r}.",
+                param_hint="--student-option",
+            )
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  # the paper's recipe in miniature: tiny-vla aligned to an efficientnet-lite0@112 cache
+  featurecache build data/train --teacher efficientnet-lite0@112 --layers 10 --out cache.zarr
+  featurecache train data/train --cache cache.zarr --student tiny-vla --out runs/aligned
+  # the plain baseline (no alignment, no cache needed)
+  featurecache train data/train --lambda 0 --student tiny-vla --out runs/plain
+  # the same loop with the teacher resident in memory (what the cache replaces)
+  featurecache train data/train --resident-teacher efficientnet-lite0@112 --teacher-layer 10 \\
+      --out runs/resident
+  # two processes (DDP; gloo on CPU, nccl on GPU), each reading its own shards
+  torchrun --nproc-per-node 2 -m featurecache train data/train --cache cache.zarr --out runs/ddp
+
+\b
+Grids: tiny-vla at 112 px (default) has a 7x7 grid of visual tokens, which matches the
+efficientnet-lite0@112 stride-16 blocks (layers 5-10); at --student-option image_size=224 it is
+14x14 (efficientnet-lite0 at 224). Other grids need --resample.
+RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, summary.json.
+"""
+)
 @click.argument("frames", nargs=-1, required=True)
-def train(frames: tuple[str, ...]) -> None:
-    """Fine-tune a VLA student with visual representation alignment against a feature cache."""
-    raise click.ClickException(
-        "`train` is not built yet (issue: train without a resident teacher)."
-    )
+@click.option(
+    "--cache",
+    type=click.Path(exists=True, file_okay=False),
+    help="Feature cache with the teacher targets (from `featurecache build`).",
+)
+@click.option(
+    "--student",
+    default="tiny-vla",
+    show_default=True,
+    help="`tiny-vla` (built in, random init) or `hf-llava:PATH` (a local Llava checkpoint).",
+)
+@click.option(
+    "--student-option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Architecture option of the student, repeatable (tiny-vla: image_size, hidden_size, "
+    "num_layers, vision_layers, ...; hf-llava: dtype).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The run folder.")
+@click.option(
+    "--teacher-layer",
+    help="Cache layer to align to (default: the cache's only layer).",
+)
+@click.option(
+    "--align-layer",
+    type=int,
+    help="Student hidden_states index whose visual tokens are aligned (default: the middle).",
+)
+@click.option(
+    "--lambda",
+    "lambda_align",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Weight of the alignment loss; 0 trains the plain action-only baseline.",
+)
+@click.option(
+    "--loss",
+    type=click.Choice(["l1", "mse"]),
+    default="l1",
+    show_default=True,
+    help="Action loss.",
+)
+@click.option("--steps", type=int, default=300, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per rank.")
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--warmup-steps", type=int, default=10, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 = off.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Init, data order, dropout.")
+@click.option(
+    "--train-projector",
+    is_flag=True,
+    help="Train the alignment projector (REPA) instead of freezing it at its seeded init.",
+)
+@click.option("--projector-hidden", type=int, help="Projector width (default: the student's).")
+@click.option(
+    "--resample",
+    is_flag=True,
+    help="Bilinearly resize the target token grid when it differs from the student's.",
+)
+@click.option(
+    "--on-missing",
+    type=click.Choice(["error", "skip"]),
+    default="error",
+    show_default=True,
+    help="A frame the cache lacks: fail naming it, or skip it (counted and reported).",
+)
+@click.option(
+    "--resident-teacher",
+    metavar="SPEC",
+    help="Compute targets online with this teacher instead of a cache (comparison mode).",
+)
+@click.option(
+    "--checkpoint-every", type=int, default=0, show_default=True, help="Steps; 0 = at the end."
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--num-workers", type=int, default=0, show_default=True, help="Loader workers.")
+@click.option("--shuffle-buffer", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.option("--plot/--no-plot", default=True, help="Write RUN/losses.png at the end.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow remote code of hf checkpoints.")
+def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: Any) -> None:
+    """Fine-tune a VLA student with visual representation alignment against a feature cache.
+
+    Loss = action loss (L1) + LAMBDA x (1 - cos) between the projected visual tokens of the
+    student's --align-layer and the cached teacher tokens (int8 or fp16, read as stored). The
+    teacher is never loaded: targets come from --cache, joined with FRAMES by sample key.
+    FRAMES: tar files, globs, brace patterns or folders.
+    """
+    from featurecache.pipelines.train import TrainConfig
+    from featurecache.pipelines.train import train as run_training
+
+    try:
+        config = TrainConfig(
+            frames=frames, student_options=_student_options(student_option), **options
+        )
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    try:
+        summary = run_training(config)
+    finally:
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if summary and not _is_worker():
+        parts = "  ".join(f"{k} {v:.4f}" for k, v in summary.losses.items())
+        click.echo(
+            f"{summary.steps} steps, {summary.samples} samples in {summary.seconds:.1f}s "
+            f"({summary.samples_per_s:.1f} samples/s); last: {parts}; run: {summary.run}"
+        )
+
+
+def _is_worker() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) != 0
 
 
 @click.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("frames", nargs=-1, required=True)
-def evaluate(run: str, frames: tuple[str, ...]) -> None:
-    """Report a trained run's action error on frame shards (any split)."""
-    raise click.ClickException(
-        "`evaluate` is not built yet (issue: train without a resident teacher)."
-    )
+@click.option(
+    "--cache",
+    type=click.Path(exists=True, file_okay=False),
+    help="A cache of the run's teacher layer for FRAMES: also report the alignment cosine.",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def evaluate(
+    run: str,
+    frames: tuple[str, ...],
+    cache: str | None,
+    json_path: str | None,
+    batch_size: int,
+    device: str,
+) -> None:
+    """Report a trained run's action error (L1, MSE, per dimension) on frame shards (any split).
+
+    \b
+    Example:
+      featurecache evaluate runs/aligned data/ood-vision --json ood-vision.json
+    """
+    from featurecache.pipelines.evaluate import evaluate_run, format_report
+
+    report = evaluate_run(run, list(frames), cache=cache, batch_size=batch_size, device=device)
+    click.echo(format_report(report))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
