@@ -128,7 +128,7 @@ if triton is not None:
         tn = tl.maximum(tl.sqrt(tt), eps)
         cos = dot / (sn * tn)
         if HAS_MASK:
-            m = tl.load(M + rows, mask=row_ok, other=0.0).to(ACC)
+            m = tl.load(M + rows, mask=row_ok, other=0).to(ACC)
         else:
             m = tl.where(row_ok, 1.0, 0.0).to(ACC)
         tl.store(LOSS + rows, m * (1.0 - cos), mask=row_ok)
