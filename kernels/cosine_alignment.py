@@ -10,8 +10,10 @@ The maths (per row i of the last dim; m_i the mask weight, 1 without a mask):
 
 Only the three row sums <s,t>, |s|^2, |t|^2 are needed, so the forward reads S and T once,
 accumulates in fp32 and writes dS (student dtype) in the same pass; the backward only multiplies
-the saved dS by grad_output (a 0-d device tensor: no host sync). `c_i` needs the count, which is
-a device reduction of the mask done before the launch and read by the kernel through a pointer.
+the saved dS by grad_output (a 0-d device tensor: no host sync), in place; the Triton scaling
+kernel skips even that on the device when grad_output == 1, so put lambda in `weight` (not
+outside the call) and the backward moves no data. `c_i` needs the count: with a mask it is a
+device reduction done before the launch and read by the kernel through a pointer.
 A per-row scale on the target cancels in cos, so int8 targets are read as stored (no dequantized
 copy). Rows wider than one tile (D > _MAX_ONE_TILE_D) take two passes over D tiles: pass 1
 accumulates the sums, pass 2 re-reads the row (mostly from L2) and writes dS.
@@ -66,8 +68,11 @@ _TILED_BLOCK_D = 4096  # tile width for rows wider than _MAX_ONE_TILE_D
 _TILE_ELEMS = 4096  # rows per program = _TILE_ELEMS // BLOCK_D (untuned: no GPU measured yet)
 _MIN_BLOCK_D = 16  # keep tiles at least 16 wide (D = 1 still works, masked)
 
-# Counts launches of the Triton kernel (tests use it to prove which path ran).
+_SCALE_BLOCK = 4096  # elements per program of the backward's in-place scaling
+
+# Counts launches of the Triton kernels (tests use them to prove which path ran).
 launches = 0
+scale_launches = 0
 
 
 if triton is not None:
@@ -150,6 +155,23 @@ if triton is not None:
                     t = tl.load(t_ptr + d0 + cols, mask=ok, other=0).to(ACC)
                     ds = a[:, None] * t + b[:, None] * s
                     tl.store(ds_ptr + d0 + cols, ds.to(DS.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _scale_grad_kernel(
+        DS,  # (n,) flat dS, contiguous, student dtype; scaled in place
+        G,  # () grad_output of the loss, ACC dtype, on the device
+        n_elements,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # dS *= g, skipped on the device when g == 1 (loss.backward() on a loss that carries its
+        # lambda in `weight`): no host sync, and then no traffic beyond one scalar per program.
+        g = tl.load(G).to(ACC)
+        if g != 1.0:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            ok = offs < n_elements
+            x = tl.load(DS + offs, mask=ok, other=0.0).to(ACC)
+            tl.store(DS + offs, (x * g).to(DS.dtype.element_ty), mask=ok)
 
 
 def _interpreter_ready() -> bool:
@@ -314,14 +336,26 @@ def _graph_kept() -> bool:
         return True
 
 
+def _scale_in_place(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad *= grad_loss (0-d, on grad's device): no host sync. The Triton kernel skips the
+    pass on the device when grad_loss == 1; the torch path always multiplies."""
+    global scale_launches
+    if not _use_triton(grad.device) or grad.numel() == 0:
+        return grad.mul_(grad_loss)
+    acc = tl.float64 if grad_loss.dtype == torch.float64 else tl.float32
+    grid = (triton.cdiv(grad.numel(), _SCALE_BLOCK),)
+    _scale_grad_kernel[grid](grad, grad_loss, grad.numel(), ACC=acc, BLOCK=_SCALE_BLOCK)
+    scale_launches += 1
+    return grad
+
+
 def _backward(ctx, grad_loss: torch.Tensor, _grad_ds: torch.Tensor | None):
     (grad,) = ctx.saved_tensors
-    if _graph_kept():
+    if _graph_kept():  # torch.compile traces this branch: a pointwise mul for Inductor
         return grad * grad_loss, None, None, None, None
     # The graph is freed after this backward, so the saved dS is scaled in place: the gradient
-    # buffer stays the op's only student-sized allocation. grad_loss is a 0-d device tensor: no
-    # host sync.
-    return grad.mul_(grad_loss), None, None, None, None
+    # buffer stays the op's only student-sized allocation.
+    return _scale_in_place(grad, grad_loss), None, None, None, None
 
 
 cosine_alignment_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -46,6 +46,12 @@ SCRIPT = textwrap.dedent(
             src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]}
         )
         assert kernel.asm["cubin"], (sd, td, md, d)
+    for ds, acc in [("bf16", tl.float32), ("fp16", tl.float32), ("fp64", tl.float64)]:
+        g = "fp64" if acc == tl.float64 else "fp32"
+        sig = {"DS": "*" + ds, "G": "*" + g, "n_elements": "i32", "ACC": "constexpr",
+               "BLOCK": "constexpr"}
+        src = ASTSource(ca._scale_grad_kernel, sig, {"ACC": acc, "BLOCK": ca._SCALE_BLOCK})
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"], ds
     print("compiled")
     """
 )

@@ -230,11 +230,26 @@ def test_interpreter_path_runs_the_triton_kernel(monkeypatch) -> None:
     assert student.grad is not None
 
 
+@pytest.mark.parametrize("grad_output", [1.0, 0.2])
+def test_interpreter_backward_scales_with_the_triton_kernel(grad_output) -> None:
+    """The in-place backward scaling runs as a Triton kernel (which skips the pass on the device
+    when grad_output == 1) and gives grad_output * dS either way."""
+    if not ca._INTERPRET:
+        pytest.skip("the Triton interpreter is not on (CUDA machine)")
+    before = ca.scale_launches
+    gen = torch.Generator().manual_seed(15)
+    student = torch.randn(5, 9000, generator=gen).bfloat16()  # > one scaling block
+    target = torch.randn(5, 9000, generator=gen)
+    got = fused(student, target, grad_output=grad_output)
+    assert ca.scale_launches == before + 1
+    assert_close(*got, *oracle(student, target, grad_output=grad_output), torch.bfloat16)
+
+
 def test_torch_path_does_not_launch(monkeypatch) -> None:
     monkeypatch.setattr(ca, "_INTERPRET", False)
-    before = ca.launches
+    before = ca.launches, ca.scale_launches
     cosine_alignment_loss(torch.randn(3, 8, requires_grad=True), torch.randn(3, 8)).backward()
-    assert ca.launches == before
+    assert (ca.launches, ca.scale_launches) == before
 
 
 def test_only_student_gets_gradient(cpu_path) -> None:
