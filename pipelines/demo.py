@@ -15,6 +15,7 @@ Every number in the report is read from those runs as they happened; nothing is 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -124,6 +125,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoRepo
     report.cache = {**inspect_cache(cache), "build_frames_per_s": summary.frames_per_s}
 
     runs: dict[str, list[Path]] = {"plain": [], "aligned": []}
+    shutil.rmtree(out / "runs", ignore_errors=True)  # the demo's own runs: always start over
     for seed in config.seeds:
         for name, lam in (("plain", 0.0), ("aligned", config.lambda_align)):
             run = out / "runs" / f"{name}-seed{seed}"
