@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from featurecache.pipelines.frames import expand_frame_paths, iter_keys
-
 from featurecache.errors import FeatureCacheError, NotACacheError
 from featurecache.format import (
     CODECS,
@@ -26,6 +24,7 @@ from featurecache.format import (
     plan_blocks,
     read_manifest,
 )
+from featurecache.pipelines.frames import expand_frame_paths, iter_keys
 
 __all__ = ["BuildConfig", "BuildError", "BuildPlan", "prepare_build", "scan_shards"]
 

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featurecache.pipelines.frames import BadFrameError, FrameSample, decode_image, iter_samples
-from featurecache.pipelines.plan import BuildConfig, BuildError, BuildPlan, prepare_build
-
 from featurecache.errors import SpecMismatchError
 from featurecache.format import Block
+from featurecache.pipelines.frames import BadFrameError, FrameSample, decode_image, iter_samples
+from featurecache.pipelines.plan import BuildConfig, BuildError, BuildPlan, prepare_build
 
 __all__ = ["BuildConfig", "BuildError", "BuildSummary", "BuildWorker", "build_cache"]
 
@@ -79,8 +78,8 @@ class BuildWorker:
 
     def __init__(self, config: BuildConfig, fingerprint: dict, device: str, progress: Any) -> None:
         import torch
-        from featurecache.pipelines.teachers import load_teacher
 
+        from featurecache.pipelines.teachers import load_teacher
         from featurecache.writer import open_writer
 
         if device == "cpu" and os.environ.get("OMP_NUM_THREADS"):

@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from featurecache.pipelines.teachers.base import Teacher, UnknownTeacherError, check_layers
 from PIL import Image
+
+from featurecache.pipelines.teachers.base import Teacher, UnknownTeacherError, check_layers
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EfficientNetLiteTeacher"]
 

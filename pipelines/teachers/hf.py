@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from featurecache.pipelines.teachers.base import Teacher, UnknownTeacherError, check_layers
 from PIL import Image
+
+from featurecache.pipelines.teachers.base import Teacher, UnknownTeacherError, check_layers
 
 __all__ = [
     "DEFAULT_MEAN",
@@ -185,13 +186,17 @@ def quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _pair(value: Any) -> tuple[int, int]:

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
+
 from featurecache.pipelines.teachers.base import Teacher, UnknownTeacherError, check_layers
 from featurecache.pipelines.teachers.hf import _jsonable, quiet_transformers
-from PIL import Image
 
 __all__ = ["DEFAULT_PROMPT", "HFVLMTeacher"]
 

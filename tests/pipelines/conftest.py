@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from featurecache.pipelines.sample_data import SPLITS, write_sample_data
 
 
@@ -167,3 +168,9 @@ def tiny_vit_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llava_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaVA with tokenizer and processor (see `save_tiny_llava`)."""
     return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_noproc_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny ViT without an image processor (the teacher's default preprocessing applies)."""
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit-noproc"), with_processor=False)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from featurecache.pipelines.frames import (
     BadFrameError,
     FramesNotFoundError,
@@ -18,7 +20,6 @@ from featurecache.pipelines.frames import (
     iter_samples,
     split_member_name,
 )
-from PIL import Image
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:

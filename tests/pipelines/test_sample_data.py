@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from featurecache.pipelines import sample_data as sd
 from featurecache.pipelines.frames import decode_image, iter_samples
 

@@ -1,0 +1,441 @@
+"""The Ray build: correctness against direct teacher forwards, resume, dead workers, bad inputs.
+
+The fast tests share one local Ray instance (module fixture; build_cache reuses a running Ray and
+leaves it running). The slow ones run the CLI in subprocesses: SIGKILL of the driver mid-build,
+and a two-node local cluster driven through --address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from featurecache import open_cache
+from featurecache.errors import NotACacheError, SpecMismatchError, UnknownLayerError
+from featurecache.format import read_manifest
+from featurecache.pipelines.frames import (
+    BadFrameError,
+    FramesNotFoundError,
+    decode_image,
+    iter_samples,
+)
+from featurecache.pipelines.precompute import BuildConfig, BuildError, build_cache
+from featurecache.pipelines.teachers import UnknownTeacherError, load_teacher
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="fcray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR")
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _config(frames: Path | list, out: Path, **kw) -> BuildConfig:
+    base = {
+        "teacher": "efficientnet-lite0@64",
+        "layers": ["4"],
+        "batch_size": 8,
+        "shard_rows": 8,
+        "progress": False,
+    }
+    base.update(kw)
+    frames = [str(f) for f in frames] if isinstance(frames, list) else [str(frames)]
+    return BuildConfig(frames=frames, out=out, **base)
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the cache, as plain zarr reads it (keys, features/*, scales/*)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*not recognized as a component")
+    group = zarr.open_group(str(path), mode="r")
+    out = {}
+    for name, array in group.arrays():
+        out[name] = array[...]
+    for sub in ("features", "scales"):
+        if sub in group:
+            for name, array in group[sub].arrays():
+                out[f"{sub}/{name}"] = array[...]
+    return out
+
+
+def _assert_same_cache(a: Path, b: Path) -> None:
+    xa, xb = _arrays(a), _arrays(b)
+    assert sorted(xa) == sorted(xb)
+    for name in xa:
+        np.testing.assert_array_equal(xa[name], xb[name], err_msg=name)
+    ma, mb = read_manifest(a), read_manifest(b)
+    assert [(x.count, x.checksum, x.skipped, x.status) for x in ma.blocks] == [
+        (x.count, x.checksum, x.skipped, x.status) for x in mb.blocks
+    ]
+
+
+def _direct(teacher_spec: str, layers: list[str], frames_dir: Path) -> tuple[list, dict]:
+    teacher = load_teacher(teacher_spec, layers)
+    keys, images = [], []
+    for shard in sorted(frames_dir.glob("*.tar")):
+        for s in iter_samples(shard):
+            keys.append(s.key)
+            images.append(decode_image(s.image_bytes, s.image_ext))
+    return keys, teacher(images)
+
+
+# ---------------------------------------------------------------- real builds (fast suite)
+
+
+def test_build_hf_teacher_equals_direct_forward(
+    ray_session: None, sample_data_dir: Path, tiny_vit_path: Path, tmp_path: Path
+) -> None:
+    spec = f"hf:{tiny_vit_path}"
+    summary = build_cache(
+        _config(sample_data_dir, tmp_path / "c8", teacher=spec, layers=["2", "4"], workers=2)
+    )
+    assert summary.frames == summary.new_frames == 48 and summary.blocks == 3
+    assert summary.workers == 2 and summary.retries == 0 and summary.compression > 1
+    keys, want = _direct(spec, ["2", "4"], sample_data_dir)
+    cache = open_cache(tmp_path / "c8")
+    assert cache.keys == keys  # every key, in shard order
+    assert cache.spec.fingerprint == load_teacher(spec, ["2", "4"]).fingerprint()
+    for layer in ("2", "4"):
+        got = cache.read(keys, layer)
+        # int8 per-token absmax: error <= scale / 2 = absmax / 254 per token
+        bound = want[layer].abs().amax(-1, keepdim=True) / 254 + 1e-6
+        assert ((got - want[layer]).abs() <= bound * 1.01).all()
+
+
+@pytest.fixture(scope="module")
+def eff_cache(
+    ray_session: None, sample_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """An uninterrupted fp16 efficientnet-lite0@64 build of `sample_data_dir` (layer 4)."""
+    out = tmp_path_factory.mktemp("eff") / "cache"
+    summary = build_cache(_config(sample_data_dir, out, codec="fp16"))
+    assert summary.frames == 48 and summary.retries == 0
+    return out
+
+
+def test_build_efficientnet_equals_direct_forward_and_resumes(
+    eff_cache: Path, sample_data_dir: Path
+) -> None:
+    keys, want = _direct("efficientnet-lite0@64", ["4"], sample_data_dir)
+    cache = open_cache(eff_cache)
+    assert cache.keys == keys
+    got = cache.read(keys, "4")
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want["4"], atol=2e-3, rtol=2e-3)
+    before = _arrays(eff_cache)
+    again = build_cache(_config(sample_data_dir, eff_cache, codec="fp16"))  # nothing left to do
+    assert again.blocks_resumed == 3 and again.new_frames == 0 and again.frames == 48
+    after = _arrays(eff_cache)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    # the manifest is plain JSON in the group's zarr.json, readable without this package
+    meta = json.loads((eff_cache / "zarr.json").read_text())
+    blocks = meta["attributes"]["featurecache"]["blocks"]
+    assert [b["status"] for b in blocks] == ["done"] * 3
+
+
+def test_dead_worker_is_replaced_and_result_unchanged(
+    eff_cache: Path, sample_data_dir: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "killed"
+    config = _config(sample_data_dir, tmp_path / "faulty", codec="fp16")
+    config.fault_kill_marker = str(marker)
+    summary = build_cache(config)
+    assert marker.exists()  # the actor did die mid-block (after its first batch of block 1)
+    assert summary.retries == 1 and summary.frames == 48
+    _assert_same_cache(eff_cache, tmp_path / "faulty")
+
+
+def test_bad_frames_fail_or_skip(ray_session: None, sample_data_dir: Path, tmp_path: Path) -> None:
+    shard = tmp_path / "frames" / "frames-000000.tar"
+    shard.parent.mkdir()
+    with (
+        tarfile.open(sample_data_dir / "frames-000000.tar") as src,
+        tarfile.open(shard, "w") as dst,
+    ):
+        for info in src:
+            data = src.extractfile(info).read()
+            if info.name == "train-e00000-s005.png":
+                data = b"\x89PNG broken"
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    with pytest.raises(BadFrameError, match=r"frames-000000\.tar key 'train-e00000-s005'"):
+        build_cache(_config(shard.parent, tmp_path / "fail"))
+    summary = build_cache(_config(shard.parent, tmp_path / "skip", on_bad_frame="skip"))
+    assert summary.frames == 15 and summary.skipped == 1
+    manifest = read_manifest(tmp_path / "skip")
+    assert manifest.blocks[0].skipped == ("train-e00000-s005",)
+    cache = open_cache(tmp_path / "skip")
+    assert "train-e00000-s005" not in cache and len(cache.keys) == 15
+
+
+def test_cli_build_and_fingerprint_mismatch(
+    ray_session: None, sample_data_dir: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from featurecache.cli import main
+
+    out = tmp_path / "cli"
+    args = [
+        "build",
+        str(sample_data_dir / "frames-{000001..000001}.tar"),
+        "--teacher",
+        "efficientnet-lite0@64",
+        "--layers",
+        "4,7",
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--shard-rows",
+        "16",
+        "--quiet",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "16 frames in 1 blocks" in result.output and "smaller than fp16" in result.output
+    assert open_cache(out).spec.layer("7").grid == (4, 4)
+    # another teacher's features are refused, showing both fingerprints
+    args[args.index("4,7")] = "4"
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "Expected" in result.output
+    with pytest.raises(SpecMismatchError, match=r"'7'"):
+        build_cache(_config(sample_data_dir / "frames-000001.tar", out, shard_rows=16))
+    # --overwrite starts over
+    result = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert open_cache(out).spec.layer_names == ("4",)
+
+
+# ---------------------------------------------------------------- checked before any work
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_bad_inputs_fail_before_ray(sample_data_dir: Path, tmp_path: Path) -> None:
+    first = sample_data_dir / "frames-000000.tar"
+    cases = [
+        (_config(tmp_path / "missing", tmp_path / "o1"), FramesNotFoundError, "missing"),
+        (
+            _config(_tar(tmp_path / "e" / "empty.tar", []), tmp_path / "o2"),
+            BuildError,
+            r"none in .*empty\.tar",
+        ),
+        (
+            _config([first, _dup(first, tmp_path / "dup" / "copy.tar")], tmp_path / "o3"),
+            BuildError,
+            r"'train-e00000-s000' in .*frames-000000\.tar and in .*copy\.tar",
+        ),
+        (_config(first, tmp_path / "o4", teacher="vit-huge"), UnknownTeacherError, "vit-huge"),
+        (_config(first, tmp_path / "o5", layers=["99"]), UnknownLayerError, "got '99'"),
+    ]
+    (tmp_path / "o6").mkdir()
+    (tmp_path / "o6" / "notes.txt").write_text("mine")
+    cases.append((_config(first, tmp_path / "o6"), NotACacheError, "not a cache"))
+    (tmp_path / "o7").write_text("a file")
+    cases.append((_config(first, tmp_path / "o7"), NotACacheError, "got a file"))
+    for config, error, match in cases:
+        with pytest.raises(error, match=match):
+            build_cache(config)
+    assert (tmp_path / "o6" / "notes.txt").read_text() == "mine"  # never deleted
+    with pytest.raises(BuildError, match="codec"):
+        _config(first, tmp_path / "o8", codec="bf16")
+    with pytest.raises(BuildError, match="on-bad-frame"):
+        _config(first, tmp_path / "o8", on_bad_frame="ignore")
+
+
+def _dup(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+# ---------------------------------------------------------------- slow: processes and clusters
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(VENV_BIN / "featurecache"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: we kill only what we started
+        **kw,
+    )
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_of_the_driver(sample_data_dir: Path, tmp_path: Path) -> None:
+    """Kill the whole build (driver + its local Ray) after the first block is done, rerun the
+    same command, and compare with an uninterrupted build array for array."""
+    common = [
+        str(sample_data_dir),
+        "--teacher",
+        "efficientnet-lite0@64",
+        "--layers",
+        "4",
+        "--batch-size",
+        "4",
+        "--shard-rows",
+        "8",
+        "--quiet",
+    ]
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "rt")}
+    clean = _cli("build", *common, "--out", str(tmp_path / "clean"), env=env)
+    assert clean.wait(timeout=300) == 0, clean.stdout.read()
+
+    out = tmp_path / "killed"
+    proc = _cli("build", *common, "--out", str(out), env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (out / "zarr.json").exists() and any(b.done for b in read_manifest(out).blocks):
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sum(b.done for b in read_manifest(out).blocks)
+    assert 1 <= done < 3, done  # killed mid-build
+    rerun = _cli("build", *common, "--out", str(out), env=env)
+    output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, output
+    assert f"({done} already done" in output
+    _assert_same_cache(tmp_path / "clean", out)
+
+
+@pytest.mark.slow
+def test_two_node_cluster_through_address(sample_data_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = Path("/tmp") / f"fc2n{os.getpid()}"
+    ray = str(VENV_BIN / "ray")
+    started: list[subprocess.Popen] = []
+    try:
+        head = subprocess.run(
+            [
+                ray,
+                "start",
+                "--head",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "1",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--temp-dir",
+                str(temp),
+                "--include-dashboard",
+                "false",
+                "--disable-usage-stats",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            start_new_session=True,
+        )
+        assert head.returncode == 0, head.stdout + head.stderr
+        node = subprocess.run(
+            [
+                ray,
+                "start",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--num-cpus",
+                "1",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--temp-dir",
+                str(temp),
+                "--disable-usage-stats",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            start_new_session=True,
+        )
+        assert node.returncode == 0, node.stdout + node.stderr
+        build = _cli(
+            "build",
+            str(sample_data_dir),
+            "--teacher",
+            "efficientnet-lite0@64",
+            "--layers",
+            "4",
+            "--batch-size",
+            "8",
+            "--shard-rows",
+            "8",
+            "--quiet",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path / "two"),
+        )
+        started.append(build)
+        output = build.communicate(timeout=300)[0]
+        assert build.returncode == 0, output
+        assert "48 frames in 3 blocks" in output and "2 worker(s)" in output
+        assert open_cache(tmp_path / "two").keys[0] == "train-e00000-s000"
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        _kill_ray_processes_under(temp)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_ray_processes_under(temp: Path) -> None:
+    """Stop only the Ray processes of our own cluster: those whose command line names our
+    unique temp dir or session (never `ray stop`, which would stop other users' Ray too)."""
+    mine = []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(temp) in cmd and int(pid_dir.name) != os.getpid():
+            mine.append(int(pid_dir.name))
+    for pid in mine:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
