@@ -314,6 +314,15 @@ def test_deterministic(cpu_path) -> None:
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_gradient_buffer_becomes_the_students_grad() -> None:
+    """The dS the forward wrote is the tensor .backward() leaves in student.grad: no copy."""
+    student = torch.randn(16, 32, requires_grad=True)
+    loss = cosine_alignment_loss(student, torch.randn(16, 32))
+    (saved,) = loss.grad_fn.saved_tensors
+    loss.backward()
+    assert student.grad.data_ptr() == saved.data_ptr()
+
+
 @pytest.mark.parametrize("retain", [False, True])
 def test_backward_scales_in_place_only_when_graph_is_freed(cpu_path, retain) -> None:
     """Backward scales the saved dS in place (no second student-sized buffer) unless the graph
@@ -402,10 +411,11 @@ def test_cuda_no_host_sync_and_deterministic() -> None:
     cosine_alignment_loss(student, target, mask=mask).backward()  # warm up (compiles)
     first = student.grad.clone()
     student.grad = None
+    scale = torch.full((), 0.5, device="cuda")  # made before the check: a host-to-device copy
     torch.cuda.set_sync_debug_mode("error")
     try:
         loss = cosine_alignment_loss(student, target, mask=mask)
-        loss.backward(torch.tensor(1.0, device="cuda"))
+        loss.backward(scale * 2.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(student.grad, first)
