@@ -1,0 +1,15 @@
+"""The cache benchmark runs end to end at tiny sizes (quick mode records nothing)."""
+
+from __future__ import annotations
+
+from featurecache.benchmarks import cache as bench
+
+
+def test_bench_cache_quick(tmp_path) -> None:
+    rows = bench.run(json_path=tmp_path / "cache.json", quick=True)
+    names = {(r.what.split(" b")[0], r.provider) for r in rows}
+    assert ("read global-shuffled", "fp16") in names and ("read sequential", "int8") in names
+    assert all(r.median > 0 for r in rows)
+    cosine = [r for r in rows if r.unit == "mean cos"]
+    assert cosine and cosine[0].median >= 0.9999
+    assert (tmp_path / "cache.json").exists()
