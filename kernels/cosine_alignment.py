@@ -220,13 +220,11 @@ def launch_config(n_cols: int, *, max_one_tile_d: int | None = None) -> dict[str
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) -> (N, D) with column stride 1, a view when the strides allow, else a copy."""
+    """(..., D) -> (N, D) with column stride 1: a view when the leading dims flatten to one row
+    stride (any row stride, 0 for an expanded tensor included), else a copy."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > 1 and rows.stride(-1) != 1:  # pragma: no cover - reshape keeps it
-        rows = rows.contiguous()
-    return rows
+    return x.reshape(-1, x.shape[-1])
 
 
 def _forward_triton(

@@ -287,6 +287,11 @@ def test_non_contiguous_inputs(cpu_path) -> None:
     student = base[:, :40]  # row stride 80, column stride 1
     target = torch.randn(40, 6, generator=gen).t()  # column stride 6: copied
     assert_close(*fused(student, target), *oracle(student, target), torch.float32)
+    expanded = torch.randn(1, 40, generator=gen).expand(6, 40)  # row stride 0: read in place
+    assert_close(*fused(student, expanded), *oracle(student, expanded), torch.float32)
+    swapped = torch.randn(4, 6, 40, generator=gen).transpose(0, 1)  # (6, 4, 40): copied
+    student3 = torch.randn(6, 4, 40, generator=gen)
+    assert_close(*fused(student3, swapped), *oracle(student3, swapped), torch.float32)
 
 
 def test_no_grad_writes_no_gradient(cpu_path) -> None:
