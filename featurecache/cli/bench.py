@@ -26,7 +26,8 @@ def load_benchmark(name: str) -> ModuleType:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name in (module_name, "featurecache.benchmarks"):
-            raise MissingBenchmark(f"{module_name} is missing (no benchmarks/{name}.py)") from err
+            message = f"{module_name} does not exist (no benchmarks/{name}.py)"
+            raise MissingBenchmark(message) from err
         raise
 
 
@@ -57,7 +58,7 @@ def bench(what: str, json_path: str | None, quick: bool) -> None:
         try:
             module = load_benchmark(name)
         except MissingBenchmark as err:
-            status[name] = f"missing: {err}"
+            status[name] = f"missing, not run: {err}"
             click.echo(f"bench {name}: {status[name]}", err=True)
             continue
         click.echo(f"\n== bench {name} ==")

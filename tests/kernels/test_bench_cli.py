@@ -35,5 +35,5 @@ def test_bench_all_reports_missing_benchmarks(tmp_path, monkeypatch) -> None:
 
 
 def test_load_benchmark_missing() -> None:
-    with pytest.raises(bench_cli.MissingBenchmark, match="no_such_benchmark is missing"):
+    with pytest.raises(bench_cli.MissingBenchmark, match="no_such_benchmark does not exist"):
         bench_cli.load_benchmark("no_such_benchmark")
