@@ -146,6 +146,22 @@ class FeatureCache:
                 f"({block.source}) rows [{start}, {stop}), got {type(exc).__name__}: {exc}"
             ) from exc
 
+    def _block_keys_raw(self, block: Block) -> np.ndarray:
+        """uint8 (count, key_bytes) key rows of a done block (direct chunk decode when possible)."""
+        stop = block.row_start + block.count
+        if self._layout(KEYS_ARRAY) != "chunked":
+            return self._read_block_rows(KEYS_ARRAY, block, block.row_start, stop)
+        sr, width = self.spec.shard_rows, self.spec.key_bytes
+        parts = []
+        for s in range(block.row_start // sr, (stop - 1) // sr + 1):
+            rows = range(s * sr, min((s + 1) * sr, stop))
+            try:
+                chunk = decode_chunk(self._read_file(KEYS_ARRAY, s, rows), "|u1", (sr, width))
+            except ChunkError as exc:
+                raise self._corrupt(KEYS_ARRAY, s, rows, str(exc)) from exc
+            parts.append(chunk[: len(rows)])
+        return np.concatenate(parts)
+
     def _ensure_index(self) -> None:
         if self._row_of is not None:
             return
@@ -154,10 +170,7 @@ class FeatureCache:
         for block in self.manifest.done_blocks:
             if not block.count:
                 continue
-            stop = block.row_start + block.count
-            block_keys = decode_keys(
-                self._read_block_rows(KEYS_ARRAY, block, block.row_start, stop)
-            )
+            block_keys = decode_keys(self._block_keys_raw(block))
             for i, key in enumerate(block_keys):
                 row = block.row_start + i
                 if key in row_of:

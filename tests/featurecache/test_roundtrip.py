@@ -136,3 +136,11 @@ def test_resume_reopens_same_cache(tmp_path, build_cache) -> None:
     writer = fc.create_cache(path, manifest.spec, plan)  # same spec and plan: resume
     assert all(b.done for b in writer.manifest.blocks)
     assert fc.open_cache(path).keys == list(data)
+
+
+def test_create_in_existing_empty_folder(tmp_path) -> None:
+    (tmp_path / "c.zarr").mkdir()
+    spec = fc.CacheSpec((fc.LayerSpec("x", 2, 4),), "int8", 4)
+    writer = fc.create_cache(tmp_path / "c.zarr", spec, fc.plan_blocks([("a", 3)], 4))
+    assert writer.manifest.rows == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["c.zarr"]  # no temporary folder left
