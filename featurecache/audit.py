@@ -60,13 +60,13 @@ def inspect_cache(path: str | Path) -> dict[str, Any]:
     itemsize = np.dtype(FEATURE_DTYPE[spec.codec]).itemsize
     layers = []
     decoded_total = 0
-    disk_total = _tree_bytes(path / KEYS_ARRAY)
+    disk_total = _tree_bytes(path / KEYS_ARRAY / "c")  # chunk files only, not zarr.json
     for layer in spec.layers:
         decoded = written * layer.tokens * layer.dim * itemsize
-        disk = _tree_bytes(path / features_path(layer.name))
+        disk = _tree_bytes(path / features_path(layer.name) / "c")
         if spec.codec == "int8":
             decoded += written * layer.tokens * np.dtype(SCALE_DTYPE).itemsize
-            disk += _tree_bytes(path / scales_path(layer.name))
+            disk += _tree_bytes(path / scales_path(layer.name) / "c")
         fp16 = written * layer.tokens * layer.dim * 2
         layers.append(
             {

@@ -176,7 +176,6 @@ def create_cache(
         meta = read_group_metadata(tmp)
         meta.setdefault("attributes", {})[ATTRS_KEY] = manifest.to_json()
         write_group_metadata(tmp, meta)
-        (tmp / ".gitignore").unlink(missing_ok=True)
         try:
             os.rename(tmp, path)  # atomic; replaces an empty folder; fails if another won
         except OSError:
