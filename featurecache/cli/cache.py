@@ -60,7 +60,12 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("--frames", multiple=True, help="Frame shards to check the cache's keys against.")
+@click.option(
+    "--frames",
+    multiple=True,
+    help="Frame shards whose every key must be in the cache (or recorded as skipped): a tar, a "
+    "folder, a quoted glob or brace pattern (d/frames-{000000..000009}.tar); repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def verify(cache: str, frames: tuple[str, ...], as_json: bool) -> None:
     """Check every done block: readable, checksums match, finite values, unique keys.

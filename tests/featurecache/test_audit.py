@@ -56,6 +56,10 @@ def test_verify_sound_cache(build_cache, tmp_path: Path) -> None:
     frames = _tar(tmp_path / "frames-000000.tar", list(data))
     assert list(iter_tar_keys(frames)) == list(data)
     assert verify_cache(path, frames=[str(tmp_path)]).frames_checked == 25
+    brace = str(tmp_path / "frames-{000000..000000}.tar")
+    assert verify_cache(path, frames=[brace, str(tmp_path / "*.tar")]).frames_checked == 50
+    with pytest.raises(fc.FeatureCacheError, match="nothing-here"):
+        verify_cache(path, frames=[str(tmp_path / "nothing-here-*.tar")])
     out = CliRunner().invoke(main, ["verify", str(path), "--frames", str(frames), "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["ok"] is True
