@@ -155,39 +155,41 @@ def _check_block(
     digest = hashlib.sha256()
     keys: list[str] = []
     failed = False
+
+    def problem(kind: str, msg: str, file: str, rows: tuple[int, int], keys: Any) -> None:
+        report.problems.append(Problem(kind, msg, block.index, block.source, file, rows, keys))
+
     for s in range(block.row_start // sr, (stop - 1) // sr + 1 if block.count else 0):
-        r0, r1 = s * sr, min((s + 1) * sr, stop)
-        shard_keys: list[str] | None = None
+        rows = (s * sr, min((s + 1) * sr, stop))
+        shard_keys: list[str] = []
         for name in checksum_arrays(spec):
             ndim = 3 if name.startswith("features/") else 2
             file = str(path / shard_file(name, ndim, s))
             span = (shard_keys[0], shard_keys[-1]) if shard_keys else None
-
-            def problem(kind: str, msg: str, file: str = file, span: Any = span) -> None:
-                rows = (s * sr, min((s + 1) * sr, stop))  # noqa: B023 (called in this iteration)
-                report.problems.append(
-                    Problem(kind, msg, block.index, block.source, file, rows, span)
-                )
-
             if not os.path.exists(file):
-                problem("missing-file", f"shard file of {name} is missing")
+                problem("missing-file", f"shard file of {name} is missing", file, rows, span)
                 failed = True
                 continue
             try:
-                data = np.asarray(arrays[name][r0:r1])
+                data = np.asarray(arrays[name][rows[0] : rows[1]])
             except Exception as exc:
-                problem("corrupt", f"{name} does not decode: {type(exc).__name__}: {exc}")
+                msg = f"{name} does not decode: {type(exc).__name__}: {exc}"
+                problem("corrupt", msg, file, rows, span)
                 failed = True
                 continue
             digest.update(np.ascontiguousarray(data).tobytes())
             if name == KEYS_ARRAY:
                 shard_keys = decode_keys(data)
                 if not all(shard_keys):
-                    problem("bad-key", "a written row has an empty key", span=None)
+                    problem("bad-key", "a written row has an empty key", file, rows, None)
                 keys.extend(shard_keys)
             elif data.dtype.kind == "f" and not np.isfinite(data).all():
                 bad = np.flatnonzero(~np.isfinite(data.reshape(len(data), -1)).all(axis=1))
-                problem("non-finite", f"{name} holds NaN/Inf in {len(bad)} row(s)")
+                first = (
+                    shard_keys[bad[0]] if len(shard_keys) > bad[0] else f"row {rows[0] + bad[0]}"
+                )
+                msg = f"{name} holds NaN/Inf in {len(bad)} row(s), first {first!r}"
+                problem("non-finite", msg, file, rows, span)
     if not failed and block.count:
         got = CHECKSUM_PREFIX + digest.hexdigest()
         if got != block.checksum:
