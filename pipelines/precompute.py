@@ -3,13 +3,14 @@
     summary = build_cache(BuildConfig(frames=["data/train"], teacher="efficientnet-lite0",
                                       layers=["4"], out="cache.zarr"))
 
-Driver: `prepare_build` checks the inputs and plans one block per input tar shard (plan.py);
-`create_cache` creates the cache or reopens it (resume: done blocks are skipped; another
-fingerprint is refused). A pool of `BuildWorker` actors, each holding the teacher once (on a GPU
-when the cluster has them), takes one pending block at a time: it reads the shard sequentially,
-decodes and preprocesses batches on a small thread pool that runs ahead of the model, runs the
-teacher under inference mode, and streams the features through a BlockWriter, which quantizes
-and writes whole Zarr shards. The actor returns the BlockResult; the driver marks the block done.
+Driver (this module): `prepare_build` checks the inputs and plans one block per input tar shard
+(plan.py); `create_cache` creates the cache or reopens it (resume: done blocks are skipped;
+another fingerprint is refused). A pool of `BuildWorker` actors (build_worker.py), each holding
+the teacher once (on a GPU when the cluster has them), takes one pending block at a time: it
+reads the shard sequentially, decodes and preprocesses batches on a small thread pool that runs
+ahead of the model, runs the teacher under inference mode, and hands the features to a write
+thread that streams them through a BlockWriter (quantize, compress, write whole Zarr shards).
+The actor returns the BlockResult; the driver marks the block done.
 
 Faults: an actor that dies (RayActorError) is replaced and its block retried from scratch (the
 writer deletes what the dead attempt left) up to `max_retries` times. A driver killed mid-build
@@ -20,17 +21,14 @@ written whole by one actor, so the result equals an uninterrupted build array fo
 from __future__ import annotations
 
 import collections
-import os
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featurecache.errors import SpecMismatchError
 from featurecache.format import Block
-from featurecache.pipelines.frames import BadFrameError, FrameSample, decode_image, iter_samples
+from featurecache.pipelines.build_worker import BuildWorker, Progress
 from featurecache.pipelines.plan import BuildConfig, BuildError, BuildPlan, prepare_build
 
 __all__ = ["BuildConfig", "BuildError", "BuildSummary", "BuildWorker", "build_cache"]
@@ -41,8 +39,10 @@ _POLL_S = 0.25  # driver: how often the progress bar is refreshed while blocks r
 @dataclass(frozen=True)
 class BuildSummary:
     """What a build did. frames: rows in the cache's done blocks; new_frames: written by this run;
-    skipped: bad frames skipped (all done blocks); raw_bytes: those rows' features as fp16;
-    bytes_written: the cache folder's size; compression: raw_bytes / feature bytes on disk."""
+    skipped: bad frames skipped (all done blocks); seconds: the whole call; run_seconds: from all
+    workers holding their teacher to the last block done (steady state: frames_per_s_running);
+    raw_bytes: the rows' features as fp16; bytes_written: the cache folder's size;
+    compression: raw_bytes / feature bytes on disk."""
 
     out: str
     frames: int
@@ -52,6 +52,8 @@ class BuildSummary:
     blocks_resumed: int
     seconds: float
     frames_per_s: float
+    run_seconds: float
+    frames_per_s_running: float
     bytes_written: int
     raw_bytes: int
     compression: float
@@ -63,121 +65,11 @@ class BuildSummary:
             f"{self.frames} frames in {self.blocks} blocks ({self.blocks_resumed} already done, "
             f"{self.skipped} bad frames skipped) -> {self.out}\n"
             f"{self.new_frames} new frames in {self.seconds:.1f} s = {self.frames_per_s:.1f} "
-            f"frames/s with {self.workers} worker(s), {self.retries} retried block(s)\n"
+            f"frames/s ({self.frames_per_s_running:.1f} once the teacher was loaded) with "
+            f"{self.workers} worker(s), {self.retries} retried block(s)\n"
             f"{_human(self.bytes_written)} on disk, {self.compression:.2f}x smaller than fp16 "
             f"features ({_human(self.raw_bytes)})"
         )
-
-
-class BuildWorker:
-    """A Ray actor (created with `ray.remote(BuildWorker)`): holds the teacher and writes blocks.
-
-    The teacher is loaded once, on `device`, and checked against the driver's fingerprint (so
-    nodes with different package versions or weights cannot mix features into one cache).
-    """
-
-    def __init__(self, config: BuildConfig, fingerprint: dict, device: str, progress: Any) -> None:
-        import torch
-
-        from featurecache.pipelines.teachers import load_teacher
-        from featurecache.writer import open_writer
-
-        if device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        self.config = config
-        self.teacher = load_teacher(
-            config.teacher,
-            config.layers,
-            device=device,
-            trust_remote_code=config.trust_remote_code,
-            grid=config.grid,
-            prompt=config.prompt,
-        )
-        mine = self.teacher.fingerprint()
-        if _canonical(mine) != _canonical(fingerprint):
-            raise SpecMismatchError(
-                f"Expected the worker's teacher fingerprint to equal the driver's, got\n"
-                f"  worker: {mine}\n  driver: {fingerprint}"
-            )
-        self.writer = open_writer(config.out)
-        self.progress = progress
-
-    def ready(self) -> str:
-        """The node this actor runs on (also: a cheap call to wait for the teacher to load)."""
-        import socket
-
-        return socket.gethostname()
-
-    def run_block(self, index: int, source: str) -> Any:
-        """Write block `index` from tar shard `source`; returns the BlockResult (not done yet)."""
-        import torch
-
-        cfg = self.config
-        block = self.writer.open_block(index, overwrite=False)
-        threads = ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode")
-        try:
-            pending: collections.deque[Future] = collections.deque()
-            batches = _batched(iter_samples(source), cfg.batch_size)
-            for batch in batches:  # keep decode_threads batches in flight ahead of the model
-                pending.append(threads.submit(self._prepare, batch, source))
-                if len(pending) <= cfg.decode_threads:
-                    continue
-                self._write(block, pending.popleft().result(), index, torch)
-            while pending:
-                self._write(block, pending.popleft().result(), index, torch)
-            return block.finish()
-        finally:
-            threads.shutdown(wait=False, cancel_futures=True)
-
-    def _prepare(self, batch: list[FrameSample], source: str) -> tuple[list[str], Any, list[str]]:
-        """Decode + preprocess (thread pool): (good keys, input tensor or None, bad keys)."""
-        keys, images, bad = [], [], []
-        for sample in batch:
-            try:
-                images.append(decode_image(sample.image_bytes, sample.image_ext))
-                keys.append(sample.key)
-            except BadFrameError as err:
-                if self.config.on_bad_frame == "fail":
-                    raise BadFrameError(
-                        f"Bad frame in shard {source} key {sample.key!r}: {err} "
-                        f"(use --on-bad-frame skip to skip and record such frames)"
-                    ) from None
-                bad.append(sample.key)
-        return keys, (self.teacher.preprocess(images) if images else None), bad
-
-    def _write(self, block: Any, prepared: tuple, index: int, torch: Any) -> None:
-        keys, inputs, bad = prepared
-        for key in bad:
-            block.skip(key)
-        if keys:
-            with torch.inference_mode():
-                feats = self.teacher.forward(inputs.to(self.teacher.device))
-            block.append(keys, {name: value.cpu() for name, value in feats.items()})
-        self._maybe_die(index)
-        if self.progress is not None:
-            self.progress.add.remote(index, len(keys) + len(bad))
-
-    def _maybe_die(self, index: int) -> None:
-        marker = self.config.fault_kill_marker
-        if marker and index == 1 and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)  # fault injection: the actor process dies mid-block
-
-
-class Progress:
-    """A tiny Ray actor: frames processed per block, reported by workers after each batch."""
-
-    def __init__(self) -> None:
-        self.frames: dict[int, int] = {}
-
-    def add(self, block: int, n: int) -> None:
-        self.frames[block] = self.frames.get(block, 0) + n
-
-    def reset(self, block: int) -> None:
-        self.frames.pop(block, None)
-
-    def get(self) -> dict[int, int]:
-        return dict(self.frames)
 
 
 def build_cache(config: BuildConfig) -> BuildSummary:
@@ -212,16 +104,26 @@ def build_cache(config: BuildConfig) -> BuildSummary:
                 kwargs["_temp_dir"] = str(config.ray_temp_dir)
         ray.init(**kwargs)
         started_ray = True
-    retries = 0
-    workers = 0
+    retries = workers = 0
+    run_seconds = 0.0
     try:
         if todo:
-            workers, retries = _run_blocks(ray, config, plan, todo, fingerprint, writer)
+            workers, retries, run_seconds = _run_blocks(
+                ray, config, plan, todo, fingerprint, writer
+            )
     finally:
         if started_ray:
             ray.shutdown()
     return _summarize(
-        config, plan, writer, time.perf_counter() - start, todo, resumed, workers, retries
+        config,
+        plan,
+        writer,
+        time.perf_counter() - start,
+        run_seconds,
+        todo,
+        resumed,
+        workers,
+        retries,
     )
 
 
@@ -232,8 +134,9 @@ def _run_blocks(
     todo: list[Block],
     fingerprint: dict,
     writer: Any,
-) -> tuple[int, int]:
-    """Drive the actor pool over the pending blocks; returns (workers, retries)."""
+) -> tuple[int, int, float]:
+    """Drive the actor pool over the pending blocks; returns (workers, retries, seconds from all
+    workers ready to the last block done)."""
     from ray.exceptions import RayActorError, RayTaskError
 
     resources = ray.cluster_resources()
@@ -256,6 +159,11 @@ def _run_blocks(
         return worker_cls.options(**options).remote(config, fingerprint, device, progress)
 
     actors: dict[int, Any] = {i: spawn() for i in range(n)}
+    try:  # wait for every teacher to load: startup errors surface here, and timing starts
+        ray.get([actor.ready.remote() for actor in actors.values()])
+    except RayActorError as err:
+        raise _cause(err) from None
+    run_start = time.perf_counter()
     idle = collections.deque(range(n))
     queue = collections.deque(todo)
     inflight: dict[Any, tuple[int, Block]] = {}
@@ -304,7 +212,7 @@ def _run_blocks(
         for actor in actors.values():
             ray.kill(actor)
         ray.kill(progress)
-    return n, retries
+    return n, retries, time.perf_counter() - run_start
 
 
 def _cause(err: Any) -> BaseException:
@@ -328,22 +236,12 @@ def _progress_bar(enabled: bool, total: int, initial: int, workers: int) -> Any:
     return bar
 
 
-def _batched(samples: Iterator[FrameSample], size: int) -> Iterator[list[FrameSample]]:
-    batch: list[FrameSample] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _summarize(
     config: BuildConfig,
     plan: BuildPlan,
     writer: Any,
     seconds: float,
+    run_seconds: float,
     todo: Sequence[Block],
     resumed: int,
     workers: int,
@@ -374,18 +272,14 @@ def _summarize(
         blocks_resumed=resumed,
         seconds=seconds,
         frames_per_s=new / seconds if seconds > 0 else 0.0,
+        run_seconds=run_seconds,
+        frames_per_s_running=new / run_seconds if run_seconds > 0 else 0.0,
         bytes_written=total_bytes,
         raw_bytes=raw,
         compression=raw / feature_bytes if feature_bytes else 0.0,
         workers=workers,
         retries=retries,
     )
-
-
-def _canonical(fingerprint: dict) -> Any:
-    import json
-
-    return json.loads(json.dumps(fingerprint, sort_keys=True))
 
 
 def _human(n: float) -> str:

@@ -177,6 +177,13 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--prompt", default=None, help="hf-vlm only: the prompt, containing the image token '<image>'."
 )
+@click.option(
+    "--decode-threads",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Image decode threads per worker, running ahead of the teacher (raise on GPUs).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(
     frames: tuple[str, ...],
@@ -194,6 +201,7 @@ def build(
     grid: tuple[int, int] | None,
     trust_remote_code: bool,
     prompt: str | None,
+    decode_threads: int,
     quiet: bool,
 ) -> None:
     """Run a frozen teacher once over every frame and write a feature cache (a Ray job).
@@ -244,6 +252,7 @@ def build(
             grid=grid,
             trust_remote_code=trust_remote_code,
             prompt=prompt,
+            decode_threads=decode_threads,
             progress=not quiet,
         )
         summary = build_cache(config)
