@@ -1,23 +1,67 @@
-"""featurecache: compute a frozen teacher's features once, train against them forever."""
+"""featurecache: compute a frozen teacher's features once, train against them forever.
 
-from featurecache.errors import (
-    BlockAlreadyDoneError,
-    BlockCapacityError,
-    BlockNotDoneError,
-    CorruptShardError,
-    FeatureCacheError,
-    FormatVersionError,
-    InvalidFeaturesError,
-    InvalidKeyError,
-    NotACacheError,
-    ShapeMismatchError,
-    SpecMismatchError,
-    UnknownKeyError,
-    UnknownLayerError,
-)
-from featurecache.format import Block, CacheSpec, LayerSpec, Manifest, plan_blocks
-from featurecache.reader import FeatureCache, open_cache
-from featurecache.writer import BlockResult, BlockWriter, CacheWriter, create_cache, open_writer
+The public names below are re-exported lazily (PEP 562), so `import featurecache` (and hence
+`featurecache --help`) does not pay for zarr and torch until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from featurecache.errors import (
+        BlockAlreadyDoneError,
+        BlockCapacityError,
+        BlockNotDoneError,
+        CorruptShardError,
+        FeatureCacheError,
+        FormatVersionError,
+        InvalidFeaturesError,
+        InvalidKeyError,
+        NotACacheError,
+        ShapeMismatchError,
+        SpecMismatchError,
+        UnknownKeyError,
+        UnknownLayerError,
+    )
+    from featurecache.format import Block, CacheSpec, LayerSpec, Manifest, plan_blocks
+    from featurecache.reader import FeatureCache, open_cache
+    from featurecache.writer import (
+        BlockResult,
+        BlockWriter,
+        CacheWriter,
+        create_cache,
+        open_writer,
+    )
+
+_EXPORTS = {
+    "featurecache.errors": (
+        "BlockAlreadyDoneError",
+        "BlockCapacityError",
+        "BlockNotDoneError",
+        "CorruptShardError",
+        "FeatureCacheError",
+        "FormatVersionError",
+        "InvalidFeaturesError",
+        "InvalidKeyError",
+        "NotACacheError",
+        "ShapeMismatchError",
+        "SpecMismatchError",
+        "UnknownKeyError",
+        "UnknownLayerError",
+    ),
+    "featurecache.format": ("Block", "CacheSpec", "LayerSpec", "Manifest", "plan_blocks"),
+    "featurecache.reader": ("FeatureCache", "open_cache"),
+    "featurecache.writer": (
+        "BlockResult",
+        "BlockWriter",
+        "CacheWriter",
+        "create_cache",
+        "open_writer",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "Block",
@@ -46,3 +90,16 @@ __all__ = [
     "open_writer",
     "plan_blocks",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featurecache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,10 +14,9 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.storage import LocalStore
 
@@ -46,6 +45,9 @@ from featurecache.format import (
     scales_path,
     shard_file,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CACHE_BYTES = 512 << 20  # 512 MiB of decoded shards per FeatureCache (per worker)
 
@@ -426,12 +428,16 @@ class FeatureCache:
     def read_raw(self, keys: Sequence[str], layer: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stored values without dequantizing: (int8 (n, T, D), float32 scales (n, T)) for int8
         caches, (float16 (n, T, D), None) for fp16. x ~= values * scales[..., None]."""
+        import torch
+
         values, scales = self.read_rows_raw(self._rows(keys), layer)
         return torch.from_numpy(values), None if scales is None else torch.from_numpy(scales)
 
     def read(self, keys: Sequence[str], layer: str) -> torch.Tensor:
         """Features of `keys` for `layer`: (len(keys), tokens, dim), float16 for fp16 caches,
         float32 (dequantized) for int8 caches."""
+        import torch
+
         values, scales = self.read_rows_raw(self._rows(keys), layer)
         if scales is None:
             return torch.from_numpy(values)

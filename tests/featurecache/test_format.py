@@ -48,3 +48,18 @@ def test_direct_layout_only_for_our_chains(build_cache) -> None:
     other = json.loads(json.dumps(meta["features/4"]))
     other["codecs"][0]["configuration"]["codecs"][1] = {"name": "blosc", "configuration": {}}
     assert direct_layout(other) is None  # read through zarr-python instead
+
+
+def test_package_exports_are_lazy_and_complete() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, featurecache\n"
+        "assert 'zarr' not in sys.modules and 'torch' not in sys.modules\n"
+        "assert sorted(featurecache.__all__) == sorted(featurecache._MODULE_OF)\n"
+        "[getattr(featurecache, n) for n in featurecache.__all__]\n"
+        "assert 'torch' not in sys.modules  # the reader imports torch only to return tensors\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
