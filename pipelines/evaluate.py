@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from featurecache.pipelines.stream import StreamConfig, iter_batches
 from featurecache.pipelines.train import (
     cache_target_spec,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from featurecache.pipelines.stream import StreamConfig, iter_batches
 from featurecache.pipelines.train import load_run
 

@@ -254,8 +254,9 @@ class _DecodeBatch:
             yield self._collate([], missing)
 
     def _collate(self, group: list[dict], missing: list[str]) -> Batch:
-        from featurecache.pipelines.frames import BadFrameError, decode_image
         from PIL import Image
+
+        from featurecache.pipelines.frames import BadFrameError, decode_image
 
         pil, pixels, metas, actions = [], [], [], []
         for s in group:

@@ -28,9 +28,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from featurecache.pipelines.stream import Batch, StreamConfig, check_shards_per_rank, iter_batches
 from featurecache.pipelines.students import Student, build_projector, load_student
-from torch import nn
 
 CHECKPOINT_DIR = "checkpoint"
 MODEL_FILE = "model.safetensors"  # student.* and projector.* weights
@@ -503,6 +504,7 @@ def train(config: TrainConfig) -> TrainSummary:
             num_workers=config.num_workers,
         )
         got_any = position["batches"] > 0  # a resume may start at the end of an epoch
+        tick = time.perf_counter()
         for batch in iter_batches(stream):
             missing += len(batch.missing)
             if not len(batch):
@@ -544,6 +546,7 @@ def train(config: TrainConfig) -> TrainSummary:
             rate = (step - start_step) * config.batch_size * world / max(elapsed, 1e-9)
             if metrics is not None:
                 row = {"step": step, **last, "lr": lr, "epoch": position["epoch"]}
+                row |= {"step_s": time.perf_counter() - tick}  # data wait + compute
                 row |= {"samples": samples, "samples_per_s": rate, "missing": missing}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
@@ -554,6 +557,7 @@ def train(config: TrainConfig) -> TrainSummary:
                 save_checkpoint(run, core, optimizer, state_now(), rank, world)
             if step >= config.steps:
                 break
+            tick = time.perf_counter()
         else:  # the epoch ended: the next one reshuffles shards and samples
             if not got_any:
                 raise ValueError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from featurecache.pipelines.students.base import (
     ACTION_DIM,
     Student,

@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
 from featurecache.pipelines.students.base import (
     ACTION_DIM,
     ByteTokenizer,
@@ -26,7 +28,6 @@ from featurecache.pipelines.students.base import (
     action_head,
     last_token_states,
 )
-from torch import nn
 
 TINY_VLA_DEFAULTS: dict[str, Any] = {
     "image_size": 112,

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from featurecache.pipelines.frames import expand_frame_paths
-from featurecache.pipelines.stream import StreamConfig, check_shards_per_rank, iter_batches
 
 from featurecache.errors import UnknownKeyError
 from featurecache.format import LayerSpec
+from featurecache.pipelines.frames import expand_frame_paths
+from featurecache.pipelines.stream import StreamConfig, check_shards_per_rank, iter_batches
 
 from ._train_helpers import all_keys, key_features, key_vector, write_cache
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from featurecache.pipelines.students import (
     AlignmentProjector,
     ByteTokenizer,
@@ -11,7 +13,6 @@ from featurecache.pipelines.students import (
     load_student,
     parse_student_spec,
 )
-from torch import nn
 
 from ._train_helpers import TINY_OPTIONS, make_tiny_llava
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from featurecache.pipelines.frames import expand_frame_paths
-from featurecache.pipelines.train import TrainConfig, load_run, read_metrics, train
 
 from featurecache.errors import ShapeMismatchError, SpecMismatchError, UnknownLayerError
 from featurecache.format import LayerSpec
+from featurecache.pipelines.frames import expand_frame_paths
+from featurecache.pipelines.train import TrainConfig, load_run, read_metrics, train
 
 from ._train_helpers import (
     TEACHER,
@@ -180,8 +180,9 @@ def test_tiny_vla_learns_on_sample_data(shards, caches, tmp_path) -> None:
 
 def test_cached_training_never_loads_the_teacher(sample_data_dir, tmp_path) -> None:
     """Build a cache with an hf teacher, delete the teacher's files, train in a fresh process."""
-    from featurecache.pipelines.teachers import load_teacher
     from transformers import ViTConfig, ViTModel
+
+    from featurecache.pipelines.teachers import load_teacher
 
     teacher_dir = tmp_path / "teacher"
     torch.manual_seed(0)
