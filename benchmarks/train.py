@@ -1,0 +1,271 @@
+"""Training with a feature cache vs with the teacher resident, and the stream vs the step.
+
+Claims measured (same student, batch, data and seed in one run):
+1. steps/s and peak memory of `train()` with targets from the cache vs `--resident-teacher`, for
+   the efficientnet-lite0 teacher and for a larger hf ViT teacher (ViT-Base shape, built from a
+   config): the gap grows with the teacher's size, the cached step does not.
+2. the stream's own throughput (samples/s, frames + cache join, one process) against what the
+   step consumes (batch x steps/s): the stream is not the bottleneck.
+3. the join's cost: the stream with the cache join vs the same stream with the targets held in
+   memory (a dict lookup), per batch, as a % of the cached step time (target <= 5%).
+
+Each training run is a fresh subprocess so its peak memory (RSS high-water mark above the
+RSS after imports on CPU,
+torch.cuda.max_memory_allocated on GPU) is its own. Steps/s is the median of the per-step wall
+times (data wait + compute) after warm-up steps.
+
+    python -m featurecache.benchmarks.train [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from featurecache.benchmarks.harness import Result, device_name, record, report, result
+
+EFFNET_LAYER = "10"  # stride 16: a 7x7 grid at 112 px (tiny-vla's grid), 4x4 at 64 px
+VIT_LAYER = "6"  # the middle of a 12-layer ViT-Base (layer "1" of the quick run's 2-layer ViT)
+
+
+def _sizes(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"frames": 48, "shard": 16, "image": 64, "batch": 8, "steps": 6, "warmup": 2,
+                "vit": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "intermediate_size": 128},
+                "student": {"vision_hidden": 64, "vision_layers": 1, "hidden_size": 64,
+                            "num_layers": 2, "num_heads": 2}}  # fmt: skip
+    return {"frames": 256, "shard": 64, "image": 112, "batch": 16, "steps": 30, "warmup": 5,
+            "vit": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "intermediate_size": 3072},
+            "student": {}}  # fmt: skip
+
+
+def _write_cache(path: Path, shards: list[Path], teacher: Any, codec: str = "int8") -> Path:
+    """What the build job writes, in-process (no Ray): one block per shard, teacher forward."""
+    from featurecache.format import CacheSpec, plan_blocks
+    from featurecache.pipelines.frames import decode_image, iter_samples
+    from featurecache.writer import create_cache
+
+    samples = [list(iter_samples(s)) for s in shards]
+    spec = CacheSpec(
+        layers=teacher.layer_specs(), codec=codec, shard_rows=16, fingerprint=teacher.fingerprint()
+    )
+    plan = plan_blocks([(str(s), len(x)) for s, x in zip(shards, samples, strict=True)], 16)
+    writer = create_cache(path, spec, plan, overwrite=True)
+    for block, rows in zip(plan, samples, strict=True):
+        bw = writer.open_block(block.index)
+        for i in range(0, len(rows), 32):
+            chunk = rows[i : i + 32]
+            feats = teacher([decode_image(s.image_bytes, s.image_ext) for s in chunk])
+            bw.append([s.key for s in chunk], {k: v.numpy() for k, v in feats.items()})
+        writer.mark_done(bw.finish())
+    return path
+
+
+def _child(args: dict[str, Any]) -> dict[str, Any]:
+    """One training run (in its own process): steps/s and peak memory."""
+    import torch
+
+    from featurecache.pipelines.train import TrainConfig, read_metrics, train
+
+    torch.manual_seed(0)
+    config = TrainConfig(**args["config"])
+    base = _rss_mib()
+    _reset_peak_rss()  # imports are done: count what training itself adds
+    train(config)
+    rows = read_metrics(Path(config.out) / "metrics.jsonl")[args["warmup"] :]
+    times = [r["step_s"] for r in rows]
+    peak = _peak_rss_mib() - base
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return {"step_s": times, "peak_mib": peak}
+
+
+def _status_kib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def _rss_mib() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def _peak_rss_mib() -> float:
+    return _status_kib("VmHWM") / 1024
+
+
+def _reset_peak_rss() -> None:
+    """Reset the RSS high-water mark (Linux: writing 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _spawn(args: dict[str, Any]) -> dict[str, Any]:
+    code = (
+        "import json, sys; from featurecache.benchmarks.train import _child; "
+        "print('RESULT' + json.dumps(_child(json.loads(sys.argv[1]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{out.stderr[-3000:]}")
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line[len("RESULT") :])
+
+
+def _stream_times(shards: list[Path], cache: Path, sizes: dict[str, Any]) -> dict[str, float]:
+    """Seconds per batch: frames only, frames + in-memory targets, frames + cache join."""
+    from featurecache.pipelines.stream import StreamConfig, iter_batches
+    from featurecache.reader import open_cache
+
+    base = {"shards": shards, "image_size": sizes["image"], "batch_size": sizes["batch"]}
+    opened = open_cache(cache)
+    values, _ = opened.read_raw(opened.keys, EFFNET_LAYER)
+    held = dict(zip(opened.keys, values, strict=True))
+
+    def frames_in_memory() -> int:
+        n = 0
+        for b in iter_batches(StreamConfig(**base, seed=1)):
+            _ = [held[k] for k in b.keys]  # targets held in memory
+            n += 1
+        return n
+
+    def frames_joined() -> int:
+        n = 0
+        for _ in iter_batches(StreamConfig(**base, seed=1, cache=cache, layer=EFFNET_LAYER)):
+            n += 1
+        return n
+
+    out: dict[str, list[float]] = {"memory": [], "join": []}
+    for _ in range(3):  # interleaved repeats: the machine's load shifts under both alike
+        for name, fn in (("memory", frames_in_memory), ("join", frames_joined)):
+            start = time.perf_counter()
+            batches = fn()
+            out[name].append((time.perf_counter() - start) / batches)
+    return {k: sorted(v)[1] for k, v in out.items()}
+
+
+def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
+    """Run the training benchmark; print the table, write JSON, return the rows."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from featurecache.pipelines.sample_data import write_sample_data
+    from featurecache.pipelines.teachers import load_teacher
+
+    sizes = _sizes(quick)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev_name = device_name(device)
+    rows: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="fc-bench-train-") as tmp:
+        root = Path(tmp)
+        shards = write_sample_data(
+            root / "frames", frames=sizes["frames"], shard_size=sizes["shard"],
+            image_size=sizes["image"],
+        )  # fmt: skip
+        torch.manual_seed(0)
+        vit_dir = root / "vit"
+        ViTModel(
+            ViTConfig(image_size=sizes["image"], patch_size=16, **sizes["vit"]),
+            add_pooling_layer=False,
+        ).save_pretrained(vit_dir)
+        teachers = {
+            f"efficientnet-lite0@{sizes['image']}": EFFNET_LAYER,
+            f"hf:{vit_dir}": "1" if quick else VIT_LAYER,
+        }
+        caches = {}
+        for spec, layer in teachers.items():
+            teacher = load_teacher(spec, [layer], device=device)
+            caches[spec] = _write_cache(root / f"cache-{len(caches)}", shards, teacher)
+            del teacher
+        student_options = {"image_size": sizes["image"], **sizes["student"]}
+        common = {
+            "frames": [str(s) for s in shards], "student_options": student_options,
+            "steps": sizes["steps"], "batch_size": sizes["batch"], "progress": False,
+            "plot": False, "device": device,
+        }  # fmt: skip
+        what = f"train step tiny-vla b{sizes['batch']} {sizes['image']}px"
+        cached_steps = {}
+        for spec, layer in teachers.items():
+            label = "vit-base (hf, config)" if spec.startswith("hf:") else spec
+            if quick and spec.startswith("hf:"):
+                label = "vit-tiny (hf, config)"
+            base_rate = None
+            for mode in ("cache", "resident"):
+                cfg = dict(common, out=str(root / f"run-{len(rows)}"), teacher_layer=layer)
+                cfg |= (
+                    {"cache": str(caches[spec])} if mode == "cache" else {"resident_teacher": spec}
+                )
+                got = _spawn({"config": cfg, "warmup": sizes["warmup"]})
+                rates = [1.0 / t for t in got["step_s"]]
+                row = result(
+                    f"{what}, teacher {label}", f"{mode}", rates, "steps/s", dev_name,
+                    peak_mib=round(got["peak_mib"], 1),
+                )  # fmt: skip
+                if mode == "cache":
+                    base_rate = row.median
+                    cached_steps[spec] = row
+                else:
+                    row.extra["cache_speedup_x"] = round(base_rate / row.median, 2)
+                rows.append(row)
+
+        effnet = next(iter(teachers))
+        stream = _stream_times(shards, caches[effnet], sizes)
+        step_s = 1.0 / cached_steps[effnet].median
+        consume = sizes["batch"] / step_s
+        produce = sizes["batch"] / stream["join"]
+        rows.append(
+            result(
+                f"stream b{sizes['batch']} {sizes['image']}px (frames + int8 cache join)",
+                "webdataset", [produce], "samples/s", dev_name,
+                step_consumes_samples_s=round(consume, 1), headroom_x=round(produce / consume, 1),
+            )
+        )  # fmt: skip
+        overhead = (stream["join"] - stream["memory"]) / step_s * 100
+        rows.append(
+            result(
+                "join overhead per batch vs targets in memory, % of cached step",
+                "cache join", [overhead], "%", dev_name,
+                join_ms=round(stream["join"] * 1e3, 2), memory_ms=round(stream["memory"] * 1e3, 2),
+                step_ms=round(step_s * 1e3, 1),
+            )
+        )  # fmt: skip
+    report(rows, "train: cache vs resident teacher", json_path)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes (tests, CI).")
+    parser.add_argument("--json", dest="json_path", help="Write the rows as JSON.")
+    parser.add_argument("--no-record", action="store_true", help="Do not update RESULTS.md.")
+    args = parser.parse_args()
+    rows = run(args.json_path, quick=args.quick)
+    if not args.no_record and not args.quick:
+        from featurecache.benchmarks.harness import format_table
+
+        note = (
+            "Same tiny-vla student, batch, frames and seed; each training run in its own process "
+            "(peak = the RSS high-water mark above the RSS after imports, on CPU, max_memory_allocated on GPU). steps/s: "
+            "median over steps after warm-up, data wait included. The cached runs never load a "
+            f"teacher. Machine shared with other jobs while measured (load varies). "
+            f"os.cpu_count()={os.cpu_count()}."
+        )
+        record("train", format_table(rows, "train: cache vs resident teacher"), note)
+
+
+if __name__ == "__main__":
+    main()
