@@ -20,6 +20,7 @@ times (data wait + compute) after warm-up steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -106,10 +107,8 @@ def _peak_rss_mib() -> float:
 
 def _reset_peak_rss() -> None:
     """Reset the RSS high-water mark (Linux: writing 5 to clear_refs)."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _spawn(args: dict[str, Any]) -> dict[str, Any]:
@@ -259,7 +258,8 @@ def main() -> None:
 
         note = (
             "Same tiny-vla student, batch, frames and seed; each training run in its own process "
-            "(peak = the RSS high-water mark above the RSS after imports, on CPU, max_memory_allocated on GPU). steps/s: "
+            "(peak = the RSS high-water mark above the RSS after imports on CPU, "
+            "max_memory_allocated on GPU). steps/s: "
             "median over steps after warm-up, data wait included. The cached runs never load a "
             f"teacher. Machine shared with other jobs while measured (load varies). "
             f"os.cpu_count()={os.cpu_count()}."
