@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         NotACacheError,
         ShapeMismatchError,
         SpecMismatchError,
+        UnknownBlockError,
         UnknownKeyError,
         UnknownLayerError,
     )
@@ -48,6 +49,7 @@ _EXPORTS = {
         "NotACacheError",
         "ShapeMismatchError",
         "SpecMismatchError",
+        "UnknownBlockError",
         "UnknownKeyError",
         "UnknownLayerError",
     ),
@@ -83,6 +85,7 @@ __all__ = [
     "NotACacheError",
     "ShapeMismatchError",
     "SpecMismatchError",
+    "UnknownBlockError",
     "UnknownKeyError",
     "UnknownLayerError",
     "create_cache",

@@ -34,6 +34,10 @@ class UnknownKeyError(FeatureCacheError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownBlockError(FeatureCacheError, IndexError):
+    """A block index or row outside the cache's block table."""
+
+
 class BlockNotDoneError(FeatureCacheError):
     """A key or block that belongs to a block not (yet) marked done."""
 
@@ -74,6 +78,7 @@ __all__ = [
     "NotACacheError",
     "ShapeMismatchError",
     "SpecMismatchError",
+    "UnknownBlockError",
     "UnknownKeyError",
     "UnknownLayerError",
 ]

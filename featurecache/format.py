@@ -27,6 +27,7 @@ from featurecache.errors import (
     FormatVersionError,
     NotACacheError,
     ShapeMismatchError,
+    UnknownBlockError,
     UnknownLayerError,
 )
 
@@ -253,7 +254,9 @@ class Manifest:
 
     def block(self, index: int) -> Block:
         if not 0 <= index < len(self.blocks):
-            raise IndexError(f"Expected a block index in [0, {len(self.blocks)}), got {index}")
+            raise UnknownBlockError(
+                f"Expected a block index in [0, {len(self.blocks)}), got {index}"
+            )
         return self.blocks[index]
 
     def with_block(self, block: Block) -> Manifest:

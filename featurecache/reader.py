@@ -33,6 +33,7 @@ from featurecache.errors import (
     CorruptShardError,
     InvalidKeyError,
     NotACacheError,
+    UnknownBlockError,
     UnknownKeyError,
 )
 from featurecache.format import (
@@ -204,7 +205,7 @@ class FeatureCache:
         """The block owning `row`."""
         i = bisect.bisect_right(self._block_starts, row) - 1
         if i < 0 or row >= self.manifest.blocks[i].row_stop:
-            raise IndexError(f"Expected a row in [0, {self.manifest.rows}), got {row}")
+            raise UnknownBlockError(f"Expected a row in [0, {self.manifest.rows}), got {row}")
         return self.manifest.blocks[i]
 
     def row_of(self, key: str) -> int:

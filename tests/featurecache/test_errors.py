@@ -170,3 +170,13 @@ def test_corrupt_shard_read(build_cache) -> None:
     shard.unlink()
     with pytest.raises(fc.CorruptShardError, match="no such file"):
         fc.open_cache(path).read(["s00-0009"], "4")
+
+
+def test_unknown_block_and_row(build_cache) -> None:
+    path, _ = build_cache((10,))
+    with pytest.raises(fc.UnknownBlockError, match=r"block index in \[0, 1\), got 3"):
+        fc.open_writer(path).open_block(3)
+    with pytest.raises(IndexError):
+        fc.open_cache(path).read_rows_raw([10_000], "4")
+    with pytest.raises(fc.BlockNotDoneError, match="row 12"):
+        fc.open_cache(path).read_rows_raw([12], "4")  # a padding row
