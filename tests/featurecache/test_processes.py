@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 import featurecache as fc
@@ -43,9 +44,9 @@ def _files(path: Path) -> dict[str, bytes]:
     return out
 
 
-def _check_data(path: Path) -> None:
+def _check_data(path: Path, sizes: list[tuple[str, int]] = SIZES) -> None:
     cache = fc.open_cache(path)
-    for b, (_, n) in enumerate(SIZES):
+    for b, (_, n) in enumerate(sizes):
         keys, feats = PROC["block_data"](SPEC, b, n)
         for name, x in feats.items():
             got = cache.read(keys, name).numpy()
@@ -123,3 +124,45 @@ def test_kill_during_manifest_updates(tmp_path: Path) -> None:
     manifest = read_manifest(path)  # parses: never torn
     assert len(manifest.blocks) == 4
     update_manifest(path, lambda m: m)  # the lock was released by the kill
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", ["appended 1 5", "appended 1 10", "appended 1 21"])
+def test_sigkill_at_several_points(tmp_path: Path, kill_after: str) -> None:
+    """Kill after the first batch (nothing flushed), mid-block, and after the last append (the
+    final partial shard may or may not be written); the rewrite always matches a clean write."""
+    plan = fc.plan_blocks(SIZES[:2], 8)
+    crashed, clean = tmp_path / "crashed.zarr", tmp_path / "clean.zarr"
+    for path in (crashed, clean):
+        fc.create_cache(path, SPEC, plan)
+    proc = _spawn(crashed, "1", "--sleep", "0.3")
+    for line in proc.stdout:
+        if line.startswith(kill_after):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not read_manifest(crashed).blocks[1].done
+    for path in (crashed, clean):
+        PROC["write_block"](str(path), 1)
+        PROC["write_block"](str(path), 0)
+    assert read_manifest(crashed) == read_manifest(clean)
+    assert _files(crashed) == _files(clean)
+    _check_data(crashed, SIZES[:2])
+
+
+@pytest.mark.slow
+def test_four_processes_eight_blocks(tmp_path: Path) -> None:
+    sizes = [(f"frames-{i}.tar", 9 + 3 * i) for i in range(8)]
+    path = tmp_path / "c.zarr"
+    fc.create_cache(path, SPEC, fc.plan_blocks(sizes, 8))
+    procs = [_spawn(path, str(i), str(i + 4)) for i in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    manifest = read_manifest(path)
+    assert all(b.done for b in manifest.blocks)
+    assert [b.count for b in manifest.blocks] == [n for _, n in sizes]
+    _check_data(path, sizes)
+    from featurecache.audit import verify_cache
+
+    assert verify_cache(path).ok
