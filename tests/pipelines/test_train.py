@@ -166,16 +166,19 @@ def test_config_validation() -> None:
 
 
 def test_tiny_vla_learns_on_sample_data(shards, caches, tmp_path) -> None:
+    """16 frames (one shard), full batches: the aligned student fits them (MSE; with L1 this
+    small student sits at the per-dimension median for hundreds of steps)."""
     run = tmp_path / "learn"
-    train(
-        _config(
-            shards, run, cache=str(caches["int8"]), steps=60, lr=2e-3, plot=True, lambda_align=0.2
-        )
-    )
-    action = _losses(run, "action_loss")
-    assert action[-10:].mean() < 0.8 * action[:10].mean(), action
+    config = _config(
+        shards[:1], run, cache=str(caches["int8"]), steps=64, batch_size=16, lr=1e-3,
+        loss="mse", plot=True, lambda_align=0.2,
+    )  # fmt: skip
+    train(config)
+    action, align = _losses(run, "action_loss"), _losses(run, "align_loss")
+    assert action[-16:].mean() < 0.6 * action[:16].mean(), action
+    assert align[-16:].mean() < align[:16].mean(), align
     assert (run / "losses.png").stat().st_size > 1000
-    assert json.loads((run / "summary.json").read_text())["steps"] == 60
+    assert json.loads((run / "summary.json").read_text())["steps"] == 64
 
 
 def test_cached_training_never_loads_the_teacher(sample_data_dir, tmp_path) -> None:
