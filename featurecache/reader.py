@@ -1,9 +1,16 @@
 """The read side: `open_cache(path)` -> FeatureCache, which maps sample keys to rows through the
 done blocks' stored keys and reads features batched and grouped by Zarr shard.
 
-Reading a shard's rows costs one decode of the whole shard (one Zarr slice over its written rows);
-decoded shards stay in a small LRU (by bytes), so reading keys in block order, or shuffled within
-a window of a few shards (what a WebDataset shuffle buffer produces), decodes each shard once.
+A batch's rows are grouped by shard; for each shard the reader decodes exactly the rows asked for,
+straight from the shard file as FORMAT.md lays it out (the shard index at the end, then one read
+per run of adjacent chunks, crc32c checked, zstd). Each row costs one decode whatever the order,
+so reading in block order or fully shuffled runs at the same speed (benchmarks/RESULTS.md, "cache").
+Zarr-python's own partial shard reads cost ~10x more per row, and its whole-shard reads decode a
+shard's other rows too, which only pays off when they are read before being evicted.
+
+Arrays whose zarr.json holds another codec chain, and `direct=False`, are read through zarr-python
+instead: a whole shard per slice, its rows kept in the LRU (a prefetch for block-order reads).
+Decoded rows stay in a small LRU (by bytes), so repeated keys cost nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from featurecache.format import (
 if TYPE_CHECKING:
     import torch
 
-DEFAULT_CACHE_BYTES = 512 << 20  # 512 MiB of decoded shards per FeatureCache (per worker)
+DEFAULT_CACHE_BYTES = 128 << 20  # 128 MiB of decoded rows per FeatureCache (per worker)
 
 
 def decode_keys(raw: np.ndarray) -> list[str]:
