@@ -216,18 +216,11 @@ class _SkipConsumed:
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         worker, workers = _worker()
         todo = len(range(worker, self.skip_batches, workers)) * self.batch_size
-        pending: list[str] = []  # skip reports must survive the skip
         for s in samples:
-            if s["key"] is not None and todo > 0:
-                todo -= 1
-                pending += s.get("missing", [])
+            if todo > 0:  # skip reports met here rode on consumed batches: already counted
+                todo -= s["key"] is not None
                 continue
-            if pending:
-                s = {**s, "missing": pending + s.get("missing", [])}
-                pending = []
             yield s
-        if pending:
-            yield {"key": None, "missing": pending}
 
 
 class _DecodeBatch:
