@@ -122,9 +122,10 @@ def direct_layout(meta: dict[str, Any]) -> str | None:
     the direct decoder applies; None otherwise (read through Zarr)."""
     codecs = meta.get("codecs") or []
     key_enc = meta.get("chunk_key_encoding") or {}
-    if key_enc.get("name") != "default" or (key_enc.get("configuration") or {}).get(
-        "separator", "/"
-    ) != "/":
+    if (
+        key_enc.get("name") != "default"
+        or (key_enc.get("configuration") or {}).get("separator", "/") != "/"
+    ):
         return None
     if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed":
         conf = codecs[0].get("configuration") or {}
