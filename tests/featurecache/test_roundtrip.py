@@ -144,3 +144,23 @@ def test_create_in_existing_empty_folder(tmp_path) -> None:
     writer = fc.create_cache(tmp_path / "c.zarr", spec, fc.plan_blocks([("a", 3)], 4))
     assert writer.manifest.rows == 4
     assert [p.name for p in tmp_path.iterdir()] == ["c.zarr"]  # no temporary folder left
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, cache: fc.FeatureCache) -> None:
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache.keys)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.cache.read([self.cache.keys[i]], "4")[0]
+
+
+def test_dataloader_workers(build_cache) -> None:
+    path, data = build_cache((20, 5))
+    cache = fc.open_cache(path)
+    loader = torch.utils.data.DataLoader(_Rows(cache), batch_size=4, num_workers=2)
+    got = torch.cat(list(loader)).numpy()
+    ref = np.stack([data[k]["4"] for k in cache.keys]).astype(np.float16)
+    np.testing.assert_array_equal(got, ref)
