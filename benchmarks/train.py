@@ -9,10 +9,12 @@ Claims measured (same student, batch, data and seed in one run):
 3. the join's cost: the stream with the cache join vs the same stream with the targets held in
    memory (a dict lookup), per batch, as a % of the cached step time (target <= 5%).
 
-Each training run is a fresh subprocess so its peak memory (RSS high-water mark above the
-RSS after imports on CPU,
-torch.cuda.max_memory_allocated on GPU) is its own. Steps/s is the median of the per-step wall
-times (data wait + compute) after warm-up steps.
+Peak memory: each mode trains a few steps in a fresh subprocess, so its peak (the RSS high-water
+mark above the RSS after imports on CPU,
+torch.cuda.max_memory_allocated on GPU) is its own. Steps/s: all modes train in one process,
+interleaved in chunks of steps (each chunk resumes its run), so a shared machine's varying load
+falls on every mode alike; the median of the per-step wall times (data wait + compute), leaving
+out the first steps of each chunk.
 
     python -m featurecache.benchmarks.train [--quick] [--json FILE]
 """
@@ -38,12 +40,14 @@ VIT_LAYER = "6"  # the middle of a 12-layer ViT-Base (layer "1" of the quick run
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"frames": 48, "shard": 16, "image": 64, "batch": 8, "steps": 6, "warmup": 2,
+        return {"frames": 48, "shard": 16, "image": 64, "batch": 8,
+                "rounds": 2, "chunk": 4, "warmup": 1,
                 "vit": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                         "intermediate_size": 128},
                 "student": {"vision_hidden": 64, "vision_layers": 1, "hidden_size": 64,
                             "num_layers": 2, "num_heads": 2}}  # fmt: skip
-    return {"frames": 256, "shard": 64, "image": 112, "batch": 16, "steps": 30, "warmup": 5,
+    return {"frames": 256, "shard": 64, "image": 112, "batch": 16,
+            "rounds": 4, "chunk": 8, "warmup": 2,
             "vit": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                     "intermediate_size": 3072},
             "student": {}}  # fmt: skip
@@ -125,6 +129,22 @@ def _spawn(args: dict[str, Any]) -> dict[str, Any]:
     return json.loads(line[len("RESULT") :])
 
 
+def _interleaved(
+    runs: dict[tuple[str, str], dict[str, Any]], rounds: int, chunk: int, skip: int
+) -> dict[tuple[str, str], list[float]]:
+    """Per-step seconds of each run, trained `chunk` steps at a time in turn for `rounds`
+    rounds; the first `skip` steps of every chunk (stream start, resume) are left out."""
+    from featurecache.pipelines.train import TrainConfig, read_metrics, train
+
+    out: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    for r in range(rounds):
+        for key, cfg in runs.items():
+            train(TrainConfig(**dict(cfg, steps=(r + 1) * chunk, resume=r > 0)))
+            rows = read_metrics(Path(cfg["out"]) / "metrics.jsonl")[r * chunk + skip :]
+            out[key] += [row["step_s"] for row in rows]
+    return out
+
+
 def _stream_times(shards: list[Path], cache: Path, sizes: dict[str, Any]) -> dict[str, float]:
     """Seconds per batch: frames only, frames + in-memory targets, frames + cache join."""
     from featurecache.pipelines.stream import StreamConfig, iter_batches
@@ -193,33 +213,41 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
         student_options = {"image_size": sizes["image"], **sizes["student"]}
         common = {
             "frames": [str(s) for s in shards], "student_options": student_options,
-            "steps": sizes["steps"], "batch_size": sizes["batch"], "progress": False,
+            "batch_size": sizes["batch"], "progress": False,
             "plot": False, "device": device,
         }  # fmt: skip
         what = f"train step tiny-vla b{sizes['batch']} {sizes['image']}px"
-        cached_steps = {}
+        runs = {}  # (spec, mode) -> TrainConfig kwargs
         for spec, layer in teachers.items():
-            label = "vit-base (hf, config)" if spec.startswith("hf:") else spec
-            if quick and spec.startswith("hf:"):
-                label = "vit-tiny (hf, config)"
-            base_rate = None
             for mode in ("cache", "resident"):
-                cfg = dict(common, out=str(root / f"run-{len(rows)}"), teacher_layer=layer)
-                cfg |= (
-                    {"cache": str(caches[spec])} if mode == "cache" else {"resident_teacher": spec}
+                cfg = dict(common, out=str(root / f"run-{len(runs)}"), teacher_layer=layer)
+                cfg |= {"cache": str(caches[spec])} if mode == "cache" else {
+                    "resident_teacher": spec}  # fmt: skip
+                runs[spec, mode] = cfg
+        # Peak memory: each mode alone in a fresh process (a few steps suffice).
+        peaks = {
+            key: _spawn({"config": dict(cfg, out=cfg["out"] + "-mem", steps=3), "warmup": 0})
+            for key, cfg in runs.items()
+        }
+        # Steps/s: all modes in this process, interleaved in chunks of steps (each chunk resumes
+        # its run), so the machine's varying load falls on every mode alike.
+        times = _interleaved(runs, sizes["rounds"], sizes["chunk"], sizes["warmup"])
+        cached_steps = {}
+        for (spec, mode), step_s in times.items():
+            label = spec if not spec.startswith("hf:") else (
+                "vit-tiny (hf, config)" if quick else "vit-base (hf, config)")  # fmt: skip
+            row = result(
+                f"{what}, teacher {label}", mode, [1.0 / t for t in step_s], "steps/s", dev_name,
+                peak_mib=round(peaks[spec, mode]["peak_mib"], 1),
+            )  # fmt: skip
+            if mode == "cache":
+                cached_steps[spec] = row
+            else:
+                row.extra["cache_speedup_x"] = round(cached_steps[spec].median / row.median, 2)
+                row.extra["cache_saves_mib"] = round(
+                    peaks[spec, mode]["peak_mib"] - peaks[spec, "cache"]["peak_mib"], 1
                 )
-                got = _spawn({"config": cfg, "warmup": sizes["warmup"]})
-                rates = [1.0 / t for t in got["step_s"]]
-                row = result(
-                    f"{what}, teacher {label}", f"{mode}", rates, "steps/s", dev_name,
-                    peak_mib=round(got["peak_mib"], 1),
-                )  # fmt: skip
-                if mode == "cache":
-                    base_rate = row.median
-                    cached_steps[spec] = row
-                else:
-                    row.extra["cache_speedup_x"] = round(base_rate / row.median, 2)
-                rows.append(row)
+            rows.append(row)
 
         effnet = next(iter(teachers))
         stream = _stream_times(shards, caches[effnet], sizes)
