@@ -285,12 +285,13 @@ def main() -> None:
         from featurecache.benchmarks.harness import format_table
 
         note = (
-            "Same tiny-vla student, batch, frames and seed; each training run in its own process "
-            "(peak = the RSS high-water mark above the RSS after imports on CPU, "
-            "max_memory_allocated on GPU). steps/s: "
-            "median over steps after warm-up, data wait included. The cached runs never load a "
-            f"teacher. Machine shared with other jobs while measured (load varies). "
-            f"os.cpu_count()={os.cpu_count()}."
+            "Same tiny-vla student, batch, frames and seed. steps/s: all four runs train in one "
+            "process, interleaved in chunks of 8 steps (each chunk resumes its run), median of "
+            "the per-step wall times (data wait included) without the first 2 steps of a chunk. "
+            "peak_mib: each mode alone in a fresh process, the RSS high-water mark above the RSS "
+            "after imports (CPU; max_memory_allocated on GPU). The cached runs never load a "
+            "teacher. The vit-base teacher is ViT-Base's shape (768 wide, 12 layers) built from "
+            "a config, layer 6. Machine shared with other developers' jobs while measured."
         )
         record("train", format_table(rows, "train: cache vs resident teacher"), note)
 
