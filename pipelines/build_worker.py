@@ -61,6 +61,12 @@ class BuildWorker:
 
         return socket.gethostname()
 
+    def cpu_seconds(self) -> float:
+        """CPU time this actor process has used (all its threads: torch, decode, write)."""
+        import time
+
+        return time.process_time()
+
     def run_block(self, index: int, source: str) -> Any:
         """Write block `index` from tar shard `source`; returns the BlockResult (not done yet)."""
         cfg = self.config

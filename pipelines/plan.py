@@ -43,7 +43,8 @@ class BuildConfig:
     frames: tar files, globs, brace patterns or folders (see frames.expand_frame_paths).
     teacher: "efficientnet-lite0[@R]", "hf:PATH_OR_ID" or "hf-vlm:PATH_OR_ID".
     layers: the teacher's layer names to cache ("4", "16", "head"...).
-    out: the cache folder (created; an existing cache of the same spec resumes).
+    out: the cache folder (created; an existing cache of the same spec resumes). On a cluster,
+        `frames` and `out` must be paths that every node sees (a shared filesystem).
     codec: "int8" (per-token absmax, ~4x smaller than fp16) or "fp16" (lossless).
     batch_size: frames per teacher forward.
     shard_rows: rows per Zarr shard (the unit a reader decodes and a block is aligned to).

@@ -54,6 +54,7 @@ class BuildSummary:
     frames_per_s: float
     run_seconds: float
     frames_per_s_running: float
+    worker_cpu_seconds: float
     bytes_written: int
     raw_bytes: int
     compression: float
@@ -105,10 +106,10 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         ray.init(**kwargs)
         started_ray = True
     retries = workers = 0
-    run_seconds = 0.0
+    run_seconds = cpu_seconds = 0.0
     try:
         if todo:
-            workers, retries, run_seconds = _run_blocks(
+            workers, retries, run_seconds, cpu_seconds = _run_blocks(
                 ray, config, plan, todo, fingerprint, writer
             )
     finally:
@@ -120,6 +121,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         writer,
         time.perf_counter() - start,
         run_seconds,
+        cpu_seconds,
         todo,
         resumed,
         workers,
@@ -134,9 +136,9 @@ def _run_blocks(
     todo: list[Block],
     fingerprint: dict,
     writer: Any,
-) -> tuple[int, int, float]:
+) -> tuple[int, int, float, float]:
     """Drive the actor pool over the pending blocks; returns (workers, retries, seconds from all
-    workers ready to the last block done)."""
+    workers ready to the last block done, CPU seconds the workers used meanwhile)."""
     from ray.exceptions import RayActorError, RayTaskError
 
     resources = ray.cluster_resources()
@@ -164,6 +166,9 @@ def _run_blocks(
     except RayActorError as err:
         raise _cause(err) from None
     run_start = time.perf_counter()
+    cpu_start = dict(
+        zip(actors, ray.get([a.cpu_seconds.remote() for a in actors.values()]), strict=True)
+    )
     idle = collections.deque(range(n))
     queue = collections.deque(todo)
     inflight: dict[Any, tuple[int, Block]] = {}
@@ -193,6 +198,7 @@ def _run_blocks(
                             f"worker dying {attempts[block.index]} times; last: {err}"
                         ) from None
                     actors[slot] = spawn()  # replace the dead actor, retry the block first
+                    cpu_start[slot] = 0.0
                     queue.appendleft(block)
                 except RayTaskError as err:
                     raise _cause(err) from None
@@ -204,15 +210,18 @@ def _run_blocks(
             if bar is not None:
                 running = sum(ray.get(progress.get.remote()).values())
                 bar.n = min(total, finished + running)
-                bar.set_postfix(workers=len(actors), refresh=False)
+                bar.set_postfix(workers=len(actors), retries=retries, refresh=False)
                 bar.refresh()
+        run_seconds = time.perf_counter() - run_start
+        cpu = sum(ray.get([a.cpu_seconds.remote() for a in actors.values()]))
+        cpu -= sum(cpu_start.values())  # a dead actor's CPU time is lost (replacement: from 0)
     finally:
         if bar is not None:
             bar.close()
         for actor in actors.values():
             ray.kill(actor)
         ray.kill(progress)
-    return n, retries, time.perf_counter() - run_start
+    return n, retries, run_seconds, cpu
 
 
 def _cause(err: Any) -> BaseException:
@@ -242,6 +251,7 @@ def _summarize(
     writer: Any,
     seconds: float,
     run_seconds: float,
+    cpu_seconds: float,
     todo: Sequence[Block],
     resumed: int,
     workers: int,
@@ -274,6 +284,7 @@ def _summarize(
         frames_per_s=new / seconds if seconds > 0 else 0.0,
         run_seconds=run_seconds,
         frames_per_s_running=new / run_seconds if run_seconds > 0 else 0.0,
+        worker_cpu_seconds=cpu_seconds,
         bytes_written=total_bytes,
         raw_bytes=raw,
         compression=raw / feature_bytes if feature_bytes else 0.0,

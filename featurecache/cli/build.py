@@ -112,7 +112,12 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
     help="Comma-separated teacher layers, named as the teacher names them: '4,7' "
     "(efficientnet blocks), '8' (hidden_states[8] of a hf model).",
 )
-@click.option("--out", required=True, type=click.Path(), help="The cache folder to write.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="The cache folder to write (on a cluster: a path every node sees, like FRAMES).",
+)
 @click.option(
     "--codec",
     type=click.Choice(["int8", "fp16"]),

@@ -407,3 +407,23 @@ def _kill_ray_processes_under(temp: Path) -> None:
     for pid in mine:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.gpu
+def test_build_on_gpu_matches_cpu_forward(
+    sample_data_dir: Path, tmp_path: Path, ray_temp_dir: str
+) -> None:
+    """With a GPU, workers ask for one (--gpus-per-worker) and run the teacher on it."""
+    import ray
+
+    if ray.is_initialized():  # the module's CPU-only session (this test runs last)
+        ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _temp_dir=ray_temp_dir)
+    try:
+        summary = build_cache(_config(sample_data_dir, tmp_path / "gpu", codec="fp16"))
+    finally:
+        ray.shutdown()
+    assert summary.frames == 48
+    keys, want = _direct("efficientnet-lite0@64", ["4"], sample_data_dir)
+    got = open_cache(tmp_path / "gpu").read(keys, "4").float()
+    torch.testing.assert_close(got, want["4"], atol=1e-2, rtol=1e-2)
