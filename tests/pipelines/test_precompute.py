@@ -427,3 +427,13 @@ def test_build_on_gpu_matches_cpu_forward(
     keys, want = _direct("efficientnet-lite0@64", ["4"], sample_data_dir)
     got = open_cache(tmp_path / "gpu").read(keys, "4").float()
     torch.testing.assert_close(got, want["4"], atol=1e-2, rtol=1e-2)
+
+
+def test_cli_rejects_a_bad_grid(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from featurecache.cli import main
+
+    args = ["build", str(tmp_path), "--teacher", "efficientnet-lite0", "--layers", "4"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "c"), "--grid", "16by16"])
+    assert result.exit_code == 2 and "Expected HxW" in result.output

@@ -155,3 +155,19 @@ def test_render_speed_is_reasonable() -> None:
     n = sum(1 for _ in sd.iter_frames(48, image_size=112))
     assert n == 48
     assert time.perf_counter() - start < 5.0  # hundreds of frames/s when the machine is free
+
+
+def test_cli_sample_data(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from featurecache.cli import main
+
+    out = tmp_path / "ood"
+    args = ["sample-data", str(out), "--frames", "10", "--shard-size", "4", "--image-size", "32"]
+    result = CliRunner().invoke(main, [*args, "--split", "ood-semantic", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "10 ood-semantic frames in 3 shard(s)" in result.output
+    keys = [s.key for p in sorted(out.glob("*.tar")) for s in iter_samples(p)]
+    assert keys[0] == "ood-semantic-e00000-s000" and len(keys) == 10
+    bad = CliRunner().invoke(main, [*args, "--split", "test"])
+    assert bad.exit_code != 0 and "test" in bad.output
