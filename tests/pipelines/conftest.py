@@ -3,8 +3,11 @@
 - `sample_data_dir`: a train split of 48 frames (4 episodes of 12), 64x64 px, in 3 shards of 16.
 - `sample_splits`: {split: folder} for all four splits, 24 frames each, 64x64 px, shards of 12.
 - `tiny_vit_path`: a tiny random ViT (transformers) with its image processor, saved to a folder.
-- `tiny_llava_path`: a tiny random LLaVA (ViT-less CLIP vision tower + Llama) with a WordLevel
-  tokenizer and processor, saved to a folder.
+- `tiny_vit_noproc_path`: the same ViT without an image processor (default preprocessing).
+- `tiny_llava_path`: a tiny random LLaVA (CLIP vision tower 32 px / patch 8 -> 16 image tokens,
+  Llama 2 layers, hidden 32) with a WordLevel tokenizer and a LlavaProcessor, saved to a folder.
+- `save_tiny_vit(out, with_processor=True)`, `save_tiny_llava(out)`: the builders, importable
+  only as fixtures' helpers (pytest runs with --import-mode=importlib).
 - `ray_temp_dir`: a short temp dir for `ray.init(_temp_dir=...)` (Unix socket paths are short).
 All are session-scoped and built once; treat them as read-only.
 """
