@@ -146,3 +146,15 @@ def make_tiny_llava(path: str | Path, *, image_size: int = 64) -> Path:
     LlavaForConditionalGeneration(config).save_pretrained(path)
     fast.save_pretrained(path)
     return Path(path)
+
+
+def one_thread():
+    """A fixture body: torch on one intra-op thread while a test module runs. On this shared
+    2-core machine, two OpenMP threads per process spin against other jobs' threads and slow
+    small-op training steps many times over; one thread keeps the fast suite fast."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,9 +18,21 @@ from featurecache.pipelines.probe import probe_accuracy
 from featurecache.pipelines.stream import StreamConfig, iter_batches
 from featurecache.pipelines.train import TrainConfig, load_run, read_metrics
 
-from ._train_helpers import TEACHER, TEACHER_LAYER, TINY_OPTIONS, teacher_features, write_cache
+from ._train_helpers import (
+    TEACHER,
+    TEACHER_LAYER,
+    TINY_OPTIONS,
+    one_thread,
+    teacher_features,
+    write_cache,
+)
 
 CLI_TINY = [f"--student-option={k}={v}" for k, v in TINY_OPTIONS.items()]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

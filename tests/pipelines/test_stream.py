@@ -13,9 +13,14 @@ from featurecache.format import LayerSpec
 from featurecache.pipelines.frames import expand_frame_paths
 from featurecache.pipelines.stream import StreamConfig, check_shards_per_rank, iter_batches
 
-from ._train_helpers import all_keys, key_features, key_vector, write_cache
+from ._train_helpers import all_keys, key_features, key_vector, one_thread, write_cache
 
 LAYER = LayerSpec("mid", 16, 24, (4, 4))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

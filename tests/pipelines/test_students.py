@@ -14,7 +14,12 @@ from featurecache.pipelines.students import (
     parse_student_spec,
 )
 
-from ._train_helpers import TINY_OPTIONS, make_tiny_llava
+from ._train_helpers import TINY_OPTIONS, make_tiny_llava, one_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
 
 
 def test_projector_is_the_papers_mlp() -> None:

@@ -23,9 +23,15 @@ from ._train_helpers import (
     TINY_OPTIONS,
     all_keys,
     key_features,
+    one_thread,
     teacher_features,
     write_cache,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +218,7 @@ loaded = [m for m in sys.modules if "teachers" in m or "efficientnet" in m]
 assert not loaded, loaded
 print("ok", s.losses["align_loss"])
 """
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok")
