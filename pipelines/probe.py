@@ -4,6 +4,12 @@ The paper measures what action fine-tuning does to the VLA's visual representati
 probes; here: mean-pool the student's visual tokens at its `--align-layer` (frozen, no projector),
 fit a logistic regression predicting a frame attribute (the named object, by default) and report
 its accuracy on held-out episodes (train/test split by episode, so no episode is in both).
+
+`label_key="objects"` probes object identity as the scene shows it: which of the objects (colour +
+shape) are on the table, one binary probe per object class, scored by balanced accuracy (chance is
+0.5 whatever the class frequency) and averaged over classes. In tiny-vla the visual tokens come
+before the instruction, so they cannot know which object the instruction names; what they can
+know is which objects are in view.
 """
 
 from __future__ import annotations
@@ -46,14 +52,24 @@ def probe_features(
             out = loaded.student(batch.images.to(device), batch.instructions, loaded.align_layer)
             feats.append(out.visual.float().mean(dim=1).cpu().numpy())  # (B, hidden)
             for key, meta in zip(batch.keys, batch.meta, strict=True):
-                if label_key not in meta:
-                    raise KeyError(
-                        f"Expected a {label_key!r} field in the json of frame {key!r}, got "
-                        f"fields {sorted(meta)}."
-                    )
-                labels.append(str(meta[label_key]))
+                labels.append(_label(meta, label_key, key))
                 episodes.append(f"{meta.get('split', '')}/{meta.get('episode', key)}")
     return np.concatenate(feats), labels, episodes
+
+
+def _label(meta: dict, label_key: str, key: str) -> str:
+    """The frame's label: a json field, or for "objects" the sorted object classes, '|'-joined."""
+    if label_key == "objects":
+        objects = meta.get("positions", {}).get("objects")
+        if not isinstance(objects, dict) or not objects:
+            raise KeyError(f"Expected positions.objects in the json of frame {key!r}, got none.")
+        return "|".join(sorted(objects))
+    if label_key not in meta:
+        raise KeyError(
+            f"Expected a {label_key!r} field in the json of frame {key!r}, "
+            f"got fields {sorted(meta)}."
+        )
+    return str(meta[label_key])
 
 
 def probe_accuracy(
@@ -87,6 +103,32 @@ def probe_accuracy(
             f"Expected at least 2 values of {label_key!r} among the probe's training episodes, "
             f"got {sorted(set(labels[~is_test]))}."
         )
+    if label_key == "objects":
+        return _presence_accuracy(x, labels, is_test)
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     probe.fit(x[~is_test], labels[~is_test])
     return float((probe.predict(x[is_test]) == labels[is_test]).mean())
+
+
+def _presence_accuracy(x: np.ndarray, labels: np.ndarray, is_test: np.ndarray) -> float:
+    """Mean balanced accuracy of one binary probe per object class (present in the frame or not),
+    over the classes seen both present and absent in the training and the test episodes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    sets = [set(label.split("|")) for label in labels]
+    scores = []
+    for cls in sorted(set().union(*sets)):
+        y = np.array([cls in s for s in sets])
+        if len(set(y[~is_test])) < 2 or len(set(y[is_test])) < 2:
+            continue
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        probe.fit(x[~is_test], y[~is_test])
+        scores.append(balanced_accuracy_score(y[is_test], probe.predict(x[is_test])))
+    if not scores:
+        raise ValueError(
+            "Expected an object class both present and absent in train and test episodes."
+        )
+    return float(np.mean(scores))
