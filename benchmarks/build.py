@@ -22,7 +22,6 @@ On one set of procedural frames (sample_data, PNG in tar shards), in one run:
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -194,7 +193,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
         note = (
             f"Procedural sample frames (PNG in WebDataset tars, {frames} frames in "
             f"{frames // shard} shards), efficientnet-lite0 at {size} px, layer {layer}, int8 "
-            f"codec, batch {batch}, on {device} (shared with other jobs: figures are noisy). "
+            f"codec, batch {batch}, on {device} ({harness.load_note()}). "
             f"Bare = teacher.forward on pre-decoded, preprocessed batches in a Ray actor with "
             f"{cpus} CPUs, as a 1-worker build's actor; build = build_cache with Ray already "
             f"running (Ray start-up excluded); "
@@ -214,13 +213,5 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", dest="json_path", default=None)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    run(json_path=args.json_path, quick=args.quick)
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(run, __doc__)

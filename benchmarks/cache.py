@@ -25,7 +25,6 @@ codecs compare on the same work.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -262,9 +261,10 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
     table = harness.report(rows, TITLE, json_path)
     if not quick:
         note = (
-            f"Measured on {device}, shared with three other developers' work while measured "
-            "(timings are noisy; ratios are from the same run). MB/s count decoded features as "
-            "fp16 bytes (rows x tokens x dim x 2). Reads: `FeatureCache.read` in batches of "
+            f"Measured on {device}, {harness.load_note()} "
+            "(timings are noisy on a busy machine; ratios are from the same run). MB/s count "
+            "decoded features as fp16 bytes (rows x tokens x dim x 2). Reads: "
+            "`FeatureCache.read` in batches of "
             f"{BATCH} keys from a freshly opened cache (cold row LRU limited to a quarter of the "
             "int8 data, so no order can be served from memory; warm OS page cache); orders are "
             "interleaved within each repeat; the "
@@ -283,13 +283,5 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", dest="json_path", help="write the results as JSON here")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests, CI)")
-    args = parser.parse_args()
-    run(json_path=args.json_path, quick=args.quick)
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(run, __doc__)

@@ -8,6 +8,7 @@ computed from rows measured in the same run, never across runs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -62,6 +63,14 @@ def device_name(device: str = "cpu") -> str:
     import os
 
     return f"CPU {model} ({os.cpu_count()} cores)"
+
+
+def load_note() -> str:
+    """How busy the machine was: its 1-minute load average now, against its core count (a
+    benchmark on a shared machine says so in its note; ratios within one run stay meaningful)."""
+    import os
+
+    return f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end"
 
 
 def git_revision() -> str:
@@ -180,3 +189,15 @@ def record(section: str, table: str, note: str = "") -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + body
     RESULTS_MD.write_text(text)
+
+
+def main(run: Callable[..., list[Result]], doc: str | None) -> None:
+    """The command line every benchmark script shares: `python -m featurecache.benchmarks.NAME
+    [--json FILE] [--quick]` calls its `run(json_path=..., quick=...)`."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--json", dest="json_path", help="Write the results as JSON here.")
+    parser.add_argument(
+        "--quick", action="store_true", help="Tiny sizes (tests, CI); RESULTS.md is not updated."
+    )
+    args = parser.parse_args()
+    run(json_path=args.json_path, quick=args.quick)

@@ -20,7 +20,6 @@ Triton path needs a GPU.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -185,9 +184,9 @@ def _run_cpu(quick: bool) -> tuple[list[harness.Result], str]:
                 gbs = fused / (harness.summarize(samples)[0]) / 1e9
                 rows.append(harness.result(what, provider, ms, "ms", name, GBps=gbs))
     note = (
-        f"CPU figures ({name}, shared with other work while measured): the Triton path needs a "
+        f"CPU figures ({name}, {harness.load_note()}): the Triton path needs a "
         "GPU and is not timed here. GPU figures (Triton vs eager vs torch.compile, % of copy "
-        "bandwidth, peak memory) are still to be measured: no GPU was lent this session; run "
+        "bandwidth, peak memory) are still to be measured: no CUDA device in this run; run "
         "`featurecache bench kernel` on a CUDA machine to fill them in."
     )
     return rows, note
@@ -207,13 +206,5 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", dest="json_path", help="write the results as JSON here")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests, CI)")
-    args = parser.parse_args()
-    run(json_path=args.json_path, quick=args.quick)
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(run, __doc__)

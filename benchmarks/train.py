@@ -21,7 +21,6 @@ out the first steps of each chunk.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import subprocess
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from featurecache.benchmarks import harness
 from featurecache.benchmarks.harness import Result, device_name, record, report, result
 
 EFFNET_LAYER = "10"  # stride 16: a 7x7 grid at 112 px (tiny-vla's grid), 4x4 at 64 px
@@ -269,20 +269,8 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
                 step_ms=round(step_s * 1e3, 1),
             )
         )  # fmt: skip
-    report(rows, "train: cache vs resident teacher", json_path)
-    return rows
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Tiny sizes (tests, CI).")
-    parser.add_argument("--json", dest="json_path", help="Write the rows as JSON.")
-    parser.add_argument("--no-record", action="store_true", help="Do not update RESULTS.md.")
-    args = parser.parse_args()
-    rows = run(args.json_path, quick=args.quick)
-    if not args.no_record and not args.quick:
-        from featurecache.benchmarks.harness import format_table
-
+    table = report(rows, "train: cache vs resident teacher", json_path)
+    if not quick:
         note = (
             "Same tiny-vla student, batch, frames and seed. steps/s: all four runs train in one "
             "process, interleaved in chunks of 8 steps (each chunk resumes its run), median of "
@@ -290,10 +278,11 @@ def main() -> None:
             "peak_mib: each mode alone in a fresh process, the RSS high-water mark above the RSS "
             "after imports (CPU; max_memory_allocated on GPU). The cached runs never load a "
             "teacher. The vit-base teacher is ViT-Base's shape (768 wide, 12 layers) built from "
-            "a config, layer 6. Machine shared with other developers' jobs while measured."
+            "a config, layer 6. " + harness.load_note() + "."
         )
-        record("train", format_table(rows, "train: cache vs resident teacher"), note)
+        record("train", table, note)
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, __doc__)
