@@ -282,7 +282,7 @@ def tiny(config: DemoConfig) -> DemoConfig:
     return replace(
         config,
         train_frames=64,
-        eval_frames=32,
+        eval_frames=96,
         shard_size=32,
         steps=6,
         batch_size=8,
