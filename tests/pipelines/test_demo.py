@@ -33,6 +33,8 @@ def test_demo_writes_report_plot_and_table(demo_run: tuple[Path, object]) -> Non
     assert report.cache["codec"] == "int8" and report.cache["blocks_done"] >= 1
     assert 0.0 <= report.probe["aligned"][0] <= 1.0
     assert -1.0 <= report.align_cosine["aligned"][0] <= 1.0
+    assert set(report.baseline) == set(report.errors["plain"])
+    assert all(b > 0 for b in report.baseline.values())
 
 
 def test_demo_numbers_come_from_the_runs(demo_run: tuple[Path, object]) -> None:
