@@ -523,8 +523,11 @@ def train(config: TrainConfig) -> TrainSummary:
             if project:
                 assert projected is not None and target is not None
                 goal = _targets(batch, teacher, target, core.student, config.resample, device)
-                align_loss = _alignment_loss(projected, goal)
-                loss = action_loss + config.lambda_align * align_loss
+                # lambda goes into the kernel as its weight: dS comes out already scaled, so the
+                # backward hands it on without another pass over (B, T, D)
+                weighted = _alignment_loss(projected, goal, config.lambda_align)
+                loss = action_loss + weighted
+                align_loss = weighted.detach() / config.lambda_align  # 1 - cos, for the logs
             else:
                 align_loss = torch.zeros((), device=device)
                 loss = action_loss
@@ -628,13 +631,14 @@ def _targets(
     return values
 
 
-def _alignment_loss(projected: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-    """1 - cos, averaged over tokens: featurecache.kernels (Triton on GPU, torch on CPU)."""
+def _alignment_loss(projected: torch.Tensor, goal: torch.Tensor, weight: float) -> torch.Tensor:
+    """weight * (1 - cos), averaged over tokens: featurecache.kernels (Triton on GPU, torch on
+    CPU). projected (B, T, D) float; goal (B, T, D) int8 | float16 | float32, as stored."""
     from featurecache.kernels import cosine_alignment_loss
 
     if goal.dtype != torch.int8 and goal.dtype != projected.dtype:
         goal = goal.to(projected.dtype)
-    return cosine_alignment_loss(projected, goal)
+    return cosine_alignment_loss(projected, goal, weight=weight)
 
 
 def _check_resumable(
