@@ -1,0 +1,1 @@
+"""The miniature experiment: procedural sample data and the plain-vs-aligned demo."""
