@@ -42,7 +42,7 @@ class BareForward:
 
         import torch
 
-        from featurecache.pipelines.frames import decode_image, iter_samples
+        from featurecache.pipelines.build.frames import decode_image, iter_samples
         from featurecache.pipelines.teachers import load_teacher
 
         if os.environ.get("OMP_NUM_THREADS"):  # as BuildWorker does
@@ -72,7 +72,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
     benchmarks/RESULTS.md."""
     import ray
 
-    from featurecache.pipelines.precompute import BuildConfig, build_cache
+    from featurecache.pipelines.build.precompute import BuildConfig, build_cache
     from featurecache.pipelines.sample_data import write_sample_data
 
     if quick:

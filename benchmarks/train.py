@@ -55,7 +55,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
 def _write_cache(path: Path, shards: list[Path], teacher: Any, codec: str = "int8") -> Path:
     """What the build job writes, in-process (no Ray): one block per shard, teacher forward."""
     from featurecache.format import CacheSpec, plan_blocks
-    from featurecache.pipelines.frames import decode_image, iter_samples
+    from featurecache.pipelines.build.frames import decode_image, iter_samples
     from featurecache.writer import create_cache
 
     samples = [list(iter_samples(s)) for s in shards]

@@ -39,7 +39,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Action L1 / MSE (overall and per dimension) of `run` on `frames`; plus the alignment
     cosine when `cache` holds the run's teacher layer for these frames."""
-    from featurecache.pipelines.frames import expand_frame_paths
+    from featurecache.pipelines.build.frames import expand_frame_paths
 
     loaded = load_run(run, device)
     student, projector = loaded.student, loaded.projector

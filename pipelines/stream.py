@@ -125,7 +125,7 @@ def _select(samples: Iterable[dict]) -> Iterator[dict]:
     for s in samples:
         ext = next((e for e in IMAGE_EXTS if e in s), None)
         if ext is None:
-            from featurecache.pipelines.frames import BadFrameError
+            from featurecache.pipelines.build.frames import BadFrameError
 
             raise BadFrameError(
                 f"Expected an image ({'/'.join(IMAGE_EXTS)}) in sample {s['__key__']!r} of "
@@ -249,7 +249,7 @@ class _DecodeBatch:
     def _collate(self, group: list[dict], missing: list[str]) -> Batch:
         from PIL import Image
 
-        from featurecache.pipelines.frames import BadFrameError, decode_image
+        from featurecache.pipelines.build.frames import BadFrameError, decode_image
 
         pil, pixels, metas, actions = [], [], [], []
         for s in group:

@@ -384,7 +384,7 @@ def load_run(run: str | Path, device: str = "cpu") -> LoadedRun:
 
 def train(config: TrainConfig) -> TrainSummary:
     """Run (or resume) the training described by `config`; see the module docstring."""
-    from featurecache.pipelines.frames import expand_frame_paths
+    from featurecache.pipelines.build.frames import expand_frame_paths
 
     rank, world, device = _init_distributed(config.device)
     run = Path(config.out)

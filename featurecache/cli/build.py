@@ -1,7 +1,7 @@
 """`featurecache sample-data` and `featurecache build`: frames in, a feature cache out.
 
 Thin click layers over `featurecache.pipelines.sample_data.write_sample_data` and
-`featurecache.pipelines.precompute.build_cache` (BuildConfig); heavy imports happen inside.
+`featurecache.pipelines.build.precompute.build_cache` (BuildConfig); heavy imports happen inside.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def build(
           --layers 8 --grid 16x16 --address auto --workers 8 --out /data/dino8.zarr
     """
     from featurecache.errors import FeatureCacheError
-    from featurecache.pipelines.precompute import BuildConfig, build_cache
+    from featurecache.pipelines.build.precompute import BuildConfig, build_cache
 
     try:
         config = BuildConfig(

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.format import CacheSpec, LayerSpec, plan_blocks
-from featurecache.pipelines.frames import decode_image, iter_samples
+from featurecache.pipelines.build.frames import decode_image, iter_samples
 from featurecache.writer import create_cache
 
 FeatureFn = Callable[[list[str], list[Any]], dict[str, np.ndarray]]

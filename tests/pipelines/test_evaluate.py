@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from featurecache.cli import main
 from featurecache.cli.train import OPTION_TO_FIELD
 from featurecache.pipelines.evaluate import evaluate_run
-from featurecache.pipelines.frames import expand_frame_paths
+from featurecache.pipelines.build.frames import expand_frame_paths
 from featurecache.pipelines.probe import probe_accuracy
 from featurecache.pipelines.stream import StreamConfig, iter_batches
 from featurecache.pipelines.train import TrainConfig, load_run, read_metrics

@@ -10,7 +10,7 @@ import torch
 
 from featurecache.errors import UnknownKeyError
 from featurecache.format import LayerSpec
-from featurecache.pipelines.frames import expand_frame_paths
+from featurecache.pipelines.build.frames import expand_frame_paths
 from featurecache.pipelines.stream import StreamConfig, check_shards_per_rank, iter_batches
 
 from ._train_helpers import all_keys, key_features, key_vector, one_thread, write_cache

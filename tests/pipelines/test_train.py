@@ -14,7 +14,7 @@ import torch
 
 from featurecache.errors import ShapeMismatchError, SpecMismatchError, UnknownLayerError
 from featurecache.format import LayerSpec
-from featurecache.pipelines.frames import expand_frame_paths
+from featurecache.pipelines.build.frames import expand_frame_paths
 from featurecache.pipelines.train import TrainConfig, load_run, read_metrics, train
 
 from ._train_helpers import (

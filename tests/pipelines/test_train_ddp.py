@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from featurecache.pipelines.frames import expand_frame_paths
+from featurecache.pipelines.build.frames import expand_frame_paths
 from featurecache.pipelines.train import load_run, read_metrics
 
 from ._train_helpers import TEACHER, TEACHER_LAYER, TINY_OPTIONS, teacher_features, write_cache

@@ -27,13 +27,13 @@ import zarr
 from featurecache import open_cache
 from featurecache.errors import NotACacheError, SpecMismatchError, UnknownLayerError
 from featurecache.format import read_manifest
-from featurecache.pipelines.frames import (
+from featurecache.pipelines.build.frames import (
     BadFrameError,
     FramesNotFoundError,
     decode_image,
     iter_samples,
 )
-from featurecache.pipelines.precompute import BuildConfig, BuildError, build_cache
+from featurecache.pipelines.build.precompute import BuildConfig, BuildError, build_cache
 from featurecache.pipelines.teachers import UnknownTeacherError, load_teacher
 
 VENV_BIN = Path(sys.executable).parent

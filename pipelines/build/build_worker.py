@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from featurecache.errors import SpecMismatchError
-from featurecache.pipelines.frames import BadFrameError, FrameSample, decode_image, iter_samples
-from featurecache.pipelines.plan import BuildConfig
+from featurecache.pipelines.build.frames import BadFrameError, FrameSample, decode_image, iter_samples
+from featurecache.pipelines.build.plan import BuildConfig
 
 __all__ = ["BuildWorker", "Progress"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurecache.pipelines.frames import (
+from featurecache.pipelines.build.frames import (
     BadFrameError,
     FramesNotFoundError,
     count_samples,

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from featurecache.format import Block
-from featurecache.pipelines.build_worker import BuildWorker, Progress
-from featurecache.pipelines.plan import BuildConfig, BuildError, BuildPlan, prepare_build
+from featurecache.pipelines.build.build_worker import BuildWorker, Progress
+from featurecache.pipelines.build.plan import BuildConfig, BuildError, BuildPlan, prepare_build
 
 __all__ = ["BuildConfig", "BuildError", "BuildSummary", "BuildWorker", "build_cache"]
 

@@ -24,7 +24,7 @@ from featurecache.format import (
     plan_blocks,
     read_manifest,
 )
-from featurecache.pipelines.frames import expand_frame_paths, iter_keys
+from featurecache.pipelines.build.frames import expand_frame_paths, iter_keys
 
 __all__ = ["BuildConfig", "BuildError", "BuildPlan", "prepare_build", "scan_shards"]
 
