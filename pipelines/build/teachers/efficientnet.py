@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featurecache.pipelines.teachers.base import Teacher, UnknownTeacherError, check_layers
+from featurecache.pipelines.build.teachers.base import Teacher, UnknownTeacherError, check_layers
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EfficientNetLiteTeacher"]
 

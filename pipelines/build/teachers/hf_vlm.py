@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from featurecache.pipelines.teachers.base import Teacher, UnknownTeacherError, check_layers
-from featurecache.pipelines.teachers.hf import _jsonable, quiet_transformers
+from featurecache.pipelines.build.teachers.base import Teacher, UnknownTeacherError, check_layers
+from featurecache.pipelines.build.teachers.hf import _jsonable, quiet_transformers
 
 __all__ = ["DEFAULT_PROMPT", "HFVLMTeacher"]
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featurecache.pipelines.teachers.base import Teacher, UnknownTeacherError, check_layers
+from featurecache.pipelines.build.teachers.base import Teacher, UnknownTeacherError, check_layers
 
 __all__ = [
     "DEFAULT_MEAN",

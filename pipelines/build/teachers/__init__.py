@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from featurecache.pipelines.teachers.base import Teacher, UnknownTeacherError, resample_tokens
+from featurecache.pipelines.build.teachers.base import Teacher, UnknownTeacherError, resample_tokens
 
 __all__ = ["TEACHER_SPECS", "Teacher", "UnknownTeacherError", "load_teacher", "resample_tokens"]
 
@@ -34,17 +34,17 @@ def load_teacher(
     """
     spec = str(spec).strip()
     if spec.startswith("efficientnet-lite0"):
-        from featurecache.pipelines.teachers.efficientnet import EfficientNetLiteTeacher
+        from featurecache.pipelines.build.teachers.efficientnet import EfficientNetLiteTeacher
 
         return EfficientNetLiteTeacher(spec, layers, device=device, grid=grid)
     if spec.startswith("hf:") and len(spec) > 3:
-        from featurecache.pipelines.teachers.hf import HFVisionTeacher
+        from featurecache.pipelines.build.teachers.hf import HFVisionTeacher
 
         return HFVisionTeacher(
             spec, layers, device=device, trust_remote_code=trust_remote_code, grid=grid
         )
     if spec.startswith("hf-vlm:") and len(spec) > 7:
-        from featurecache.pipelines.teachers.hf_vlm import HFVLMTeacher
+        from featurecache.pipelines.build.teachers.hf_vlm import HFVLMTeacher
 
         return HFVLMTeacher(
             spec,

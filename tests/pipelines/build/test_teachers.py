@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from featurecache.errors import UnknownLayerError
-from featurecache.pipelines.sample_data import iter_frames
-from featurecache.pipelines.teachers import UnknownTeacherError, load_teacher, resample_tokens
+from featurecache.pipelines.demo.sample_data import iter_frames
+from featurecache.pipelines.build.teachers import UnknownTeacherError, load_teacher, resample_tokens
 
 
 @pytest.fixture(scope="module")
