@@ -32,7 +32,7 @@ class BuildWorker:
     def __init__(self, config: BuildConfig, fingerprint: dict, device: str, progress: Any) -> None:
         import torch
 
-        from featurecache.pipelines.teachers import load_teacher
+        from featurecache.pipelines.build.teachers import load_teacher
         from featurecache.writer import open_writer
 
         if device == "cpu" and os.environ.get("OMP_NUM_THREADS"):

@@ -165,7 +165,7 @@ def check_output(out: Path) -> None:
 
 def prepare_build(config: BuildConfig, teacher: Any | None = None) -> tuple[BuildPlan, Any]:
     """Check everything and plan the build; returns (plan, the teacher loaded on the CPU)."""
-    from featurecache.pipelines.teachers import load_teacher
+    from featurecache.pipelines.build.teachers import load_teacher
 
     paths = expand_frame_paths(list(config.frames))
     check_output(Path(config.out))

@@ -34,7 +34,7 @@ from featurecache.pipelines.build.frames import (
     iter_samples,
 )
 from featurecache.pipelines.build.precompute import BuildConfig, BuildError, build_cache
-from featurecache.pipelines.teachers import UnknownTeacherError, load_teacher
+from featurecache.pipelines.build.teachers import UnknownTeacherError, load_teacher
 
 VENV_BIN = Path(sys.executable).parent
 
