@@ -43,7 +43,7 @@ class BareForward:
         import torch
 
         from featurecache.pipelines.build.frames import decode_image, iter_samples
-        from featurecache.pipelines.teachers import load_teacher
+        from featurecache.pipelines.build.teachers import load_teacher
 
         if os.environ.get("OMP_NUM_THREADS"):  # as BuildWorker does
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -73,7 +73,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
     import ray
 
     from featurecache.pipelines.build.precompute import BuildConfig, build_cache
-    from featurecache.pipelines.sample_data import write_sample_data
+    from featurecache.pipelines.demo.sample_data import write_sample_data
 
     if quick:
         frames, shard, size, spec, batch, repeats = 32, 16, 64, "efficientnet-lite0@64", 8, 1

@@ -181,8 +181,8 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
     import torch
     from transformers import ViTConfig, ViTModel
 
-    from featurecache.pipelines.sample_data import write_sample_data
-    from featurecache.pipelines.teachers import load_teacher
+    from featurecache.pipelines.demo.sample_data import write_sample_data
+    from featurecache.pipelines.build.teachers import load_teacher
 
     sizes = _sizes(quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,6 +1,6 @@
 """`featurecache sample-data` and `featurecache build`: frames in, a feature cache out.
 
-Thin click layers over `featurecache.pipelines.sample_data.write_sample_data` and
+Thin click layers over `featurecache.pipelines.demo.sample_data.write_sample_data` and
 `featurecache.pipelines.build.precompute.build_cache` (BuildConfig); heavy imports happen inside.
 """
 
@@ -70,7 +70,7 @@ def sample_data(
       featurecache sample-data data/train --frames 1200 --shard-size 200
       featurecache sample-data data/ood-vision --frames 240 --shard-size 120 --split ood-vision
     """
-    from featurecache.pipelines.sample_data import write_sample_data
+    from featurecache.pipelines.demo.sample_data import write_sample_data
 
     try:
         paths = write_sample_data(

@@ -34,7 +34,7 @@ def demo(
     """
     from dataclasses import replace
 
-    from featurecache.pipelines.demo import DemoConfig, run_demo
+    from featurecache.pipelines.demo.experiment import DemoConfig, run_demo
 
     config = DemoConfig.full(out) if full else DemoConfig(out=out)
     overrides: dict = {}

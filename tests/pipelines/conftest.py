@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from featurecache.pipelines.sample_data import SPLITS, write_sample_data
+from featurecache.pipelines.demo.sample_data import SPLITS, write_sample_data
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurecache.pipelines import sample_data as sd
-from featurecache.pipelines.frames import decode_image, iter_samples
+from featurecache.pipelines.demo import sample_data as sd
+from featurecache.pipelines.build.frames import decode_image, iter_samples
 
 
 def _digest(folder: Path) -> list[str]:

@@ -91,10 +91,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoRepo
     """Run the five steps of the module docstring into `config.out`; return what was measured."""
     from featurecache.audit import inspect_cache
     from featurecache.pipelines.evaluate import evaluate_run
-    from featurecache.pipelines.plan import BuildConfig
-    from featurecache.pipelines.precompute import build_cache
+    from featurecache.pipelines.build.plan import BuildConfig
+    from featurecache.pipelines.build.precompute import build_cache
     from featurecache.pipelines.probe import probe_accuracy
-    from featurecache.pipelines.sample_data import write_sample_data
+    from featurecache.pipelines.demo.sample_data import write_sample_data
     from featurecache.pipelines.train import TrainConfig, train
 
     out = Path(config.out)
@@ -256,7 +256,7 @@ class _Clock:
 
 def _actions(folder: Path) -> np.ndarray:
     """(N, 7) float32: every action of the frame shards in `folder`."""
-    from featurecache.pipelines.frames import expand_frame_paths, iter_samples
+    from featurecache.pipelines.build.frames import expand_frame_paths, iter_samples
 
     return np.stack(
         [s.action for tar in expand_frame_paths([str(folder)]) for s in iter_samples(tar)]
