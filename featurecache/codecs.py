@@ -17,6 +17,7 @@ import numpy as np
 from numcodecs import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
+from featurecache.errors import ChunkError
 from featurecache.format import INT8_LEVELS, ZSTD_LEVEL
 
 
@@ -71,10 +72,6 @@ def inner_codecs() -> dict[str, Any]:
 # reads through Zarr, so the two implementations check each other.
 
 _EMPTY = np.uint64(2**64 - 1)
-
-
-class ChunkError(ValueError):
-    """A chunk or shard index that does not decode (crc32c mismatch, truncation, absent)."""
 
 
 _ZSTD = Zstd()

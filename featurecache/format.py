@@ -26,7 +26,7 @@ from typing import Any, Final, Literal
 from featurecache.errors import (
     FormatVersionError,
     NotACacheError,
-    ShapeMismatchError,
+    SpecError,
     UnknownBlockError,
     UnknownLayerError,
 )
@@ -88,19 +88,19 @@ class LayerSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _LAYER_NAME.match(self.name):
-            raise ShapeMismatchError(
+            raise SpecError(
                 f"Expected a layer name of letters, digits, '_', '.', '-' (no '/'), "
                 f"got {self.name!r}"
             )
         for what, value in (("tokens", self.tokens), ("dim", self.dim)):
             if not isinstance(value, int) or value <= 0:
-                raise ShapeMismatchError(
+                raise SpecError(
                     f"Expected a positive int for layer {self.name!r} {what}, got {value!r}"
                 )
         if self.grid is not None:
             grid = tuple(int(g) for g in self.grid)
             if len(grid) != 2 or min(grid) <= 0:
-                raise ShapeMismatchError(
+                raise SpecError(
                     f"Expected grid (h, w) of positive ints for layer {self.name!r}, "
                     f"got {self.grid!r}"
                 )
@@ -125,7 +125,7 @@ def _canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
     try:
         return json.loads(json.dumps(fingerprint, sort_keys=True))
     except TypeError as exc:
-        raise ShapeMismatchError(f"Expected a JSON-able fingerprint dict, got {exc}") from exc
+        raise SpecError(f"Expected a JSON-able fingerprint dict, got {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -142,15 +142,15 @@ class CacheSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
         if not self.layers or not all(isinstance(x, LayerSpec) for x in self.layers):
-            raise ShapeMismatchError(f"Expected one or more LayerSpec, got {self.layers!r}")
+            raise SpecError(f"Expected one or more LayerSpec, got {self.layers!r}")
         names = [x.name for x in self.layers]
         if len(set(names)) != len(names):
-            raise ShapeMismatchError(f"Expected distinct layer names, got {names}")
+            raise SpecError(f"Expected distinct layer names, got {names}")
         if self.codec not in CODECS:
-            raise ShapeMismatchError(f"Expected codec in {CODECS}, got {self.codec!r}")
+            raise SpecError(f"Expected codec in {CODECS}, got {self.codec!r}")
         for what, value in (("shard_rows", self.shard_rows), ("key_bytes", self.key_bytes)):
             if not isinstance(value, int) or value <= 0:
-                raise ShapeMismatchError(f"Expected a positive int {what}, got {value!r}")
+                raise SpecError(f"Expected a positive int {what}, got {value!r}")
         object.__setattr__(self, "fingerprint", _canonical(dict(self.fingerprint)))
 
     @property
@@ -301,11 +301,11 @@ def plan_blocks(sources: Sequence[tuple[str, int]], shard_rows: int) -> list[Blo
     """One pending block per (source, sample count), in order; each starts on a shard boundary
     and owns ceil(count / shard_rows) whole shards."""
     if shard_rows <= 0:
-        raise ShapeMismatchError(f"Expected a positive shard_rows, got {shard_rows}")
+        raise SpecError(f"Expected a positive shard_rows, got {shard_rows}")
     blocks, row = [], 0
     for i, (source, count) in enumerate(sources):
         if count < 0:
-            raise ShapeMismatchError(f"Expected a sample count >= 0 for {source!r}, got {count}")
+            raise SpecError(f"Expected a sample count >= 0 for {source!r}, got {count}")
         capacity = math.ceil(count / shard_rows) * shard_rows
         blocks.append(Block(i, str(source), row, row + capacity, int(count)))
         row += capacity

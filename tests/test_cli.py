@@ -21,9 +21,8 @@ CONTRACT_COMMANDS = {
 def test_help_lists_every_contract_command() -> None:
     out = CliRunner().invoke(main, ["--help"])
     assert out.exit_code == 0, out.output
-    listed = {
-        line.split()[0] for line in out.output.split("Commands:")[1].splitlines() if line.strip()
-    }
+    commands = out.output.split("Commands:")[1].split("\n\n")[0]  # the epilog follows
+    listed = {line.split()[0] for line in commands.splitlines() if line.strip()}
     assert listed == CONTRACT_COMMANDS
 
 

@@ -43,10 +43,7 @@ def bench(what: str, json_path: str | None, quick: bool) -> None:
     is missing or fails is reported and the others still run.
     """
     if what != "all":
-        try:
-            module = load_benchmark(what)
-        except MissingBenchmark as err:
-            raise click.ClickException(str(err)) from err
+        module = load_benchmark(what)
         module.run(json_path=json_path, quick=quick)
         return
 

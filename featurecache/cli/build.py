@@ -72,18 +72,15 @@ def sample_data(
     """
     from featurecache.pipelines.demo.sample_data import write_sample_data
 
-    try:
-        paths = write_sample_data(
-            out,
-            frames=frames,
-            shard_size=shard_size,
-            image_size=image_size,
-            seed=seed,
-            split=split,
-            frames_per_episode=frames_per_episode,
-        )
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
+    paths = write_sample_data(
+        out,
+        frames=frames,
+        shard_size=shard_size,
+        image_size=image_size,
+        seed=seed,
+        split=split,
+        frames_per_episode=frames_per_episode,
+    )
     click.echo(f"{frames} {split} frames in {len(paths)} shard(s) under {out}")
 
 
@@ -237,30 +234,26 @@ def build(
       featurecache build 'data/frames-{000000..000099}.tar' --teacher hf:/models/dinov2-base \\
           --layers 8 --grid 16x16 --address auto --workers 8 --out /data/dino8.zarr
     """
-    from featurecache.errors import FeatureCacheError
     from featurecache.pipelines.build.precompute import BuildConfig, build_cache
 
-    try:
-        config = BuildConfig(
-            frames=list(frames),
-            teacher=teacher,
-            layers=layers,
-            out=out,
-            codec=codec,
-            batch_size=batch_size,
-            shard_rows=shard_rows,
-            address=address,
-            workers=workers,
-            gpus_per_worker=gpus_per_worker,
-            on_bad_frame=on_bad_frame,
-            overwrite=overwrite,
-            grid=grid,
-            trust_remote_code=trust_remote_code,
-            prompt=prompt,
-            decode_threads=decode_threads,
-            progress=not quiet,
-        )
-        summary = build_cache(config)
-    except FeatureCacheError as err:
-        raise click.ClickException(str(err)) from err
+    config = BuildConfig(
+        frames=list(frames),
+        teacher=teacher,
+        layers=layers,
+        out=out,
+        codec=codec,
+        batch_size=batch_size,
+        shard_rows=shard_rows,
+        address=address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        on_bad_frame=on_bad_frame,
+        overwrite=overwrite,
+        grid=grid,
+        trust_remote_code=trust_remote_code,
+        prompt=prompt,
+        decode_threads=decode_threads,
+        progress=not quiet,
+    )
+    summary = build_cache(config)
     click.echo(str(summary))

@@ -8,13 +8,6 @@ import sys
 import click
 
 
-def _fail(message: str, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps({"ok": False, "error": message}, indent=2))
-        sys.exit(1)
-    raise click.ClickException(message)
-
-
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -29,13 +22,8 @@ def _ratio(x: float | None) -> str:
 def inspect_cmd(cache: str, as_json: bool) -> None:
     """Show a cache's spec, rows, layers, codec, blocks done, size on disk and compression."""
     from featurecache.audit import inspect_cache
-    from featurecache.errors import FeatureCacheError
 
-    try:
-        info = inspect_cache(cache)
-    except FeatureCacheError as exc:
-        _fail(f"{cache}: {exc}", as_json)
-        return
+    info = inspect_cache(cache)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -72,13 +60,8 @@ def verify(cache: str, frames: tuple[str, ...], as_json: bool) -> None:
 
     Exit status 0 only when every check holds."""
     from featurecache.audit import verify_cache
-    from featurecache.errors import FeatureCacheError
 
-    try:
-        report = verify_cache(cache, frames=list(frames) or None)
-    except FeatureCacheError as exc:
-        _fail(f"{cache}: {exc}", as_json)
-        return
+    report = verify_cache(cache, frames=list(frames) or None)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

@@ -49,7 +49,4 @@ def demo(
             raise click.BadParameter(
                 f"expected integers like 0,1,2, got {seeds!r}", param_hint="--seeds"
             ) from None
-    try:
-        run_demo(replace(config, **overrides))
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
+    run_demo(replace(config, **overrides))

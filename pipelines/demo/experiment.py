@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.errors import OptionError
+
 SPLITS: tuple[str, ...] = ("train", "ood-vision", "ood-semantic", "ood-execution")
 TEACHER = "efficientnet-lite0"
 # Block 12 of efficientnet-lite0 at 224 px: stride 32, a 7x7 grid of 192-d tokens; tiny-vla at
@@ -62,9 +64,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for name in ("train_frames", "eval_frames", "shard_size", "steps", "batch_size", "workers"):
             if getattr(self, name) < 1:
-                raise ValueError(f"The `{name}` should be >= 1. Found {getattr(self, name)}.")
+                raise OptionError(f"Expected `{name}` >= 1, got {getattr(self, name)!r}.")
         if not self.seeds:
-            raise ValueError("The `seeds` should name at least one seed. Found none.")
+            raise OptionError("Expected `seeds` to name at least one seed, got none.")
 
     @classmethod
     def full(cls, out: str = "demo-out") -> DemoConfig:

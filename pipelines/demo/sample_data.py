@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from featurecache.errors import OptionError
+
 __all__ = [
     "ACTION_DIM",
     "FRAMES_PER_EPISODE",
@@ -154,7 +156,7 @@ _TEMPLATES = (
 def make_episode(split: str, index: int, *, seed: int = 0) -> Episode:
     """The scene of episode `index` of `split` (deterministic in seed, split, index)."""
     if split not in _SPLIT_IDS:
-        raise ValueError(f"Expected split in {SPLITS}, got {split!r}.")
+        raise OptionError(f"Expected split in {SPLITS}, got {split!r}.")
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
     textures = OOD_TEXTURES if split == "ood-vision" else TRAIN_TEXTURES
     backgrounds = OOD_BACKGROUNDS if split == "ood-vision" else TRAIN_BACKGROUNDS
@@ -329,7 +331,7 @@ def _texture(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         t = ((yy * 10 + np.abs((xx * 10) % 2 - 1)) % 1 < 0.5)[..., None]
         img = a * t + b * (1 - t)
     else:
-        raise ValueError(f"Expected a texture name, got {name!r}.")
+        raise OptionError(f"Expected a texture name, got {name!r}.")
     img = img * (0.85 + 0.3 * noise)
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -357,7 +359,7 @@ def _background(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarr
         t = 0.7 + 0.3 * np.sin(xx / max(w, 1) * math.pi * 24)
         img = a * t[..., None]
     else:
-        raise ValueError(f"Expected a background name, got {name!r}.")
+        raise OptionError(f"Expected a background name, got {name!r}.")
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -440,7 +442,7 @@ class _Canvas:
                 (b, b),
             ]
         else:
-            raise ValueError(f"Expected a shape name, got {obj.shape!r}.")
+            raise OptionError(f"Expected a shape name, got {obj.shape!r}.")
         draw.polygon(_rotate(pts, obj.yaw, cx, cy), fill=fill, outline=dark)
 
     def gripper(self, draw: ImageDraw.ImageDraw, state: _State, closed: bool) -> None:
@@ -554,7 +556,7 @@ def encode_sample(frame: Frame, image_format: str = "png") -> list[tuple[str, by
     elif image_format == "jpg":
         frame.image.save(buf, format="JPEG", quality=95)
     else:
-        raise ValueError(f"Expected image_format 'png' or 'jpg', got {image_format!r}.")
+        raise OptionError(f"Expected image_format 'png' or 'jpg', got {image_format!r}.")
     npy = io.BytesIO()
     np.save(npy, frame.action.astype(np.float32), allow_pickle=False)
     return [
@@ -599,12 +601,12 @@ def write_sample_data(
         ("frames_per_episode", frames_per_episode, 1),
     ):
         if not isinstance(value, int) or value < low:
-            raise ValueError(f"Expected {name} to be an integer >= {low}, got {value!r}.")
+            raise OptionError(f"Expected {name} to be an integer >= {low}, got {value!r}.")
     if split not in _SPLIT_IDS:
-        raise ValueError(f"Expected split in {SPLITS}, got {split!r}.")
+        raise OptionError(f"Expected split in {SPLITS}, got {split!r}.")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"Expected {out} to be a folder for the shards, got a file.")
+        raise OptionError(f"Expected {out} to be a folder for the shards, got a file.")
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     members: list[tuple[str, bytes]] = []

@@ -140,13 +140,13 @@ def test_fingerprint_and_plan_mismatch(tmp_path: Path) -> None:
 
 
 def test_bad_specs() -> None:
-    with pytest.raises(fc.ShapeMismatchError, match="layer name"):
+    with pytest.raises(fc.SpecError, match="layer name"):
         fc.LayerSpec("a/b", 4, 8)
-    with pytest.raises(fc.ShapeMismatchError, match="tokens"):
+    with pytest.raises(fc.SpecError, match="tokens"):
         fc.LayerSpec("a", 0, 8)
-    with pytest.raises(fc.ShapeMismatchError, match="codec"):
+    with pytest.raises(fc.SpecError, match="codec"):
         _spec(codec="bf16")
-    with pytest.raises(fc.ShapeMismatchError, match="distinct"):
+    with pytest.raises(fc.SpecError, match="distinct"):
         _spec(layers=(fc.LayerSpec("a", 1, 1), fc.LayerSpec("a", 1, 1)))
     with pytest.raises(fc.UnknownLayerError):
         _spec().layer("y")

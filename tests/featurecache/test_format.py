@@ -17,7 +17,7 @@ def test_plan_blocks_start_on_shard_boundaries() -> None:
         (24, 32, 1),
     ]
     assert all(b.row_start % 8 == 0 and b.status == "pending" for b in plan)
-    with pytest.raises(fc.ShapeMismatchError):
+    with pytest.raises(fc.SpecError):
         fc.plan_blocks([("a", -1)], 8)
 
 
