@@ -35,16 +35,12 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from featurecache.errors import FeatureCacheError
+from featurecache.errors import StorageError, UnsupportedURLError
 
 OBJECT_SCHEMES: Final = ("s3", "gs", "memory")  # URL schemes served by obstore
 URL_HELP: Final = "a local path or a URL s3://BUCKET/PATH, gs://BUCKET/PATH, memory://NAME/PATH"
 
 Range = tuple[int, int]  # [start, stop) byte offsets
-
-
-class StoreError(FeatureCacheError):
-    """A location that is no store we can open, or a store that refused an operation."""
 
 
 def is_url(location: str | Path) -> bool:
@@ -54,14 +50,14 @@ def is_url(location: str | Path) -> bool:
 
 def open_store(location: str | Path) -> Store:
     """The Store rooted at `location`: a local folder (path or file://) or an object-store
-    prefix (s3://, gs://, memory://). StoreError naming the location for any other scheme."""
+    prefix (s3://, gs://, memory://). UnsupportedURLError naming it for any other scheme."""
     if not is_url(location):
         return LocalStore(Path(location))
     parts = urlsplit(str(location))
     if parts.scheme == "file":
         return LocalStore(Path(parts.path))
     if parts.scheme not in OBJECT_SCHEMES or not parts.netloc:
-        raise StoreError(f"Expected {URL_HELP}, got {str(location)!r}")
+        raise UnsupportedURLError(f"Expected {URL_HELP}, got {str(location)!r}")
     return ObjectStore(parts.scheme, parts.netloc, parts.path.strip("/"))
 
 
@@ -74,7 +70,7 @@ def coalesce(ranges: Sequence[Range]) -> tuple[list[Range], list[tuple[int, int,
     for i in order:
         start, stop = ranges[i]
         if stop < start or start < 0:
-            raise StoreError(f"Expected byte ranges with 0 <= start <= stop, got {ranges[i]}")
+            raise StorageError(f"Expected byte ranges with 0 <= start <= stop, got {ranges[i]}")
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
         else:
@@ -116,7 +112,7 @@ class Store(ABC):
         blobs = self._read_merged(key, merged) if merged else []
         for (start, stop), blob in zip(merged, blobs, strict=True):
             if len(blob) != stop - start:
-                raise StoreError(
+                raise StorageError(
                     f"Expected {stop - start} bytes at [{start}, {stop}) of {self.url(key)!r}, "
                     f"got {len(blob)} (the object is shorter)"
                 )

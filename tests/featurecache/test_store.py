@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import zarr
 
-from featurecache.store import LocalStore, ObjectStore, StoreError, coalesce, open_store
+from featurecache.errors import StorageError, UnsupportedURLError
+from featurecache.store import LocalStore, ObjectStore, coalesce, open_store
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -29,7 +30,7 @@ def test_open_store_kinds(tmp_path) -> None:
     assert isinstance(open_store(f"file://{tmp_path}"), LocalStore)
     assert isinstance(open_store("memory://x/y"), ObjectStore)
     for bad in ("http://host/x", "ftp://a/b", "s3://"):
-        with pytest.raises(StoreError, match="Expected a local path or a URL"):
+        with pytest.raises(UnsupportedURLError, match="Expected a local path or a URL"):
             open_store(bad)
 
 
@@ -37,7 +38,7 @@ def test_coalesce() -> None:
     merged, where = coalesce([(10, 20), (0, 10), (30, 40), (35, 38)])
     assert merged == [(0, 20), (30, 40)]
     assert where == [(0, 10, 10), (0, 0, 10), (1, 0, 10), (1, 5, 3)]
-    with pytest.raises(StoreError):
+    with pytest.raises(StorageError):
         coalesce([(5, 2)])
 
 
@@ -70,7 +71,7 @@ def test_ranged_reads_coalesce(store) -> None:
     got = store.read_ranges("obj", ranges)
     assert got == [data[a:b] for a, b in ranges]
     assert store.requests - before == 3  # three runs of adjacent ranges, one request each
-    with pytest.raises(StoreError, match="shorter"):
+    with pytest.raises(StorageError, match="shorter"):
         store.read_ranges("obj", [(9_000, 12_000)])
 
 
