@@ -57,7 +57,15 @@ STATUS_PENDING: Final = "pending"
 STATUS_DONE: Final = "done"
 Status = Literal["pending", "done"]
 
-_LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# A cache layer: the teacher's layer name, prefixed by the camera in multi-camera caches
+# ("top/16": features/top/16, a nested Zarr group per camera). Camera names: featurecache.samples.
+_LAYER_NAME = re.compile(r"^([a-z][a-z0-9_\-]*/)?[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def camera_layer(camera: str, layer: str) -> str:
+    """The cache layer name of teacher layer `layer` seen through `camera` ("" = single camera):
+    "16" or "top/16"."""
+    return f"{camera}/{layer}" if camera else str(layer)
 
 
 def features_path(layer: str) -> str:
@@ -89,7 +97,8 @@ class LayerSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _LAYER_NAME.match(self.name):
             raise SpecError(
-                f"Expected a layer name of letters, digits, '_', '.', '-' (no '/'), "
+                f"Expected a layer name of letters, digits, '_', '.', '-', optionally after "
+                f"'<camera>/', "
                 f"got {self.name!r}"
             )
         for what, value in (("tokens", self.tokens), ("dim", self.dim)):
