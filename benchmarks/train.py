@@ -78,7 +78,9 @@ def _child(args: dict[str, Any]) -> dict[str, Any]:
     """One training run (in its own process): steps/s and peak memory."""
     import torch
 
-    from featurecache.pipelines.train import TrainConfig, read_metrics, train
+    from featurecache.pipelines.training.config import TrainConfig
+    from featurecache.pipelines.training.loop import train
+    from featurecache.pipelines.training.metrics import read_metrics
 
     torch.manual_seed(0)
     config = TrainConfig(**args["config"])
@@ -133,7 +135,9 @@ def _interleaved(
 ) -> dict[tuple[str, str], list[float]]:
     """Per-step seconds of each run, trained `chunk` steps at a time in turn for `rounds`
     rounds; the first `skip` steps of every chunk (stream start, resume) are left out."""
-    from featurecache.pipelines.train import TrainConfig, read_metrics, train
+    from featurecache.pipelines.training.config import TrainConfig
+    from featurecache.pipelines.training.loop import train
+    from featurecache.pipelines.training.metrics import read_metrics
 
     out: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     for r in range(rounds):
@@ -146,7 +150,7 @@ def _interleaved(
 
 def _stream_times(shards: list[Path], cache: Path, sizes: dict[str, Any]) -> dict[str, float]:
     """Seconds per batch: frames only, frames + in-memory targets, frames + cache join."""
-    from featurecache.pipelines.stream import StreamConfig, iter_batches
+    from featurecache.pipelines.training.stream import StreamConfig, iter_batches
     from featurecache.reader import open_cache
 
     base = {"shards": shards, "image_size": sizes["image"], "batch_size": sizes["batch"]}
@@ -181,8 +185,8 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
     import torch
     from transformers import ViTConfig, ViTModel
 
-    from featurecache.pipelines.demo.sample_data import write_sample_data
     from featurecache.pipelines.build.teachers import load_teacher
+    from featurecache.pipelines.demo.sample_data import write_sample_data
 
     sizes = _sizes(quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"

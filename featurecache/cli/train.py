@@ -1,6 +1,6 @@
 """`featurecache train` and `featurecache evaluate`: fine-tune a VLA against cached targets.
 
-Each option maps onto one field of `featurecache.pipelines.train.TrainConfig` (see
+Each option maps onto one field of `featurecache.pipelines.training.config.TrainConfig` (see
 `OPTION_TO_FIELD`); torch and transformers are imported only when a command runs.
 """
 
@@ -174,8 +174,8 @@ def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: A
     teacher is never loaded: targets come from --cache, joined with FRAMES by sample key.
     FRAMES: tar files, globs, brace patterns or folders.
     """
-    from featurecache.pipelines.train import TrainConfig
-    from featurecache.pipelines.train import train as run_training
+    from featurecache.pipelines.training.config import TrainConfig
+    from featurecache.pipelines.training.loop import train as run_training
 
     try:
         config = TrainConfig(
@@ -183,13 +183,7 @@ def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: A
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from err
-    try:
-        summary = run_training(config)
-    finally:
-        import torch
-
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    summary = run_training(config)  # under torchrun, the process group lives inside this call
     if summary and not _is_worker():
         parts = "  ".join(f"{k} {v:.4f}" for k, v in summary.losses.items())
         click.echo(
@@ -229,7 +223,7 @@ def evaluate(
     Example:
       featurecache evaluate runs/aligned data/ood-vision --json ood-vision.json
     """
-    from featurecache.pipelines.evaluate import evaluate_run, format_report
+    from featurecache.pipelines.training.evaluate import evaluate_run, format_report
 
     report = evaluate_run(run, list(frames), cache=cache, batch_size=batch_size, device=device)
     click.echo(format_report(report))

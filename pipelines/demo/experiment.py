@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.errors import OptionError
+from featurecache.store import local_path
 
 SPLITS: tuple[str, ...] = ("train", "ood-vision", "ood-semantic", "ood-execution")
 TEACHER = "efficientnet-lite0"
@@ -92,14 +93,15 @@ class DemoReport:
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
     """Run the five steps of the module docstring into `config.out`; return what was measured."""
     from featurecache.audit import inspect_cache
-    from featurecache.pipelines.evaluate import evaluate_run
     from featurecache.pipelines.build.plan import BuildConfig
     from featurecache.pipelines.build.precompute import build_cache
-    from featurecache.pipelines.probe import probe_accuracy
     from featurecache.pipelines.demo.sample_data import write_sample_data
-    from featurecache.pipelines.train import TrainConfig, train
+    from featurecache.pipelines.training.config import TrainConfig
+    from featurecache.pipelines.training.evaluate import evaluate_run
+    from featurecache.pipelines.training.loop import train
+    from featurecache.pipelines.training.probe import probe_accuracy
 
-    out = Path(config.out)
+    out = local_path(config.out, "the demo folder OUT")
     out.mkdir(parents=True, exist_ok=True)
     report = DemoReport(config=asdict(config))
     clock = _Clock(report.timings, log)
@@ -272,7 +274,7 @@ def _plot_losses(runs: dict[str, list[Path]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from featurecache.pipelines.train import read_metrics
+    from featurecache.pipelines.training.metrics import read_metrics
 
     fig, (ax_action, ax_align) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, run_list in runs.items():

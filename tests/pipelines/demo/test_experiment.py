@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from featurecache.pipelines.demo.experiment import DemoConfig, format_table, run_demo, tiny
-from featurecache.pipelines.evaluate import evaluate_run
+from featurecache.pipelines.training.evaluate import evaluate_run
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,13 @@ from click.testing import CliRunner
 
 from featurecache.cli import main
 from featurecache.cli.train import OPTION_TO_FIELD
-from featurecache.pipelines.evaluate import evaluate_run
 from featurecache.pipelines.build.frames import expand_frame_paths
-from featurecache.pipelines.probe import probe_accuracy
-from featurecache.pipelines.stream import StreamConfig, iter_batches
-from featurecache.pipelines.train import TrainConfig, load_run, read_metrics
+from featurecache.pipelines.training.checkpoint import load_run
+from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.evaluate import evaluate_run
+from featurecache.pipelines.training.metrics import read_metrics
+from featurecache.pipelines.training.probe import probe_accuracy
+from featurecache.pipelines.training.stream import StreamConfig, iter_batches
 
 from ._train_helpers import (
     TEACHER,
@@ -37,7 +39,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def cache(sample_data_dir: Path, tmp_path_factory) -> Path:
-    from featurecache.pipelines.teachers import load_teacher
+    from featurecache.pipelines.build.teachers import load_teacher
 
     teacher = load_teacher(TEACHER, [TEACHER_LAYER])
     return write_cache(

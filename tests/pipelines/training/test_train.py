@@ -15,7 +15,10 @@ import torch
 from featurecache.errors import ShapeMismatchError, SpecMismatchError, UnknownLayerError
 from featurecache.format import LayerSpec
 from featurecache.pipelines.build.frames import expand_frame_paths
-from featurecache.pipelines.train import TrainConfig, load_run, read_metrics, train
+from featurecache.pipelines.training.checkpoint import load_run
+from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.loop import train
+from featurecache.pipelines.training.metrics import read_metrics
 
 from ._train_helpers import (
     TEACHER,
@@ -41,7 +44,7 @@ def shards(sample_data_dir: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def teacher():
-    from featurecache.pipelines.teachers import load_teacher
+    from featurecache.pipelines.build.teachers import load_teacher
 
     return load_teacher(TEACHER, [TEACHER_LAYER])
 
@@ -191,7 +194,7 @@ def test_cached_training_never_loads_the_teacher(sample_data_dir, tmp_path) -> N
     """Build a cache with an hf teacher, delete the teacher's files, train in a fresh process."""
     from transformers import ViTConfig, ViTModel
 
-    from featurecache.pipelines.teachers import load_teacher
+    from featurecache.pipelines.build.teachers import load_teacher
 
     teacher_dir = tmp_path / "teacher"
     torch.manual_seed(0)
@@ -210,7 +213,8 @@ def test_cached_training_never_loads_the_teacher(sample_data_dir, tmp_path) -> N
     shutil.rmtree(teacher_dir)
     script = f"""
 import sys
-from featurecache.pipelines.train import TrainConfig, train
+from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.loop import train
 s = train(TrainConfig(frames={[str(s) for s in shards]!r}, out={str(tmp_path / "run")!r},
     cache={str(cache)!r}, student_options={TINY_OPTIONS!r}, steps=2, batch_size=8,
     projector_hidden=32, progress=False, plot=False))

@@ -1,8 +1,13 @@
 """VLA students (`tiny-vla`, `hf-llava:PATH`) and the alignment projector."""
 
-from featurecache.pipelines.students.base import ACTION_DIM, ByteTokenizer, Student, StudentOutput
-from featurecache.pipelines.students.loader import load_student, parse_student_spec
-from featurecache.pipelines.students.projector import (
+from featurecache.pipelines.training.students.base import (
+    ACTION_DIM,
+    ByteTokenizer,
+    Student,
+    StudentOutput,
+)
+from featurecache.pipelines.training.students.loader import load_student, parse_student_spec
+from featurecache.pipelines.training.students.projector import (
     DEFAULT_PROJECTOR_HIDDEN,
     AlignmentProjector,
     build_projector,

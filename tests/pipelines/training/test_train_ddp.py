@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 
 from featurecache.pipelines.build.frames import expand_frame_paths
-from featurecache.pipelines.train import load_run, read_metrics
+from featurecache.pipelines.training.checkpoint import load_run
+from featurecache.pipelines.training.metrics import read_metrics
 
 from ._train_helpers import TEACHER, TEACHER_LAYER, TINY_OPTIONS, teacher_features, write_cache
 
 
 @pytest.mark.slow
 def test_ddp_two_processes(sample_data_dir: Path, tmp_path: Path) -> None:
-    from featurecache.pipelines.teachers import load_teacher
+    from featurecache.pipelines.build.teachers import load_teacher
 
     teacher = load_teacher(TEACHER, [TEACHER_LAYER])
     cache = write_cache(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from featurecache.pipelines.students import (
+from featurecache.pipelines.training.students import (
     AlignmentProjector,
     ByteTokenizer,
     build_projector,

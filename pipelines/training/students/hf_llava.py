@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from featurecache.pipelines.students.base import (
+from featurecache.pipelines.training.students.base import (
     ACTION_DIM,
     Student,
     StudentOutput,

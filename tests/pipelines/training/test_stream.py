@@ -11,7 +11,7 @@ import torch
 from featurecache.errors import UnknownKeyError
 from featurecache.format import LayerSpec
 from featurecache.pipelines.build.frames import expand_frame_paths
-from featurecache.pipelines.stream import StreamConfig, check_shards_per_rank, iter_batches
+from featurecache.pipelines.training.stream import StreamConfig, check_shards_per_rank, iter_batches
 
 from ._train_helpers import all_keys, key_features, key_vector, one_thread, write_cache
 
@@ -128,7 +128,7 @@ def test_pickle_members_are_never_decoded(tmp_path) -> None:
     import pickle
     import tarfile
 
-    from featurecache.pipelines.sample_data import write_sample_data
+    from featurecache.pipelines.demo.sample_data import write_sample_data
 
     (src,) = write_sample_data(tmp_path / "d", frames=2, shard_size=2, image_size=32)
     bomb = pickle.dumps(_Bomb())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from featurecache.pipelines.students.base import Student
+from featurecache.pipelines.training.students.base import Student
 
 STUDENT_SPECS = ("tiny-vla", "hf-llava:PATH")
 
@@ -30,10 +30,10 @@ def load_student(
     """
     kind, path = parse_student_spec(spec)
     if kind == "tiny-vla":
-        from featurecache.pipelines.students.tiny_vla import TinyVLA
+        from featurecache.pipelines.training.students.tiny_vla import TinyVLA
 
         return TinyVLA(seed=seed, **options)
-    from featurecache.pipelines.students.hf_llava import HFLlava
+    from featurecache.pipelines.training.students.hf_llava import HFLlava
 
     assert path is not None
     return HFLlava(path, seed=seed, trust_remote_code=trust_remote_code, **options)

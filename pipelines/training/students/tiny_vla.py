@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from featurecache.pipelines.students.base import (
+from featurecache.pipelines.training.students.base import (
     ACTION_DIM,
     ByteTokenizer,
     Student,

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurecache.pipelines.stream import StreamConfig, iter_batches
-from featurecache.pipelines.train import load_run
+from featurecache.pipelines.training.checkpoint import load_run
+from featurecache.pipelines.training.stream import StreamConfig, iter_batches
 
 
 def probe_features(

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from featurecache.pipelines.stream import StreamConfig, iter_batches
-from featurecache.pipelines.train import (
+from featurecache.pipelines.training.checkpoint import load_run
+from featurecache.pipelines.training.stream import StreamConfig, iter_batches
+from featurecache.pipelines.training.targets import (
     cache_target_spec,
     check_targets_fit,
     dequantize,
-    load_run,
     resample_grid,
 )
 

@@ -1,0 +1,186 @@
+"""Run checkpoints: write them atomically, resume from them, rebuild a trained run for inference.
+
+RUN/checkpoint/ holds
+    model.safetensors   student.* and projector.* weights (safetensors: no pickle)
+    optimizer.pt        the optimizer state (tensors and numbers only; loaded weights_only)
+    state.json          step, samples, missing, data position per rank, seed, the target spec
+    rng-<rank>.pt       each rank's RNG state (weights_only)
+A new checkpoint is written to checkpoint.tmp and renamed over the old one, so a crash while
+saving leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from featurecache.errors import SpecMismatchError
+from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.distributed import barrier
+from featurecache.pipelines.training.students import Student, build_projector, load_student
+from featurecache.pipelines.training.targets import TargetSpec
+
+CHECKPOINT_DIR = "checkpoint"
+MODEL_FILE = "model.safetensors"  # student.* and projector.* weights
+OPTIMIZER_FILE = "optimizer.pt"  # torch.save of the optimizer state (tensors and numbers only)
+STATE_FILE = "state.json"  # step, data position per rank, seed, counters
+CONFIG_FILE = "config.json"  # the run's TrainConfig
+
+
+class AlignedModel(nn.Module):
+    """Student + projector as one module (what DDP wraps; its state dict is the checkpoint's).
+
+    forward -> actions (B, A), projected visual tokens (B, T, D) or None."""
+
+    def __init__(self, student: Student, projector: nn.Module, align_layer: int) -> None:
+        super().__init__()
+        self.student, self.projector, self.align_layer = student, projector, align_layer
+
+    def forward(
+        self, images: torch.Tensor, instructions: list[str], project: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.student(images, instructions, self.align_layer)
+        return out.actions, (self.projector(out.visual) if project else None)
+
+
+def save_checkpoint(
+    run: Path,
+    model: AlignedModel,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    rank: int,
+    world: int,
+) -> None:
+    """Write RUN/checkpoint atomically: every rank writes its RNG state, rank 0 the rest."""
+    tmp, final = run / (CHECKPOINT_DIR + ".tmp"), run / CHECKPOINT_DIR
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng-{rank}.pt")
+    if rank == 0:
+        weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / MODEL_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    barrier(world)
+    if rank == 0:
+        old = run / (CHECKPOINT_DIR + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
+
+
+def has_checkpoint(run: Path) -> bool:
+    """Whether RUN holds a complete checkpoint (its state.json is written last)."""
+    return (run / CHECKPOINT_DIR / STATE_FILE).is_file()
+
+
+def read_state(run: Path) -> dict[str, Any]:
+    """RUN/checkpoint/state.json."""
+    return json.loads((run / CHECKPOINT_DIR / STATE_FILE).read_text())
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a model.safetensors into `model`, refusing missing or unexpected names."""
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"Expected checkpoint {path} to hold this model's weights, got missing "
+            f"{missing[:5]} and unexpected {unexpected[:5]}."
+        )
+
+
+def restore(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """Load RUN/checkpoint's weights, optimizer state and this rank's RNG state."""
+    ckpt = run / CHECKPOINT_DIR
+    load_weights(model, ckpt / MODEL_FILE)
+    optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True))
+    rng = torch.load(ckpt / f"rng-{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def check_resumable(
+    state: dict[str, Any],
+    target: TargetSpec | None,
+    align_layer: int,
+    hidden: int,
+    world: int,
+) -> None:
+    """Refuse to resume a checkpoint whose shapes or teacher differ from this run's."""
+    saved = state.get("target")
+    now = asdict(target) if target else None
+    pairs = [
+        ("align layer", state["align_layer"], align_layer),
+        ("projector hidden", state["projector_hidden"], hidden),
+        ("world size", state["world_size"], world),
+        ("target layer/tokens/width/grid", _shape(saved), _shape(now)),
+        ("teacher fingerprint", (saved or {}).get("fingerprint"), (now or {}).get("fingerprint")),
+    ]
+    for what, before, after in pairs:
+        if before != after:
+            raise SpecMismatchError(
+                f"Expected the resumed run's {what} to be {before!r} (as checkpointed), got "
+                f"{after!r}."
+            )
+
+
+def _shape(target: dict[str, Any] | None) -> Any:
+    if target is None:
+        return None
+    grid = target["grid"]
+    return (target["layer"], target["tokens"], target["dim"], tuple(grid) if grid else None)
+
+
+@dataclass(slots=True)
+class LoadedRun:
+    """A trained run, ready for inference: student + projector in eval mode."""
+
+    config: TrainConfig
+    student: Student
+    projector: nn.Module
+    align_layer: int
+    target: TargetSpec | None
+
+
+def load_run(run: str | Path, device: str = "cpu") -> LoadedRun:
+    """Rebuild a run's student and projector from RUN/config.json and RUN/checkpoint."""
+    run = Path(run)
+    if not has_checkpoint(run):
+        raise FileNotFoundError(
+            f"Expected a trained run with {run / CHECKPOINT_DIR / STATE_FILE}, found none."
+        )
+    config = TrainConfig.from_json(json.loads((run / CONFIG_FILE).read_text()))
+    state = read_state(run)
+    student = load_student(
+        config.student,
+        seed=config.seed,
+        trust_remote_code=config.trust_remote_code,
+        **config.student_options,
+    )
+    target = TargetSpec(**state["target"]) if state.get("target") else None
+    projector = build_projector(
+        student.hidden_size,
+        target.dim if target else 1,
+        hidden=state["projector_hidden"],
+        seed=config.seed + 1,
+    )
+    model = AlignedModel(student, projector, state["align_layer"])
+    load_weights(model, run / CHECKPOINT_DIR / MODEL_FILE)
+    model.to(device).eval()
+    return LoadedRun(config, student, projector, state["align_layer"], target)

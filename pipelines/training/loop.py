@@ -1,0 +1,288 @@
+"""Fine-tune a VLA student on robot actions with visual representation alignment (PAPER.md),
+against teacher targets read from a feature cache: no teacher in memory.
+
+    loss = action_loss(student(image, instruction), action)                  # L1 (or MSE)
+         + lambda * cosine_alignment_loss(projector(h_k[visual]), target)    # 1 - cos, mean
+
+`h_k[visual]` are the student's hidden states at `--align-layer` k at the visual-token positions
+(B, T, d); `target` is the cached teacher layer (B, T, D), int8 (+ per-token scales, which cancel
+in the cosine, so the loss reads the int8 values directly) or fp16. `--resident-teacher SPEC`
+computes the targets online with the teacher instead (the comparison mode the cache replaces).
+
+Read `train()` top to bottom: set-up (student, targets, projector, optimizer, resume), then the
+loop (stream -> forward -> loss -> backward -> step -> log -> checkpoint), then the wrap-up (last
+checkpoint, plot, summary). The run folder RUN holds config.json, metrics.jsonl (one line per
+step), checkpoint/ (the latest), losses.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featurecache.pipelines.build.frames import expand_frame_paths
+from featurecache.pipelines.training.checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    AlignedModel,
+    check_resumable,
+    has_checkpoint,
+    read_state,
+    restore,
+    save_checkpoint,
+)
+from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.distributed import Dist, all_mean, gather, process_group
+from featurecache.pipelines.training.metrics import (
+    METRICS_FILE,
+    PLOT_FILE,
+    MetricsLog,
+    plot_losses,
+    progress_bar,
+)
+from featurecache.pipelines.training.stream import StreamConfig, check_shards_per_rank, iter_batches
+from featurecache.pipelines.training.students import build_projector, load_student
+from featurecache.pipelines.training.students.tiny_vla import TinyVLA
+from featurecache.pipelines.training.targets import (
+    alignment_loss,
+    batch_targets,
+    cache_target_spec,
+    check_targets_fit,
+    teacher_target_spec,
+)
+from featurecache.reader import open_cache
+
+
+@dataclass(slots=True)
+class TrainSummary:
+    """What a run did. losses: the last step's {loss, action_loss, align_loss}."""
+
+    run: str
+    steps: int
+    samples: int
+    missing: int
+    seconds: float
+    samples_per_s: float
+    losses: dict[str, float]
+    teacher_layer: str | None
+    align_layer: int
+    target_grid: tuple[int, int] | None
+    student_grid: tuple[int, int]
+
+
+def train(config: TrainConfig) -> TrainSummary:
+    """Run (or resume) the training described by `config`; see the module docstring.
+
+    Under torchrun the process group lives exactly as long as this call."""
+    with process_group(config.device) as dist:
+        return _train(config, dist)
+
+
+def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
+    rank, world, device = dist.rank, dist.world, dist.device
+    run = Path(config.out)
+    shards = expand_frame_paths(config.frames)
+    check_shards_per_rank(shards, world, config.num_workers)
+    if (run / CHECKPOINT_DIR).exists() and not config.resume:
+        raise FileExistsError(
+            f"Expected a new run folder, got {run} with a checkpoint: pass --resume to continue "
+            f"it or choose another --out."
+        )
+
+    # The student (identical init on every rank: its own seeded generator).
+    student = load_student(
+        config.student,
+        seed=config.seed,
+        trust_remote_code=config.trust_remote_code,
+        **config.student_options,
+    )
+    align_layer = student.default_align_layer if config.align_layer is None else config.align_layer
+    student.check_align_layer(align_layer)
+
+    # The targets: a cache (no teacher anywhere in this process), a resident teacher, or none.
+    cache, teacher, target = None, None, None
+    if config.cache is not None:
+        cache = open_cache(config.cache)
+        target = cache_target_spec(cache, config.teacher_layer)
+    elif config.resident_teacher is not None:
+        # imported here on purpose: a cached run never loads teacher code (a test checks it)
+        from featurecache.pipelines.build.teachers import load_teacher
+
+        assert config.teacher_layer is not None
+        teacher = load_teacher(
+            config.resident_teacher,
+            [config.teacher_layer],
+            device=str(device),
+            trust_remote_code=config.trust_remote_code,
+        )
+        target = teacher_target_spec(teacher)
+    if target is not None:
+        check_targets_fit(target, student, config.resample)  # refuse before the first step
+
+    # The projector: student width -> teacher width, frozen at a seeded init unless trained.
+    hidden = config.projector_hidden or student.default_projector_hidden
+    projector = build_projector(
+        student.hidden_size,
+        target.dim if target else 1,
+        hidden=hidden,
+        seed=config.seed + 1,
+        trainable=config.train_projector,
+    )
+    model = AlignedModel(student, projector, align_layer).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    # Resume: weights, optimizer, step, data position, RNG; otherwise a fresh run folder.
+    step, samples, missing = 0, 0, 0
+    position = {"epoch": 0, "batches": 0}  # this rank's place in the stream
+    torch.manual_seed(config.seed * 1000 + rank)  # dropout differs per rank, reproducibly
+    if config.resume and has_checkpoint(run):
+        state = read_state(run)
+        check_resumable(state, target, align_layer, hidden, world)
+        restore(run, model, optimizer, rank)
+        step, samples, missing = state["step"], state["samples"], state["missing"]
+        position = state["positions"][rank]
+    metrics = None
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2))
+        metrics = MetricsLog(run, step)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(  # type: ignore[assignment]
+            model, find_unused_parameters=not isinstance(student, TinyVLA)
+        )
+    core: AlignedModel = model.module if world > 1 else model  # type: ignore[assignment]
+
+    def state_now() -> dict[str, Any]:
+        return {
+            "step": step,
+            "samples": samples,
+            "missing": missing,
+            "seed": config.seed,
+            "positions": gather(dict(position), world),
+            "align_layer": align_layer,
+            "projector_hidden": hidden,
+            "world_size": world,
+            "target": asdict(target) if target else None,
+        }
+
+    action_loss_fn = F.l1_loss if config.loss == "l1" else F.mse_loss
+    project = target is not None and config.lambda_align > 0
+    bar = progress_bar(config.steps, step) if rank == 0 and config.progress else None
+    last: dict[str, float] = {}
+    started, start_step = time.perf_counter(), step
+    model.train()
+    while step < config.steps:
+        stream = StreamConfig(
+            shards=shards,
+            image_size=student.image_size,
+            batch_size=config.batch_size,
+            cache=config.cache if project else None,
+            layer=target.layer if (project and cache is not None) else None,
+            seed=config.seed,
+            epoch=position["epoch"],
+            shuffle_buffer=config.shuffle_buffer,
+            on_missing=config.on_missing,
+            keep_images=teacher is not None,
+            skip_batches=position["batches"],
+            num_workers=config.num_workers,
+        )
+        got_any = position["batches"] > 0  # a resume may start at the end of an epoch
+        tick = time.perf_counter()
+        for batch in iter_batches(stream):
+            missing += len(batch.missing)
+            if not len(batch):
+                continue
+            got_any = True
+            position["batches"] += 1
+            images = batch.images.to(device, non_blocking=True)  # (B, 3, S, S)
+            actions = batch.actions.to(device, non_blocking=True)  # (B, 7)
+
+            # forward: actions (B, 7), projected visual tokens (B, T, D)
+            lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            pred, projected = model(images, batch.instructions, project)
+            action_loss = action_loss_fn(pred, actions)
+            if project:
+                assert projected is not None and target is not None
+                goal = batch_targets(batch, teacher, target, core.student, config.resample, device)
+                # lambda goes into the kernel as its weight: dS comes out already scaled, so the
+                # backward hands it on without another pass over (B, T, D)
+                weighted = alignment_loss(projected, goal, config.lambda_align)
+                loss = action_loss + weighted
+                align_loss = weighted.detach() / config.lambda_align  # 1 - cos, for the logs
+            else:
+                align_loss = torch.zeros((), device=device)
+                loss = action_loss
+
+            # backward and step (DDP all-reduces the gradients inside backward)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            step += 1
+            samples += len(batch) * world
+
+            # log: loss parts averaged over ranks (one small all-reduce per step)
+            parts = torch.stack([loss.detach(), action_loss.detach(), align_loss.detach()])
+            parts = all_mean(parts.float(), world).tolist()
+            last = {"loss": parts[0], "action_loss": parts[1], "align_loss": parts[2]}
+            elapsed = time.perf_counter() - started
+            rate = (step - start_step) * config.batch_size * world / max(elapsed, 1e-9)
+            if metrics is not None:
+                row = {"step": step, **last, "lr": lr, "epoch": position["epoch"]}
+                row |= {"step_s": time.perf_counter() - tick}  # data wait + compute
+                row |= {"samples": samples, "samples_per_s": rate, "missing": missing}
+                metrics.write(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(act=f"{parts[1]:.4f}", align=f"{parts[2]:.4f}", sps=f"{rate:.1f}")
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                save_checkpoint(run, core, optimizer, state_now(), rank, world)
+            if step >= config.steps:
+                break
+            tick = time.perf_counter()
+        else:  # the epoch ended: the next one reshuffles shards and samples
+            if not got_any:
+                raise ValueError(
+                    f"Expected rank {rank} to read samples from its shards, got an empty "
+                    f"epoch {position['epoch']} (all frames missing from the cache?)."
+                )
+            position = {"epoch": position["epoch"] + 1, "batches": 0}
+
+    # Wrap-up: the last checkpoint (what evaluate loads), the plot, the summary.
+    if bar is not None:
+        bar.close()
+    if metrics is not None:
+        metrics.close()
+    save_checkpoint(run, core, optimizer, state_now(), rank, world)
+    seconds = time.perf_counter() - started
+    summary = TrainSummary(
+        run=str(run),
+        steps=step,
+        samples=samples,
+        missing=missing,
+        seconds=seconds,
+        samples_per_s=(step - start_step) * config.batch_size * world / max(seconds, 1e-9),
+        losses=last,
+        teacher_layer=target.layer if target else None,
+        align_layer=align_layer,
+        target_grid=target.grid if target else None,
+        student_grid=student.visual_grid,
+    )
+    if rank == 0:
+        if config.plot:
+            plot_losses(run / METRICS_FILE, run / PLOT_FILE)
+        (run / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+        if missing:
+            print(f"Skipped {missing} frame(s) the cache lacks (--on-missing skip).")
+    return summary
