@@ -22,7 +22,8 @@ The CLI turns each class into one line and an exit status (featurecache/cli/main
       UnsupportedURLError      a URL (s3://, gs://, http://) where a local path is expected
       RemoteCodeError          code from a model / run / data folder, without --trust-remote-code
       UnknownLayerError, UnknownKeyError, UnknownBlockError, BlockNotDoneError,
-      BlockAlreadyDoneError, BlockCapacityError, InvalidKeyError, InvalidFeaturesError
+      BlockAlreadyDoneError, BlockConflictError, BlockCapacityError, InvalidKeyError,
+      InvalidFeaturesError
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ class InvalidFeaturesError(FeatureCacheError):
     """Feature values the cache cannot store faithfully (NaN, Inf, fp16 overflow)."""
 
 
+class BlockConflictError(FeatureCacheError):
+    """Two writers committed different results for one block (the second is refused)."""
+
+
 class BlockCapacityError(FeatureCacheError):
     """More rows appended to a block than its planned capacity."""
 
@@ -134,6 +139,7 @@ class BlockCapacityError(FeatureCacheError):
 __all__ = [
     "BlockAlreadyDoneError",
     "BlockCapacityError",
+    "BlockConflictError",
     "BlockNotDoneError",
     "CacheBusyError",
     "ChunkError",

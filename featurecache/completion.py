@@ -1,0 +1,490 @@
+"""Block completion in O(1): the plan is written once, each finished block adds one small
+immutable record, and readers assemble the block table from the plan, the newest snapshot and the
+records the snapshot does not cover. No lock, no rename, no object ever rewritten.
+
+    featurecache/plan.json              written once at creation (columns: source, row_start,
+                                        row_stop, count = planned samples)
+    featurecache/done/<index>.json      one per done block, created only if absent:
+                                        {"index", "count", "checksum", "skipped", ...}
+    featurecache/snapshots/<n>.json     now and then (the build driver): the records of n done
+                                        blocks as columns, a new object each time
+
+Marking a block done costs one create-if-absent of a few hundred bytes whatever the number of
+blocks (O_EXCL-style link locally, `If-None-Match: *` on S3, generation match on GCS), so any
+number of workers commit their own blocks at once. A snapshot only saves readers the records'
+reads: records stay, and a snapshot that lists a block is never wrong while its record exists.
+Version-1 caches (the whole table in zarr.json) load into the same in-memory BlockTable.
+
+The in-memory table is columns of numpy arrays (about 110 bytes per block plus the source
+names), so opening a cache and iterating its blocks grows linearly with small constants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+
+from featurecache.errors import (
+    BlockConflictError,
+    FormatVersionError,
+    ManifestError,
+    NotACacheError,
+    UnknownBlockError,
+)
+from featurecache.format import (
+    ATTRS_KEY,
+    CHECKSUM_PREFIX,
+    FORMAT_VERSION,
+    GROUP_METADATA,
+    STATUS_DONE,
+    STATUS_PENDING,
+    Block,
+    CacheSpec,
+    Manifest,
+)
+from featurecache.store import Store
+
+META_PREFIX: Final = "featurecache/"  # not a Zarr node: plain JSON objects
+PLAN_OBJECT: Final = "featurecache/plan.json"
+DONE_PREFIX: Final = "featurecache/done/"
+SNAPSHOT_PREFIX: Final = "featurecache/snapshots/"
+RECORD_FIELDS: Final = ("index", "count", "checksum", "skipped")
+_SHA_HEX: Final = 64
+
+
+def record_key(index: int) -> str:
+    """The object of block `index`'s completion record."""
+    return f"{DONE_PREFIX}{index}.json"
+
+
+def snapshot_key(done: int) -> str:
+    """The object of a snapshot covering `done` blocks (zero-padded: names sort by coverage)."""
+    return f"{SNAPSHOT_PREFIX}{done:012d}.json"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DoneRecord:
+    """What a finished block commits: rows written, checksum, skipped keys, and any further
+    fields a writer adds (`extra`, kept as JSON)."""
+
+    index: int
+    """The block's position in the plan."""
+    count: int
+    """Rows written: planned samples minus skipped ones."""
+    checksum: str
+    """"sha256:<hex>" of the written rows (FORMAT.md "Block checksum")."""
+    skipped: tuple[str, ...] = ()
+    """Keys of the block's source that got no row (bad frames)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other JSON fields of the record, carried as they are."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "count": self.count,
+            "checksum": self.checksum,
+            "skipped": list(self.skipped),
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> DoneRecord:
+        """Parse and check a record; ManifestError naming `where` for a malformed one."""
+        try:
+            index, count, checksum = int(d["index"]), int(d["count"]), str(d["checksum"])
+            skipped = tuple(str(k) for k in d.get("skipped") or ())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(
+                f"Expected a completion record with index, count, checksum in {where}, got "
+                f"{str(d)[:200]!r} ({type(exc).__name__}: {exc})"
+            ) from exc
+        hexpart = checksum.removeprefix(CHECKSUM_PREFIX)
+        if not checksum.startswith(CHECKSUM_PREFIX) or len(hexpart) != _SHA_HEX:
+            raise ManifestError(f"Expected checksum 'sha256:<64 hex>' in {where}, got {checksum!r}")
+        extra = {k: v for k, v in d.items() if k not in RECORD_FIELDS}
+        return cls(index=index, count=count, checksum=checksum, skipped=skipped, extra=extra)
+
+    def same_result(self, other: DoneRecord) -> bool:
+        return (self.count, self.checksum, self.skipped) == (
+            other.count,
+            other.checksum,
+            other.skipped,
+        )
+
+
+class BlockTable:
+    """The block table as columns (N blocks):
+
+    row_start, row_stop  int64 (N,)   the block's rows, whole shards
+    planned              int64 (N,)   samples planned from the source
+    count                int64 (N,)   rows written (done) or planned (pending)
+    done                 bool  (N,)
+    checksum             uint8 (N, 32) sha256 of done blocks (zeros while pending)
+    sources              one UTF-8 blob + int64 (N + 1,) offsets
+    skipped, extra       dicts for the few blocks that have any
+    """
+
+    def __init__(self, sources: Sequence[str], row_start: Any, row_stop: Any, planned: Any) -> None:
+        encoded = [str(s).encode() for s in sources]
+        self._source_blob = b"".join(encoded)
+        self._source_end = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
+        self.row_start = np.asarray(row_start, dtype=np.int64)
+        self.row_stop = np.asarray(row_stop, dtype=np.int64)
+        self.planned = np.asarray(planned, dtype=np.int64)
+        n = len(encoded)
+        if not (len(self.row_start) == len(self.row_stop) == len(self.planned) == n):
+            raise ManifestError(
+                f"Expected plan columns of one length, got sources {n}, row_start "
+                f"{len(self.row_start)}, row_stop {len(self.row_stop)}, count {len(self.planned)}"
+            )
+        self.count = self.planned.copy()
+        self.done = np.zeros(n, dtype=bool)
+        self.checksum = np.zeros((n, 32), dtype=np.uint8)
+        self.skipped: dict[int, tuple[str, ...]] = {}
+        self.extra: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.row_start)
+
+    @property
+    def rows(self) -> int:
+        return int(self.row_stop[-1]) if len(self) else 0
+
+    @property
+    def n_done(self) -> int:
+        return int(self.done.sum())
+
+    def nbytes(self) -> int:
+        """Bytes the table holds (arrays and the source blob; the dicts not counted)."""
+        arrays = (self.row_start, self.row_stop, self.planned, self.count, self.done)
+        return sum(a.nbytes for a in arrays) + self.checksum.nbytes + len(self._source_blob)
+
+    def source(self, index: int) -> str:
+        a, b = self._source_end[index], self._source_end[index + 1]
+        return self._source_blob[a:b].decode()
+
+    def check_index(self, index: int) -> int:
+        if not 0 <= int(index) < len(self):
+            raise UnknownBlockError(f"Expected a block index in [0, {len(self)}), got {index}")
+        return int(index)
+
+    def block_of_row(self, row: int) -> int:
+        """The index of the block owning `row`; UnknownBlockError outside [0, rows)."""
+        i = int(np.searchsorted(self.row_start, row, side="right")) - 1
+        if i < 0 or row >= self.row_stop[i]:
+            raise UnknownBlockError(f"Expected a row in [0, {self.rows}), got {row}")
+        return i
+
+    def block(self, index: int) -> Block:
+        """Block `index` as a format.Block (one object, built on demand)."""
+        i = self.check_index(index)
+        done = bool(self.done[i])
+        return Block(
+            index=i,
+            source=self.source(i),
+            row_start=int(self.row_start[i]),
+            row_stop=int(self.row_stop[i]),
+            count=int(self.count[i]),
+            status=STATUS_DONE if done else STATUS_PENDING,
+            checksum=CHECKSUM_PREFIX + self.checksum[i].tobytes().hex() if done else None,
+            skipped=self.skipped.get(i, ()),
+        )
+
+    def blocks(self) -> Iterator[Block]:
+        return (self.block(i) for i in range(len(self)))
+
+    def done_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.done)
+
+    def record(self, index: int) -> DoneRecord:
+        """The completion record of done block `index`."""
+        b = self.block(index)
+        assert b.checksum is not None, "record() of a pending block"
+        extra = self.extra.get(b.index, {})
+        return DoneRecord(
+            index=b.index, count=b.count, checksum=b.checksum, skipped=b.skipped, extra=extra
+        )
+
+    def mark(self, record: DoneRecord, where: str = "the cache") -> None:
+        """Set a block done from its record (in memory only)."""
+        i = self.check_index(record.index)
+        capacity = int(self.row_stop[i] - self.row_start[i])
+        if not 0 <= record.count <= capacity:
+            raise ManifestError(
+                f"Expected a count in [0, {capacity}] for block {i} in {where}, got {record.count}"
+            )
+        self.done[i] = True
+        self.count[i] = record.count
+        self.checksum[i] = np.frombuffer(
+            bytes.fromhex(record.checksum.removeprefix(CHECKSUM_PREFIX)), np.uint8
+        )
+        if record.skipped:
+            self.skipped[i] = record.skipped
+        if record.extra:
+            self.extra[i] = dict(record.extra)
+
+    def same_plan(self, other: BlockTable) -> bool:
+        return (
+            len(self) == len(other)
+            and np.array_equal(self.row_start, other.row_start)
+            and np.array_equal(self.row_stop, other.row_stop)
+            and self._source_blob == other._source_blob
+            and np.array_equal(self._source_end, other._source_end)
+        )
+
+    # ---- JSON forms -------------------------------------------------------------------------
+    @classmethod
+    def from_blocks(cls, blocks: Sequence[Block]) -> BlockTable:
+        """A table from format.Block objects (a version-1 manifest, or a plan)."""
+        table = cls(
+            [b.source for b in blocks],
+            [b.row_start for b in blocks],
+            [b.row_stop for b in blocks],
+            [b.count for b in blocks],
+        )
+        for b in blocks:
+            if b.done:
+                table.mark(DoneRecord(index=b.index, count=b.count, checksum=b.checksum or "",
+                                      skipped=b.skipped))  # fmt: skip
+        return table
+
+    def plan_json(self) -> dict[str, Any]:
+        return {
+            "source": [self.source(i) for i in range(len(self))],
+            "row_start": self.row_start.tolist(),
+            "row_stop": self.row_stop.tolist(),
+            "count": self.planned.tolist(),
+        }
+
+    @classmethod
+    def from_plan_json(cls, d: Any, where: str) -> BlockTable:
+        try:
+            table = cls(d["source"], d["row_start"], d["row_stop"], d["count"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(
+                f"Expected plan columns source, row_start, row_stop, count in {where}, got "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        starts = np.concatenate([[0], table.row_stop[:-1]]) if len(table) else table.row_start
+        if not np.array_equal(table.row_start, starts) or np.any(table.row_stop < table.row_start):
+            raise ManifestError(f"Expected contiguous block rows from 0 in {where}, got others")
+        return table
+
+    def snapshot_json(self) -> dict[str, Any]:
+        """The done blocks' records as columns."""
+        idx = self.done_indices()
+        return {
+            "blocks": len(idx),
+            "index": idx.tolist(),
+            "count": self.count[idx].tolist(),
+            "checksum": [CHECKSUM_PREFIX + self.checksum[i].tobytes().hex() for i in idx],
+            "skipped": {str(i): list(s) for i, s in self.skipped.items() if self.done[i]},
+            "extra": {str(i): e for i, e in self.extra.items() if self.done[i]},
+        }
+
+    def apply_snapshot(self, d: Any, where: str) -> None:
+        try:
+            skipped, extra = d.get("skipped") or {}, d.get("extra") or {}
+            columns = zip(d["index"], d["count"], d["checksum"], strict=True)
+            records = [
+                DoneRecord(index=int(i), count=int(c), checksum=str(s),
+                           skipped=tuple(skipped.get(str(i), ())), extra=extra.get(str(i), {}))
+                for i, c, s in columns
+            ]  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ManifestError(
+                f"Expected snapshot columns index, count, checksum in {where}, got "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        for r in records:
+            self.mark(r, where)
+
+
+# ---- the cache's state, read from a store -------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheState:
+    """A cache as a reader sees it: the spec, the header (zarr.json attributes) and the table."""
+
+    spec: CacheSpec
+    """Layers, codec, shard_rows, key width, fingerprint."""
+    header: dict[str, Any]
+    """The `featurecache` attribute of zarr.json, as stored."""
+    table: BlockTable
+    """Plan and completion of every block."""
+    version: int
+    """The cache's format version."""
+    records_read: int = 0
+    """Completion records read one by one (not covered by the snapshot used)."""
+
+    @property
+    def rows(self) -> int:
+        return self.table.rows
+
+    @property
+    def layout(self) -> str:
+        """ "records" (plan + done records) or "manifest" (version 1: blocks in zarr.json)."""
+        return "manifest" if isinstance(self.header.get("blocks"), list) else "records"
+
+    def manifest(self) -> Manifest:
+        """The whole table as a format.Manifest of Block objects (small caches, tools, tests)."""
+        blocks = tuple(self.table.blocks())
+        return Manifest(spec=self.spec, blocks=blocks, rows=self.rows, version=self.version)
+
+
+def read_header(store: Store) -> dict[str, Any]:
+    """The `featurecache` attribute of the group's zarr.json; NotACacheError naming the location
+    when there is none, FormatVersionError when a newer featurecache wrote it."""
+    where = store.url(GROUP_METADATA)
+    try:
+        meta = json.loads(store.read(GROUP_METADATA))
+    except FileNotFoundError as exc:
+        raise NotACacheError(
+            f"Expected a featurecache cache (a Zarr v3 group) at {store.location!r}, found no "
+            f"{GROUP_METADATA}"
+        ) from exc
+    except ValueError as exc:
+        raise NotACacheError(
+            f"Expected JSON in {where!r}, got unparsable bytes ({exc}): the object is corrupt"
+        ) from exc
+    if (
+        not isinstance(meta, dict)
+        or meta.get("zarr_format") != 3
+        or meta.get("node_type") != "group"
+    ):
+        raise NotACacheError(f"Expected a Zarr v3 group's metadata in {where!r}, got another")
+    attrs = (meta.get("attributes") or {}).get(ATTRS_KEY)
+    if not isinstance(attrs, dict):
+        raise NotACacheError(
+            f"Expected attribute {ATTRS_KEY!r} in {where!r}: a Zarr group but not a featurecache "
+            f"cache"
+        )
+    version = attrs.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise FormatVersionError(
+            f"Expected an integer format version in {where!r}, got {version!r}"
+        )
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"Expected format version <= {FORMAT_VERSION} in {where!r}, got {version} (written "
+            f"by a newer featurecache: upgrade to read it)"
+        )
+    return attrs
+
+
+def _read_json(store: Store, key: str) -> Any:
+    try:
+        return json.loads(store.read(key))
+    except ValueError as exc:
+        raise ManifestError(f"Expected JSON in {store.url(key)!r}, got unparsable bytes") from exc
+
+
+def load_state(store: Store) -> CacheState:
+    """Read a cache's state: version 1 from zarr.json alone; later versions from the plan, the
+    newest snapshot and the records it does not cover (none once a build wrote its last one)."""
+    header = read_header(store)
+    version = int(header["version"])
+    if isinstance(header.get("blocks"), list):  # version 1 layout: the table in zarr.json
+        m = Manifest.from_json(header, where=store.location)
+        return CacheState(spec=m.spec, header=header, table=BlockTable.from_blocks(m.blocks),
+                          version=version)  # fmt: skip
+    try:
+        spec = CacheSpec.from_json(header)
+    except (KeyError, TypeError) as exc:
+        raise NotACacheError(
+            f"Expected a complete header in {store.url(GROUP_METADATA)!r}, missing {exc}"
+        ) from exc
+    try:
+        plan = _read_json(store, PLAN_OBJECT)
+    except FileNotFoundError as exc:
+        raise NotACacheError(
+            f"Expected the block plan {store.url(PLAN_OBJECT)!r}, found none"
+        ) from exc
+    table = BlockTable.from_plan_json(plan, store.url(PLAN_OBJECT))
+    if len(table) != header.get("block_count", len(table)):
+        raise ManifestError(
+            f"Expected {header.get('block_count')} blocks in {store.url(PLAN_OBJECT)!r}, got "
+            f"{len(table)}"
+        )
+    snapshots = [k for k, _ in store.list(SNAPSHOT_PREFIX) if k.endswith(".json")]
+    if snapshots:
+        # deleted meanwhile (a block being rewritten): the records alone say it all
+        with contextlib.suppress(FileNotFoundError):
+            table.apply_snapshot(_read_json(store, snapshots[-1]), store.url(snapshots[-1]))
+    read = 0
+    if table.n_done < len(table):
+        for key, _ in store.list(DONE_PREFIX):
+            stem = key[len(DONE_PREFIX) :].removesuffix(".json")
+            if not stem.isdigit() or int(stem) >= len(table) or table.done[int(stem)]:
+                continue
+            try:
+                record = DoneRecord.from_json(_read_json(store, key), store.url(key))
+            except FileNotFoundError:
+                continue
+            table.mark(record, store.url(key))
+            read += 1
+    return CacheState(spec=spec, header=header, table=table, version=version, records_read=read)
+
+
+def write_plan(store: Store, table: BlockTable) -> None:
+    """Write the plan object (at creation, before the group's zarr.json makes the cache exist)."""
+    store.put(PLAN_OBJECT, json.dumps(table.plan_json(), separators=(",", ":")).encode())
+
+
+def read_record(store: Store, index: int) -> DoneRecord | None:
+    """Block `index`'s completion record, or None while it is not done."""
+    try:
+        return DoneRecord.from_json(
+            _read_json(store, record_key(index)), store.url(record_key(index))
+        )
+    except FileNotFoundError:
+        return None
+
+
+def is_done(store: Store, index: int) -> bool:
+    """Whether block `index` has a completion record (one small request)."""
+    return store.exists(record_key(index))
+
+
+def commit_record(store: Store, record: DoneRecord) -> bool:
+    """Create block `record.index`'s completion record if absent. True: this call committed it;
+    False: an identical record was there already (another writer of the same block, e.g. a
+    second build or a retried task, got the same result). BlockConflictError when the existing
+    record differs: the block's data is then the other writer's, and this one must not claim it."""
+    key = record_key(record.index)
+    data = json.dumps(record.to_json(), separators=(",", ":")).encode()
+    if store.create(key, data):
+        return True
+    existing = read_record(store, record.index)
+    if existing is None:  # deleted between our create and read (an overwrite): try once more
+        if store.create(key, data):
+            return True
+        existing = read_record(store, record.index)
+    if existing is not None and existing.same_result(record):
+        return False
+    raise BlockConflictError(
+        f"Expected block {record.index}'s record {store.url(key)!r} to match this writer's "
+        f"result (count {record.count}, {record.checksum}), got "
+        f"{'none' if existing is None else f'count {existing.count}, {existing.checksum}'}: "
+        f"two writers produced different data for one block; rewrite it with overwrite=True"
+    )
+
+
+def write_snapshot(store: Store, table: BlockTable) -> bool:
+    """Write a snapshot of the table's done blocks as a new object (named by how many it covers);
+    False when one of that coverage exists already. Every listed block must have its record."""
+    data = json.dumps(table.snapshot_json(), separators=(",", ":")).encode()
+    return store.create(snapshot_key(table.n_done), data)
+
+
+def clear_record(store: Store, index: int) -> None:
+    """Make block `index` pending again (rewriting a done block): delete every snapshot (they
+    may list it; records remain, so nothing else is lost), then its record."""
+    store.delete_prefix(SNAPSHOT_PREFIX)
+    store.delete(record_key(index))
