@@ -8,6 +8,7 @@ A cache is a Zarr v3 group:
                                shard (shard_rows, tokens, dim)
     scales/<layer>             float32 (rows, tokens), int8 caches only: x ~= q * scale
     featurecache.lock          empty file, fcntl lock for manifest updates (not part of Zarr)
+    featurecache.build.lock    fcntl lock held by the build writing the cache; says who (not Zarr)
 """
 
 from __future__ import annotations
@@ -18,23 +19,29 @@ import json
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from featurecache.errors import (
+    CacheBusyError,
     FormatVersionError,
+    ManifestError,
     NotACacheError,
     SpecError,
+    StorageError,
     UnknownBlockError,
     UnknownLayerError,
 )
+from featurecache.store import local_path
 
 FORMAT_VERSION: Final = 1  # bump on any change a version-1 reader would misread
 ATTRS_KEY: Final = "featurecache"  # group attribute holding the manifest
 GROUP_METADATA: Final = "zarr.json"
 LOCK_FILE: Final = "featurecache.lock"
+BUILD_LOCK_FILE: Final = "featurecache.build.lock"  # held (flock) by the one build writing
 KEYS_ARRAY: Final = "keys"
 FEATURES_GROUP: Final = "features"
 SCALES_GROUP: Final = "scales"
@@ -55,10 +62,12 @@ CHECKSUM_PREFIX: Final = "sha256:"
 
 STATUS_PENDING: Final = "pending"
 STATUS_DONE: Final = "done"
+STATUSES: Final = (STATUS_PENDING, STATUS_DONE)
 Status = Literal["pending", "done"]
 
 # A cache layer: the teacher's layer name, prefixed by the camera in multi-camera caches
 # ("top/16": features/top/16, a nested Zarr group per camera). Camera names: featurecache.samples.
+_CHECKSUM = re.compile(rf"^{CHECKSUM_PREFIX}[0-9a-f]{{64}}$")
 _LAYER_NAME = re.compile(r"^([a-z][a-z0-9_\-]*/)?[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -113,6 +122,11 @@ class LayerSpec:
                     f"Expected grid (h, w) of positive ints for layer {self.name!r}, "
                     f"got {self.grid!r}"
                 )
+            if grid[0] * grid[1] > self.tokens:
+                raise SpecError(
+                    f"Expected layer {self.name!r} grid h * w <= tokens {self.tokens} (the grid's "
+                    f"patches are among the tokens), got {grid[0]}x{grid[1]}"
+                )
             object.__setattr__(self, "grid", grid)
 
     def to_json(self) -> dict[str, Any]:
@@ -126,7 +140,27 @@ class LayerSpec:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LayerSpec:
         grid = d.get("grid")
-        return cls(str(d["name"]), int(d["tokens"]), int(d["dim"]), tuple(grid) if grid else None)
+        name = d["name"]
+        tokens, dim = (
+            json_int(d, "tokens", f"layer {name!r}"),
+            json_int(d, "dim", f"layer {name!r}"),
+        )
+        if grid is not None and not (isinstance(grid, list) and all(_is_int(g) for g in grid)):
+            raise SpecError(f"Expected layer {name!r} grid [h, w] of ints or null, got {grid!r}")
+        return cls(name, tokens, dim, tuple(grid) if grid else None)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_int(d: dict[str, Any], key: str, what: str, default: int | None = None) -> int:
+    """The integer field `key` of a parsed JSON object: SpecError naming `what` and the key when
+    it is absent (without a default), a string, a float or a bool, never a silent int()."""
+    value = d.get(key, default)
+    if not _is_int(value):
+        raise SpecError(f"Expected {what} {key} to be an integer, got {value!r}")
+    return value
 
 
 def _canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
@@ -187,9 +221,9 @@ class CacheSpec:
         return cls(
             layers=tuple(LayerSpec.from_json(x) for x in d["layers"]),
             codec=d["codec"],
-            shard_rows=int(d["shard_rows"]),
+            shard_rows=json_int(d, "shard_rows", "the spec"),
             fingerprint=d.get("fingerprint") or {},
-            key_bytes=int(d.get("key_bytes", DEFAULT_KEY_BYTES)),
+            key_bytes=json_int(d, "key_bytes", "the spec", DEFAULT_KEY_BYTES),
         )
 
 
@@ -208,6 +242,37 @@ class Block:
     status: Status = STATUS_PENDING
     checksum: str | None = None
     skipped: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        what = f"block {self.index!r}"
+        for name in ("index", "row_start", "row_stop", "count"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise SpecError(f"Expected {what} {name} to be an integer >= 0, got {value!r}")
+        if self.row_stop < self.row_start:
+            raise SpecError(
+                f"Expected {what} row_stop >= row_start, got rows [{self.row_start}, "
+                f"{self.row_stop})"
+            )
+        if self.count > self.capacity:
+            raise SpecError(
+                f"Expected {what} count <= its capacity {self.capacity} (rows [{self.row_start}, "
+                f"{self.row_stop})), got {self.count}"
+            )
+        if self.status not in STATUSES:
+            raise SpecError(f"Expected {what} status in {STATUSES}, got {self.status!r}")
+        if self.done and not (
+            isinstance(self.checksum, str) and _CHECKSUM.match(self.checksum) is not None
+        ):
+            raise SpecError(
+                f"Expected done {what} checksum '{CHECKSUM_PREFIX}<64 hex digits>', got "
+                f"{self.checksum!r}"
+            )
+        if not isinstance(self.source, str) or not all(isinstance(k, str) for k in self.skipped):
+            raise SpecError(
+                f"Expected {what} source and skipped keys to be strings, got {self.source!r}, "
+                f"{list(self.skipped)[:3]!r}"
+            )
 
     @property
     def capacity(self) -> int:
@@ -240,16 +305,40 @@ class Block:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Block:
+        what = f"block {d.get('index')!r}"
+        skipped = d.get("skipped") or []
+        if not isinstance(skipped, list):
+            raise SpecError(f"Expected {what} skipped to be a list of keys, got {skipped!r}")
         return cls(
-            index=int(d["index"]),
-            source=str(d["source"]),
-            row_start=int(d["row_start"]),
-            row_stop=int(d["row_stop"]),
-            count=int(d["count"]),
+            index=json_int(d, "index", "a block"),
+            source=d["source"],
+            row_start=json_int(d, "row_start", what),
+            row_stop=json_int(d, "row_stop", what),
+            count=json_int(d, "count", what),
             status=d.get("status", STATUS_PENDING),
             checksum=d.get("checksum"),
-            skipped=tuple(d.get("skipped") or ()),
+            skipped=tuple(skipped),
         )
+
+
+def check_block_table(spec: CacheSpec, blocks: Sequence[Block], rows: int) -> None:
+    """The block table's own rules (FORMAT.md): blocks in index order, contiguous from row 0,
+    each on whole shards, ending at `rows`. SpecError naming the first block that breaks one."""
+    row = 0
+    for i, b in enumerate(blocks):
+        if b.index != i or b.row_start != row:
+            raise SpecError(
+                f"Expected block {i} to have index {i} and start at row {row} (blocks contiguous "
+                f"from row 0), got index {b.index} rows [{b.row_start}, {b.row_stop})"
+            )
+        if b.row_start % spec.shard_rows or b.row_stop % spec.shard_rows:
+            raise SpecError(
+                f"Expected block {i} rows on shard boundaries (multiples of shard_rows "
+                f"{spec.shard_rows}), got [{b.row_start}, {b.row_stop})"
+            )
+        row = b.row_stop
+    if not _is_int(rows) or rows != row:
+        raise SpecError(f"Expected rows = {row} (the last block's row_stop), got {rows!r}")
 
 
 @dataclass(frozen=True)
@@ -279,7 +368,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": FORMAT_VERSION,
+            "version": self.version,
             **self.spec.to_json(),
             "rows": self.rows,
             "blocks": [b.to_json() for b in self.blocks],
@@ -299,10 +388,26 @@ class Manifest:
             )
         try:
             spec = CacheSpec.from_json(d)
+            if not isinstance(d["blocks"], list):
+                raise SpecError(f"Expected blocks to be a list, got {d['blocks']!r}")
             blocks = tuple(Block.from_json(b) for b in d["blocks"])
-            rows = int(d["rows"])
-        except (KeyError, TypeError) as exc:
-            raise NotACacheError(f"Expected a complete manifest in {where}, missing {exc}") from exc
+            rows = d["rows"]
+            check_block_table(spec, blocks, rows)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ManifestError(
+                f"Expected a complete manifest in {where}, got a missing or malformed field "
+                f"({type(exc).__name__}: {exc}); restore the file or rebuild the cache"
+            ) from exc
+        except SpecError as exc:
+            raise ManifestError(
+                f"{exc} in the manifest of {where} (edited or corrupt: restore the file or "
+                f"rebuild the cache)"
+            ) from exc
+        if version < CODEC_SINCE_VERSION[spec.codec]:
+            raise FormatVersionError(
+                f"Expected format version >= {CODEC_SINCE_VERSION[spec.codec]} for codec "
+                f"{spec.codec!r} in {where}, got {version}"
+            )
         return cls(spec=spec, blocks=blocks, rows=rows, version=version)
 
 
@@ -326,17 +431,25 @@ def plan_blocks(sources: Sequence[tuple[str, int]], shard_rows: int) -> list[Blo
 
 def read_group_metadata(path: str | Path) -> dict[str, Any]:
     """The group's zarr.json as a dict; NotACacheError naming the path when it is not one."""
-    meta_file = Path(path) / GROUP_METADATA
-    if not Path(path).is_dir():
+    path = local_path(path, "the cache")
+    meta_file = path / GROUP_METADATA
+    if not path.is_dir():
         raise NotACacheError(f"Expected a featurecache cache directory, got {str(path)!r}")
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_bytes())
     except FileNotFoundError as exc:
         raise NotACacheError(
             f"Expected a Zarr v3 group ({GROUP_METADATA}) at {str(path)!r}, found none"
         ) from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NotACacheError(f"Expected readable JSON in {str(meta_file)!r}, got {exc}") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise NotACacheError(
+            f"Expected JSON in {str(meta_file)!r}, got unparsable bytes ({exc}): the file is "
+            f"corrupt; restore it from a backup or rebuild the cache"
+        ) from exc
+    if not isinstance(meta, dict):
+        raise NotACacheError(
+            f"Expected a JSON object in {str(meta_file)!r}, got a {type(meta).__name__}"
+        )
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
         raise NotACacheError(
             f"Expected a Zarr v3 group in {str(meta_file)!r}, got zarr_format="
@@ -354,7 +467,7 @@ def read_manifest(path: str | Path) -> Manifest:
             f"Expected attribute {ATTRS_KEY!r} in {str(Path(path) / GROUP_METADATA)!r}: "
             f"a Zarr group but not a featurecache cache"
         )
-    return Manifest.from_json(attrs, where=str(path))
+    return Manifest.from_json(attrs, where=str(Path(path) / GROUP_METADATA))
 
 
 @contextlib.contextmanager
@@ -370,16 +483,44 @@ def manifest_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+def acquire_build_lock(folder: str | Path, cache: str | Path) -> int:
+    """Take the build lock of the cache `cache` (its file in `folder`: the cache itself, or the
+    folder it is being created in) without waiting: returns the open fd that holds it (closing
+    it releases it, as does the process's exit). CacheBusyError naming who holds it otherwise."""
+    lock_file = Path(folder) / BUILD_LOCK_FILE
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise CacheBusyError(
+            f"Expected no other build writing {str(cache)!r}, got one running ({holder}); wait "
+            f"for it to finish, then rerun this command: it resumes and writes only what is "
+            f"left (do not delete the cache: that would destroy the running build's work)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd
+
+
 def write_group_metadata(path: str | Path, meta: dict[str, Any]) -> None:
     """Write zarr.json atomically: temp file in the same folder, fsync, os.replace, fsync dir."""
     path = Path(path)
     tmp = path / f".{GROUP_METADATA}.{os.getpid()}.tmp"
     data = json.dumps(meta, indent=2).encode()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / GROUP_METADATA)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / GROUP_METADATA)
+    except OSError as exc:  # disk full, read-only: the old zarr.json stays as it was
+        tmp.unlink(missing_ok=True)
+        raise StorageError(
+            f"Expected to write {str(path / GROUP_METADATA)!r}, got {exc.strerror or exc} (the "
+            f"manifest is unchanged; free space or fix permissions, then rerun to resume)"
+        ) from exc
     dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -61,6 +61,23 @@ def open_store(location: str | Path) -> Store:
     return ObjectStore(parts.scheme, parts.netloc, parts.path.strip("/"))
 
 
+def local_path(location: str | Path, what: str = "path") -> Path:
+    """The local path `location` names, for callers that work on local folders only (a
+    `file://` URL is local). Any other URL (s3://, gs://, http://, x://) raises
+    UnsupportedURLError naming `what` (an option such as "--out"), so a URL never turns into a
+    local folder called `s3:`. The one place that refuses URLs: a caller that learns object
+    stores switches from this to open_store."""
+    if not is_url(location):
+        return Path(location)
+    parts = urlsplit(str(location))
+    if parts.scheme == "file":
+        return Path(parts.path)
+    raise UnsupportedURLError(
+        f"Expected a local path for {what}, got the URL {str(location)!r} (object stores are not "
+        f"supported here yet: use a local or mounted folder)"
+    )
+
+
 def coalesce(ranges: Sequence[Range]) -> tuple[list[Range], list[tuple[int, int, int]]]:
     """Merge adjacent or overlapping byte ranges: returns (merged ranges in file order, and per
     input range (merged index, offset in it, length)). Sorted inputs that touch become one read."""

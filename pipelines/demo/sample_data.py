@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from featurecache.errors import OptionError
+from featurecache.store import local_path
 
 __all__ = [
     "ACTION_DIM",
@@ -604,7 +605,7 @@ def write_sample_data(
             raise OptionError(f"Expected {name} to be an integer >= {low}, got {value!r}.")
     if split not in _SPLIT_IDS:
         raise OptionError(f"Expected split in {SPLITS}, got {split!r}.")
-    out = Path(out)
+    out = local_path(out, "the frames folder OUT")
     if out.exists() and not out.is_dir():
         raise OptionError(f"Expected {out} to be a folder for the shards, got a file.")
     out.mkdir(parents=True, exist_ok=True)
