@@ -18,13 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from featurecache.pipelines.resample import resample_tokens
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.stream import StreamConfig, iter_batches
 from featurecache.pipelines.training.targets import (
     cache_target_spec,
     check_targets_fit,
     dequantize,
-    resample_grid,
 )
 
 
@@ -39,7 +39,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Action L1 / MSE (overall and per dimension) of `run` on `frames`; plus the alignment
     cosine when `cache` holds the run's teacher layer for these frames."""
-    from featurecache.pipelines.build.frames import expand_frame_paths
+    from featurecache.samples import expand_frame_paths
 
     loaded = load_run(run, device)
     student, projector = loaded.student, loaded.projector
@@ -89,7 +89,7 @@ def evaluate_run(
                 goal = dequantize(goal, scales)  # (B, T, D) float32
                 if target.tokens != student.num_visual_tokens:
                     assert target.grid is not None
-                    goal = resample_grid(goal, target.grid, student.visual_grid)
+                    goal = resample_tokens(goal, target.grid, student.visual_grid)
                 cos = F.cosine_similarity(projector(out.visual).float(), goal, dim=-1)  # (B, T)
                 cos_sum += float(cos.sum())
                 cos_count += cos.numel()

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from featurecache.errors import ShapeMismatchError, UnknownLayerError
 from featurecache.kernels import cosine_alignment_loss
+from featurecache.pipelines.resample import resample_tokens
 from featurecache.pipelines.training.stream import Batch
 from featurecache.pipelines.training.students import Student
 
@@ -84,16 +84,6 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor | None) -> torch.Tenso
     return values.float() * scales.float().unsqueeze(-1)
 
 
-def resample_grid(
-    target: torch.Tensor, grid: tuple[int, int], out: tuple[int, int]
-) -> torch.Tensor:
-    """(B, h*w, D) float on grid (h, w) -> (B, H*W, D) on grid `out`, bilinear."""
-    b, _, d = target.shape
-    x = target.reshape(b, grid[0], grid[1], d).permute(0, 3, 1, 2)  # (B, D, h, w)
-    x = F.interpolate(x, size=out, mode="bilinear", align_corners=False)
-    return x.permute(0, 2, 3, 1).reshape(b, out[0] * out[1], d)
-
-
 def batch_targets(
     batch: Batch,
     teacher: Any,
@@ -117,7 +107,7 @@ def batch_targets(
         scales = None if batch.scales is None else batch.scales.to(device)
     if target.tokens != student.num_visual_tokens and resample:
         assert target.grid is not None
-        return resample_grid(dequantize(values, scales), target.grid, student.visual_grid)
+        return resample_tokens(dequantize(values, scales), target.grid, student.visual_grid)
     return values
 
 

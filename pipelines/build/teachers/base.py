@@ -18,11 +18,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from featurecache.errors import FeatureCacheError, UnknownLayerError
 from featurecache.format import LayerSpec
+from featurecache.pipelines.resample import resample_tokens
 
 __all__ = [
     "FINGERPRINT_VERSION",
@@ -53,23 +53,6 @@ def weights_sha256(module: torch.nn.Module, *, skip: Iterable[str] = ()) -> str:
         if tensor.numel():
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + digest.hexdigest()
-
-
-def resample_tokens(
-    tokens: torch.Tensor, grid: tuple[int, int], out: tuple[int, int]
-) -> torch.Tensor:
-    """Bilinear resample of a token grid: (B, h*w, D) laid out row-major on `grid` (h, w) ->
-    (B, H*W, D) on `out` (H, W); align_corners=False, antialiased when shrinking (torch's
-    `interpolate`). Identity when grid == out."""
-    if tuple(grid) == tuple(out):
-        return tokens
-    b, t, d = tokens.shape
-    h, w = grid
-    assert t == h * w, (t, grid)
-    maps = tokens.transpose(1, 2).reshape(b, d, h, w).float()
-    shrink = out[0] < h or out[1] < w
-    maps = F.interpolate(maps, size=out, mode="bilinear", align_corners=False, antialias=shrink)
-    return maps.reshape(b, d, out[0] * out[1]).transpose(1, 2).contiguous()
 
 
 class Teacher(ABC):
