@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from featurecache.codecs import calibrate_channel_scale
     from featurecache.errors import (
         BlockAlreadyDoneError,
         BlockCapacityError,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
+    "featurecache.codecs": ("calibrate_channel_scale",),
     "featurecache.errors": (
         "BlockAlreadyDoneError",
         "BlockCapacityError",
@@ -115,6 +117,7 @@ __all__ = [
     "UnknownKeyError",
     "UnknownLayerError",
     "UnsupportedURLError",
+    "calibrate_channel_scale",
     "create_cache",
     "open_cache",
     "open_writer",

@@ -24,13 +24,17 @@ from zarr.storage import LocalStore
 
 from featurecache.errors import FeatureCacheError
 from featurecache.format import (
+    CHANNEL_SCALED_CODECS,
     CHECKSUM_PREFIX,
     FEATURE_DTYPE,
     FORMAT_VERSION,
     KEYS_ARRAY,
     SCALE_DTYPE,
+    SCALED_CODECS,
     Block,
     Manifest,
+    channel_scale_arrays,
+    channel_scales_path,
     checksum_arrays,
     features_path,
     read_manifest,
@@ -64,9 +68,12 @@ def inspect_cache(path: str | Path) -> dict[str, Any]:
     for layer in spec.layers:
         decoded = written * layer.tokens * layer.dim * itemsize
         disk = _tree_bytes(path / features_path(layer.name) / "c")
-        if spec.codec == "int8":
+        if spec.codec in SCALED_CODECS:
             decoded += written * layer.tokens * np.dtype(SCALE_DTYPE).itemsize
             disk += _tree_bytes(path / scales_path(layer.name) / "c")
+        if spec.codec in CHANNEL_SCALED_CODECS:
+            decoded += layer.dim * np.dtype(SCALE_DTYPE).itemsize
+            disk += _tree_bytes(path / channel_scales_path(layer.name) / "c")
         fp16 = written * layer.tokens * layer.dim * 2
         layers.append(
             {
@@ -146,13 +153,39 @@ class VerifyReport:
         return d
 
 
+def _channel_scales_prefix(path: Path, m: Manifest, store: Any, report: VerifyReport) -> bytes:
+    """The int8c channel scale vectors as the block checksums' leading bytes (FORMAT.md), each
+    checked to decode (crc32c) and to hold `dim` finite positive values; b"" for other codecs."""
+    prefix = b""
+    for name in channel_scale_arrays(m.spec):
+        dim = m.spec.layer(name.split("/", 1)[1]).dim
+        file = str(path / name / "c" / "0")
+        try:
+            c = np.asarray(zarr.open_array(store, path=name, mode="r")[:])
+        except Exception as exc:
+            msg = f"{name} does not decode: {type(exc).__name__}: {exc}"
+            report.problems.append(Problem("corrupt", msg, file=file))
+            continue
+        if c.shape != (dim,) or not (np.isfinite(c).all() and (c > 0).all()):
+            msg = f"Expected {dim} finite positive values in {name}, got shape {c.shape}"
+            report.problems.append(Problem("non-finite", msg, file=file))
+        prefix += np.ascontiguousarray(c, dtype="<f4").tobytes()
+    return prefix
+
+
 def _check_block(
-    path: Path, m: Manifest, block: Block, arrays: dict[str, zarr.Array], report: VerifyReport
+    path: Path,
+    m: Manifest,
+    block: Block,
+    arrays: dict[str, zarr.Array],
+    report: VerifyReport,
+    prefix: bytes = b"",
 ) -> list[str]:
-    """Decode a done block shard by shard; append problems; return its keys ([] if unreadable)."""
+    """Decode a done block shard by shard; append problems; return its keys ([] if unreadable).
+    `prefix`: the bytes the block's checksum stream starts with (int8c channel scales)."""
     spec, sr = m.spec, m.spec.shard_rows
     stop = block.row_start + block.count
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(prefix)
     keys: list[str] = []
     failed = False
 
@@ -268,6 +301,7 @@ def verify_cache(path: str | Path, frames: Sequence[str | Path] | None = None) -
     report = VerifyReport(path=str(path))
     store = LocalStore(path, read_only=True)
     arrays = {name: zarr.open_array(store, path=name, mode="r") for name in checksum_arrays(m.spec)}
+    prefix = _channel_scales_prefix(path, m, store, report)
     seen: dict[str, int] = {}
     for block in m.blocks:
         if not block.done:
@@ -275,7 +309,7 @@ def verify_cache(path: str | Path, frames: Sequence[str | Path] | None = None) -
             msg = "block is not done (cache incomplete)"
             report.problems.append(Problem("pending", msg, block.index, block.source, rows=rows))
             continue
-        keys = _check_block(path, m, block, arrays, report)
+        keys = _check_block(path, m, block, arrays, report, prefix)
         report.blocks_checked += 1
         for i, key in enumerate(keys):
             if key in seen and key:

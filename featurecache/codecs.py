@@ -1,11 +1,26 @@
-"""Value codecs (fp16 cast, int8 per-token absmax quantization) and the standard Zarr v3 codec
-chains the arrays are stored with. Quantization happens here, in the writer, never inside Zarr:
-a plain Zarr v3 reader gets int8 values and float32 scales and multiplies them itself.
+"""Value codecs (fp16 cast, int8 quantization per token, and per token x per channel) and the
+standard Zarr v3 codec chains the arrays are stored with. Quantization happens here, in the writer,
+never inside Zarr: a plain Zarr v3 reader gets int8 values and float32 scales and multiplies them
+itself (docs/FORMAT.md).
 
 int8 (per token, i.e. per (row, token) vector over `dim`):
     scale = max_d |x_d| / 127                   float32, 0 for an all-zero token
     q_d   = clip(round_half_even(x_d / scale), -127, 127)   int8 (0 where scale == 0)
     x_d  ~= q_d * scale                         |error| <= scale / 2 per element
+
+int8c (int8 of the channel-equalised token y_d = x_d / c_d, c the layer's channel scale (dim,)):
+    scale = max_d |y_d| / 127
+    q_d   = clip(round_half_even(y_d / scale), -127, 127)
+    x_d  ~= q_d * scale * c_d                   |error| <= scale * c_d / 2 per element
+A channel that is large in every token (a "massive activation" channel of a ViT) gets a large c_d,
+so it no longer sets the token's scale and coarsens every other channel. Values are never
+clipped, whatever c is: a poorly calibrated c only moves resolution between channels.
+
+Calibration (`calibrate_channel_scale`) picks c from a sample of the layer's tokens: with
+m_d = max over tokens of |x_d| / rms(x) (each token normalised by its RMS, so high-norm tokens do
+not dominate), floored at the median channel, c = (m / median m) ** alpha, alpha the candidate in
+CALIBRATION_ALPHAS with the least mean squared relative error on the sample itself. alpha = 0
+(c = 1, plain int8) is a candidate, so on its calibration sample int8c is never worse than int8.
 """
 
 from __future__ import annotations
@@ -17,8 +32,11 @@ import numpy as np
 from numcodecs import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
-from featurecache.errors import ChunkError
+from featurecache.errors import ChunkError, InvalidFeaturesError
 from featurecache.format import INT8_LEVELS, ZSTD_LEVEL
+
+CALIBRATION_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidate strengths of the equalisation
+CALIBRATION_TOKENS = 16384  # tokens of the sample used (8k-16k: calibration < 1 s at dim 1024)
 
 
 def to_numpy_float(x: Any) -> np.ndarray:
@@ -38,9 +56,16 @@ def to_numpy_float(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x float (n, tokens, dim) -> (q int8 (n, tokens, dim), scale float32 (n, tokens))."""
+def quantize_int8(
+    x: np.ndarray, channel_scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """x float (n, tokens, dim) -> (q int8 (n, tokens, dim), scale float32 (n, tokens)).
+
+    With `channel_scale` c float32 (dim,), positive (int8c), the token x / c is quantized:
+    x ~= q * scale[..., None] * c."""
     x = np.asarray(x, dtype=np.float32)
+    if channel_scale is not None:
+        x = x / np.asarray(channel_scale, dtype=np.float32)
     absmax = np.abs(x).max(axis=-1)
     scale = (absmax / np.float32(INT8_LEVELS)).astype(np.float32)
     safe = np.where(scale > 0, scale, np.float32(1.0))
@@ -49,9 +74,83 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int8), scale
 
 
-def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """q int8 (..., tokens, dim), scale float32 (..., tokens) -> float32 (..., tokens, dim)."""
-    return q.astype(np.float32) * scale.astype(np.float32)[..., None]
+def dequantize_int8(
+    q: np.ndarray, scale: np.ndarray, channel_scale: np.ndarray | None = None
+) -> np.ndarray:
+    """q int8 (..., tokens, dim), scale float32 (..., tokens), optional channel_scale float32
+    (dim,) (int8c) -> float32 (..., tokens, dim) = q * scale[..., None] (* channel_scale)."""
+    x = q.astype(np.float32) * scale.astype(np.float32)[..., None]
+    if channel_scale is not None:
+        x *= np.asarray(channel_scale, dtype=np.float32)
+    return x
+
+
+def _relative_error(x: np.ndarray, channel_scale: np.ndarray | None) -> float:
+    """Mean over tokens of |x - x_hat|^2 / |x|^2 (about 2 * mean(1 - cos)) for x (n, dim)."""
+    q, scale = quantize_int8(x[:, None, :], channel_scale)
+    err = dequantize_int8(q, scale, channel_scale)[:, 0, :].astype(np.float64) - x
+    norm2 = np.einsum("nd,nd->n", x, x)
+    keep = norm2 > 0
+    return (
+        float((np.einsum("nd,nd->n", err, err)[keep] / norm2[keep]).mean()) if keep.any() else 0.0
+    )
+
+
+def calibrate_channel_scale(x: Any, *, max_tokens: int = CALIBRATION_TOKENS) -> np.ndarray:
+    """The int8c channel scale c, float32 (dim,), finite, >= 1 (at least half the channels are
+    1), from a sample of a layer's features x (..., dim) (e.g. the first frames' teacher output,
+    (n, tokens, dim)).
+
+    See the module docstring for the rule. At most `max_tokens` tokens are used (an even stride
+    over the sample). Deterministic: the same sample gives the same bits. All-zero samples give
+    c = 1."""
+    x = to_numpy_float(x)
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise InvalidFeaturesError(f"Expected calibration features (..., dim), got {x.shape}")
+    tokens = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+    if len(tokens) > max_tokens:
+        tokens = tokens[:: -(-len(tokens) // max_tokens)]
+    if not np.isfinite(tokens).all():
+        raise InvalidFeaturesError("Expected finite calibration features, got NaN or Inf")
+    rms = np.sqrt((tokens * tokens).mean(axis=-1, keepdims=True))
+    live = rms[:, 0] > 0
+    ones = np.ones(x.shape[-1], np.float32)
+    if not live.any():
+        return ones
+    m = np.abs(tokens[live] / rms[live]).max(axis=0)  # (dim,) per-channel peak, RMS units
+    median = float(np.median(m))
+    if not median > 0:  # most channels never fire in the sample: nothing to equalise safely
+        return ones
+    m = np.maximum(m, median) / median  # >= 1: channels are only ever attenuated
+    sample = tokens[live]
+    best, best_err = ones, _relative_error(sample, None)
+    for alpha in CALIBRATION_ALPHAS:
+        if alpha == 0:
+            continue
+        c = (m**alpha).astype(np.float32)
+        err = _relative_error(sample, c)
+        if err < best_err:
+            best, best_err = c, err
+    return best
+
+
+def check_channel_scale(c: Any, dim: int, where: str) -> np.ndarray:
+    """A channel scale as float32 (dim,), or InvalidFeaturesError naming `where` when it is not
+    (dim,), not finite or not positive."""
+    arr = to_numpy_float(c)
+    if arr.shape != (dim,) or arr.dtype.kind not in "fiu":
+        raise InvalidFeaturesError(
+            f"Expected a channel scale of shape ({dim},) for {where}, got "
+            f"{arr.dtype} {tuple(arr.shape)}"
+        )
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not (np.isfinite(arr).all() and (arr > 0).all()):
+        raise InvalidFeaturesError(
+            f"Expected finite, positive channel scale values for {where}, got min "
+            f"{float(np.nanmin(arr)) if arr.size else 'none'} (NaN/Inf: "
+            f"{int((~np.isfinite(arr)).sum())})"
+        )
+    return arr
 
 
 def inner_codecs() -> dict[str, Any]:

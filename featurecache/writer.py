@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from featurecache.codecs import inner_codecs, quantize_int8, to_numpy_float
+from featurecache.codecs import check_channel_scale, inner_codecs, quantize_int8, to_numpy_float
 from featurecache.errors import (
     BlockAlreadyDoneError,
     BlockCapacityError,
@@ -36,21 +36,27 @@ from featurecache.errors import (
     NotACacheError,
     ShapeMismatchError,
     SpecMismatchError,
+    StorageError,
     UnknownLayerError,
 )
 from featurecache.format import (
     ATTRS_KEY,
+    CHANNEL_SCALED_CODECS,
     CHECKSUM_PREFIX,
     FEATURE_DTYPE,
     GROUP_METADATA,
     KEY_DTYPE,
     KEYS_ARRAY,
     SCALE_DTYPE,
+    SCALED_CODECS,
     STATUS_DONE,
     STATUS_PENDING,
     Block,
     CacheSpec,
     Manifest,
+    acquire_build_lock,
+    channel_scale_arrays,
+    channel_scales_path,
     checksum_arrays,
     features_path,
     manifest_lock,
@@ -61,6 +67,7 @@ from featurecache.format import (
     update_manifest,
     write_group_metadata,
 )
+from featurecache.store import local_path
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -119,7 +126,9 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _create_arrays(path: Path, spec: CacheSpec, rows: int) -> None:
+def _create_arrays(
+    path: Path, spec: CacheSpec, rows: int, channel_scales: dict[str, np.ndarray]
+) -> None:
     store = LocalStore(path)
     zarr.create_group(store=store, zarr_format=3)
     sr = spec.shard_rows
@@ -136,57 +145,181 @@ def _create_arrays(path: Path, spec: CacheSpec, rows: int) -> None:
             dimension_names=("row", "token", "dim"), **inner_codecs(),
             attributes={ATTRS_KEY: {"role": "features", "layer": layer.name, "codec": spec.codec}},
         )  # fmt: skip
-        if spec.codec == "int8":
+        if spec.codec in SCALED_CODECS:
             zarr.create_array(
                 store, name=scales_path(layer.name), shape=(rows, t), chunks=(sr, t),
                 dtype=SCALE_DTYPE, fill_value=0, dimension_names=("row", "token"),
                 **inner_codecs(), attributes={ATTRS_KEY: {"role": "scales", "layer": layer.name,
                 "dequantize": "features[r, t, :] * scales[r, t]"}},
             )  # fmt: skip
+        if spec.codec in CHANNEL_SCALED_CODECS:  # written once, here, before any block
+            arr = zarr.create_array(
+                store, name=channel_scales_path(layer.name), shape=(d,), chunks=(d,),
+                dtype=SCALE_DTYPE, fill_value=0, dimension_names=("dim",), **inner_codecs(),
+                attributes={ATTRS_KEY: {"role": "channel_scales", "layer": layer.name,
+                "dequantize": "features[r, t, :] * scales[r, t] * channel_scales[:]"}},
+            )  # fmt: skip
+            arr[:] = channel_scales[layer.name]
+
+
+def _check_channel_scales(
+    spec: CacheSpec, channel_scales: Mapping[str, Any] | None, *, required: bool
+) -> dict[str, np.ndarray]:
+    """{layer: float32 (dim,)} for an int8c spec (every layer, finite and positive; {} when none
+    are given and none are `required`), {} for other codecs; InvalidFeaturesError or
+    SpecMismatchError naming the layer otherwise."""
+    if spec.codec not in CHANNEL_SCALED_CODECS:
+        if channel_scales:
+            raise SpecMismatchError(
+                f"Expected no channel_scales for codec {spec.codec!r} (only int8c has them), got "
+                f"{sorted(channel_scales)}"
+            )
+        return {}
+    given = dict(channel_scales or {})
+    if not given and not required:
+        return {}
+    if set(map(str, given)) != set(spec.layer_names):
+        raise InvalidFeaturesError(
+            f"Expected channel_scales for every layer {list(spec.layer_names)} of an int8c cache "
+            f"(featurecache.calibrate_channel_scale of a sample of each layer), got "
+            f"{sorted(map(str, given))}"
+        )
+    return {
+        layer.name: check_channel_scale(given[layer.name], layer.dim, f"layer {layer.name!r}")
+        for layer in spec.layers
+    }
+
+
+def read_channel_scales(path: Path, spec: CacheSpec) -> dict[str, np.ndarray]:
+    """{layer: float32 (dim,)} stored in an int8c cache ({} for other codecs)."""
+    store = LocalStore(path, read_only=True)
+    return {
+        name.split("/", 1)[1]: np.asarray(zarr.open_array(store, path=name, mode="r")[:])
+        for name in channel_scale_arrays(spec)
+    }
+
+
+def _check_same_channel_scales(path: Path, spec: CacheSpec, wanted: dict[str, np.ndarray]) -> None:
+    """On resume: channel scales given for an existing int8c cache must equal the stored ones."""
+    if not wanted:
+        return
+    stored = read_channel_scales(path, spec)
+    for layer, c in wanted.items():
+        if not np.array_equal(stored[layer], c):
+            raise SpecMismatchError(
+                f"Expected the cache at {str(path)!r} to hold the requested channel scales of "
+                f"layer {layer!r}, got different stored values (pass no channel_scales to resume "
+                f"with the stored ones, or overwrite=True to start over)"
+            )
 
 
 def create_cache(
-    path: str | Path, spec: CacheSpec, plan: Sequence[Block], *, overwrite: bool = False
+    path: str | Path,
+    spec: CacheSpec,
+    plan: Sequence[Block],
+    *,
+    overwrite: bool = False,
+    exclusive: bool = False,
+    channel_scales: Mapping[str, Any] | None = None,
 ) -> CacheWriter:
     """Create the cache at `path` for `spec` and `plan` (see plan_blocks) and return its writer.
 
     An existing cache with the same spec and plan is reopened (resume: done blocks stay done);
     a different spec, fingerprint or plan raises SpecMismatchError showing both, unless
     overwrite=True, which deletes the old cache first. A non-empty folder that is not a cache is
-    never deleted (NotACacheError). The cache appears atomically (built beside, then renamed).
+    never deleted (NotACacheError). The cache appears atomically (built beside, then renamed),
+    with the permissions the umask gives new folders.
+
+    exclusive=True (a build's driver): the writer holds the cache's build lock until
+    `writer.close()`; another exclusive writer (a second build) gets CacheBusyError, checked
+    before anything is compared or deleted, so `overwrite` never deletes a running build's work.
+
+    channel_scales: {layer: (dim,) positive floats}, required to create an int8c cache (see
+    `calibrate_channel_scale`; fixed before any block is written, since blocks are written in
+    parallel), never for other codecs. Resuming an int8c cache needs none (the stored ones are
+    used); given, they must equal the stored ones (SpecMismatchError).
     """
-    path = Path(path)
+    scales = _check_channel_scales(spec, channel_scales, required=False)
+    path = local_path(path, "the cache")
     blocks = _validate_plan(spec, plan)
     rows = blocks[-1].row_stop if blocks else 0
     manifest = Manifest(spec=spec, blocks=blocks, rows=rows)
+    lock: int | None = None
     if path.exists():
         if not path.is_dir():
             raise NotACacheError(f"Expected a folder (or nothing) at {str(path)!r}, got a file")
         if any(path.iterdir()):
             existing = read_manifest(path)  # NotACacheError for a non-empty non-cache folder
-            if overwrite:
+            lock = acquire_build_lock(path, path) if exclusive else None
+            try:
+                if not overwrite:
+                    _check_same(path, existing, manifest)
+                    _check_same_channel_scales(path, spec, scales)
+                    return CacheWriter(path, lock=lock)
                 shutil.rmtree(path)
-            else:
-                _check_same(path, existing, manifest)
-                return CacheWriter(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.creating-", dir=path.parent))
+            except BaseException:
+                if lock is not None:
+                    os.close(lock)
+                raise
+    scales = _check_channel_scales(spec, channel_scales, required=True)
+    return _create_new(path, spec, manifest, lock, exclusive, scales)
+
+
+def _create_new(
+    path: Path,
+    spec: CacheSpec,
+    manifest: Manifest,
+    lock: int | None,
+    exclusive: bool,
+    channel_scales: dict[str, np.ndarray],
+) -> CacheWriter:
+    """Build the cache in a temp folder beside `path` and rename it into place (atomic). With
+    `exclusive`, the build lock is taken on the temp folder's lock file before the rename, so the
+    cache is never visible unlocked; `lock` (the old cache's, if any) is released."""
     try:
-        _create_arrays(tmp, spec, rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mkdir honours the umask (tempfile.mkdtemp would make the cache 0700)
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise StorageError(
+            f"Expected to create the cache folder {str(path)!r}, got {exc.strerror or exc} "
+            f"(choose a writable location)"
+        ) from exc
+    try:
+        _create_arrays(tmp, spec, manifest.rows, channel_scales)
         meta = read_group_metadata(tmp)
         meta.setdefault("attributes", {})[ATTRS_KEY] = manifest.to_json()
         write_group_metadata(tmp, meta)
+        if exclusive:  # the new cache's lock, then the old one's (if any) is let go
+            old, lock = lock, acquire_build_lock(tmp, path)
+            if old is not None:
+                os.close(old)
         try:
             os.rename(tmp, path)  # atomic; replaces an empty folder; fails if another won
         except OSError:
-            if path.is_dir() and (path / GROUP_METADATA).exists():
-                _check_same(path, read_manifest(path), manifest)
-                return CacheWriter(path)
-            raise
+            if not (path.is_dir() and (path / GROUP_METADATA).exists()):
+                raise
+            if lock is not None:  # another process created it first: lock and compare that one
+                os.close(lock)
+                lock = None
+                lock = acquire_build_lock(path, path)
+            _check_same(path, read_manifest(path), manifest)
+            _check_same_channel_scales(path, spec, channel_scales)
+        return CacheWriter(path, lock=lock)
+    except BaseException as exc:
+        if lock is not None:
+            os.close(lock)
+        if isinstance(exc, OSError):
+            raise StorageError(
+                f"Expected to create the cache {str(path)!r}, got {exc.strerror or exc} in "
+                f"{exc.filename or str(tmp)!r} (nothing was written there; free space or choose "
+                f"a writable location)"
+            ) from exc
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return CacheWriter(path)
 
 
 def _check_same(path: Path, existing: Manifest, wanted: Manifest) -> None:
@@ -218,14 +351,32 @@ def open_writer(path: str | Path) -> CacheWriter:
 
 
 class CacheWriter:
-    """Writes blocks of one cache. Cheap to create and picklable (holds only the path)."""
+    """Writes blocks of one cache. Cheap to create and picklable (holds only the path; a copy
+    never holds the build lock). The writer of `create_cache(..., exclusive=True)` holds the
+    build lock until `close()` (or the end of a `with` block, or of the process)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, lock: int | None = None) -> None:
         self.path = Path(path)
+        self._lock = lock
         self.manifest = read_manifest(self.path)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (CacheWriter, (str(self.path),))
+
+    def close(self) -> None:
+        """Release the build lock, if this writer holds it (idempotent)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            os.close(lock)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
     @property
     def spec(self) -> CacheSpec:
@@ -312,6 +463,10 @@ class BlockWriter:
             for name in checksum_arrays(spec)
         }
         self._hash = hashlib.sha256()
+        self._channel_scales = read_channel_scales(path, spec)  # int8c: {layer: (dim,)}
+        for layer in spec.layer_names:  # FORMAT.md: an int8c checksum starts with them
+            if layer in self._channel_scales:
+                self._hash.update(self._channel_scales[layer].astype("<f4").tobytes())
         self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self._arrays}
         self._buffered = 0
         self._written = 0
@@ -394,7 +549,7 @@ class BlockWriter:
             if self.spec.codec == "fp16":
                 staged[features_path(layer.name)] = x.astype(np.float16)
             else:
-                q, scale = quantize_int8(x)
+                q, scale = quantize_int8(x, self._channel_scales.get(layer.name))
                 staged[features_path(layer.name)] = q
                 staged[scales_path(layer.name)] = scale
         key_rows = np.zeros((n, self.spec.key_bytes), dtype=np.uint8)
@@ -421,7 +576,16 @@ class BlockWriter:
             head, rest = data[:take], data[take:]
             self._buffers[name] = [rest] if len(rest) else []
             self._hash.update(np.ascontiguousarray(head).tobytes())
-            self._arrays[name][start : start + take] = head
+            try:
+                self._arrays[name][start : start + take] = head
+            except OSError as exc:  # disk full, read-only: the block stays pending
+                ndim = self._arrays[name].ndim
+                file = self.path / shard_file(name, ndim, start // sr)
+                raise StorageError(
+                    f"Expected to write {str(file)!r} (block {self.block.index}, "
+                    f"{self.block.source}), got {exc.strerror or exc}; done blocks are kept and "
+                    f"this one stays pending: free space or fix permissions, then rerun to resume"
+                ) from exc
         self._buffered -= take
         self._written += take
 

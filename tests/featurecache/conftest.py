@@ -53,7 +53,15 @@ def write_blocks(
 ) -> dict[str, dict[str, np.ndarray]]:
     spec = fc.CacheSpec(tuple(layers), codec, shard_rows, FINGERPRINT)
     plan = fc.plan_blocks([(f"frames-{i:06d}.tar", n) for i, n in enumerate(sizes)], shard_rows)
-    writer = fc.create_cache(path, spec, plan)
+    channel_scales = None
+    if codec == "int8c":  # calibrated on other features of the same distribution
+        channel_scales = {
+            layer.name: fc.calibrate_channel_scale(
+                realistic_features(8, layer.tokens, layer.dim, seed=seed + 99)
+            )
+            for layer in layers
+        }
+    writer = fc.create_cache(path, spec, plan, channel_scales=channel_scales)
     data: dict[str, dict[str, np.ndarray]] = {}
     for b, n in enumerate(sizes):
         bw = writer.open_block(b)

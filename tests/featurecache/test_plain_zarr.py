@@ -19,14 +19,18 @@ import numpy as np, zarr
 
 path, out = sys.argv[1], sys.argv[2]
 attrs = json.load(open(f"{path}/zarr.json"))["attributes"]["featurecache"]
-assert attrs["version"] == 1
+assert attrs["version"] in (1, 2)
 sr = attrs["shard_rows"]
 keys_arr = zarr.open_array(path, path="keys", mode="r")
 arrays = ["keys"]
+channel = {}  # int8c: (dim,) per layer; the checksum stream starts with them
 for layer in attrs["layers"]:
     arrays.append("features/" + layer["name"])
-    if attrs["codec"] == "int8":
+    if attrs["codec"] in ("int8", "int8c"):
         arrays.append("scales/" + layer["name"])
+    if attrs["codec"] == "int8c":
+        channel[layer["name"]] = zarr.open_array(path, path="channel_scales/" + layer["name"])[:]
+prefix = b"".join(np.ascontiguousarray(c).tobytes() for c in channel.values())
 opened = {name: zarr.open_array(path, path=name, mode="r") for name in arrays}
 result = {"keys": [], "checksums_ok": [], "features": {}}
 for b in attrs["blocks"]:
@@ -34,7 +38,7 @@ for b in attrs["blocks"]:
         continue
     start, stop = b["row_start"], b["row_start"] + b["count"]
     result["keys"] += [bytes(r).rstrip(b"\0").decode("utf-8") for r in keys_arr[start:stop]]
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(prefix)
     for s in range(start // sr, (stop - 1) // sr + 1):
         r0, r1 = max(start, s * sr), min(stop, (s + 1) * sr)
         for name in arrays:
@@ -50,15 +54,17 @@ for layer in attrs["layers"]:
         if b["status"] == "done":
             rows += range(b["row_start"], b["row_start"] + b["count"])
     x = opened["features/" + name].oindex[rows]
-    if attrs["codec"] == "int8":
+    if attrs["codec"] in ("int8", "int8c"):
         x = x.astype(np.float32) * opened["scales/" + name].oindex[rows][:, :, None]
+    if attrs["codec"] == "int8c":
+        x = x * channel[name]
     np.save(f"{out}/{name}.npy", x)
 json.dump(result, open(f"{out}/result.json", "w"))
 assert "featurecache" not in sys.modules
 """
 
 
-@pytest.mark.parametrize("codec", ["fp16", "int8"])
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int8c"])
 def test_plain_zarr_reads_what_featurecache_reads(build_cache, tmp_path: Path, codec: str) -> None:
     path, data = build_cache((20, 5, 13), codec=codec)
     out = tmp_path / "plain"
