@@ -346,8 +346,8 @@ def read_header(store: Store) -> dict[str, Any]:
         meta = json.loads(store.read(GROUP_METADATA))
     except FileNotFoundError as exc:
         raise NotACacheError(
-            f"Expected a featurecache cache (a Zarr v3 group) at {store.location!r}, found no "
-            f"{GROUP_METADATA}"
+            f"Expected a featurecache cache directory or object prefix (a Zarr v3 group: "
+            f"{GROUP_METADATA}) at {store.location!r}, found none"
         ) from exc
     except ValueError as exc:
         raise NotACacheError(

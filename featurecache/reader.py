@@ -15,9 +15,7 @@ Decoded rows stay in a small LRU (by bytes), so repeated keys cost nothing.
 
 from __future__ import annotations
 
-import bisect
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
 
 from featurecache.codecs import (
     ChunkError,
@@ -35,28 +32,25 @@ from featurecache.codecs import (
     dequantize_int8,
     direct_layout,
 )
+from featurecache.completion import BlockTable, CacheState, load_state
 from featurecache.errors import (
     BlockNotDoneError,
     CorruptShardError,
     InvalidKeyError,
     NotACacheError,
-    UnknownBlockError,
+    StorageError,
     UnknownKeyError,
 )
 from featurecache.format import (
-    CHANNEL_SCALED_CODECS,
-    FEATURE_DTYPE,
     KEYS_ARRAY,
-    SCALED_CODECS,
     Block,
     CacheSpec,
     Manifest,
-    channel_scales_path,
     features_path,
-    read_manifest,
     scales_path,
     shard_file,
 )
+from featurecache.store import Store, open_store
 
 if TYPE_CHECKING:
     import torch
@@ -86,19 +80,21 @@ class FeatureCache:
     def __init__(
         self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES, direct: bool = True
     ) -> None:
+        self.location = str(path)  # a local path or a URL (s3://, gs://, memory://)
         self.path = Path(path)
         self.cache_bytes = int(cache_bytes)
-        self.manifest: Manifest = read_manifest(self.path)
+        self.store: Store = open_store(path)
+        self.state: CacheState = load_state(self.store)
+        self.table: BlockTable = self.state.table  # the block table as numpy columns
         for layer in self.spec.layer_names:
-            if not (self.path / features_path(layer) / "zarr.json").exists():
+            if not self.store.exists(f"{features_path(layer)}/zarr.json"):
                 raise NotACacheError(
-                    f"Expected array {features_path(layer)!r} in {str(self.path)!r}, found none"
+                    f"Expected array {features_path(layer)!r} in {self.location!r}, found none"
                 )
-        self._store: LocalStore | None = None
+        self._zarr_store: Any = None
         self._arrays: dict[str, zarr.Array] = {}
         self._keys: list[str] | None = None
         self._row_of: dict[str, int] | None = None
-        self._block_starts = [b.row_start for b in self.manifest.blocks]
         self.direct = direct
         self._layouts: dict[str, str | None] = {}
         self._shard_index: dict[tuple[str, int], np.ndarray] = {}
@@ -108,32 +104,36 @@ class FeatureCache:
             OrderedDict()
         )
         self._lru_bytes = 0
-        self._channel_scales: dict[str, np.ndarray] = {}
         self.shard_reads = 0  # statistics, for tests and benchmarks
         self.rows_decoded = 0
 
     # ---- pickling: carry the path only ------------------------------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (str(self.path), self.cache_bytes, self.direct))
+        return (_reopen, (self.location, self.cache_bytes, self.direct))
 
     def __repr__(self) -> str:
-        done = len(self.manifest.done_blocks)
         return (
-            f"FeatureCache({str(self.path)!r}, codec={self.spec.codec}, layers="
-            f"{list(self.spec.layer_names)}, blocks done {done}/{len(self.manifest.blocks)})"
+            f"FeatureCache({self.location!r}, codec={self.spec.codec}, layers="
+            f"{list(self.spec.layer_names)}, blocks done {self.table.n_done}/{len(self.table)})"
         )
 
     @property
     def spec(self) -> CacheSpec:
-        return self.manifest.spec
+        return self.state.spec
+
+    @property
+    def manifest(self) -> Manifest:
+        """Every block as a format.Block (built on each access: for small caches and tools; the
+        reader itself works on `.table`)."""
+        return self.state.manifest()
 
     # ---- key index --------------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array:
         arr = self._arrays.get(name)
         if arr is None:
-            if self._store is None:
-                self._store = LocalStore(self.path, read_only=True)
-            arr = zarr.open_array(self._store, path=name, mode="r")
+            if self._zarr_store is None:
+                self._zarr_store = self.store.zarr_store(read_only=True)
+            arr = zarr.open_array(self._zarr_store, path=name, mode="r")
             self._arrays[name] = arr
         return arr
 
@@ -143,17 +143,17 @@ class FeatureCache:
         sr = self.spec.shard_rows
         ndim = 3 if name.startswith("features/") else 2
         for s in range(start // sr, (stop - 1) // sr + 1):
-            file = self.path / shard_file(name, ndim, s)
-            if not file.exists():
+            file = shard_file(name, ndim, s)
+            if not self.store.exists(file):
                 raise CorruptShardError(
-                    f"Expected shard file {str(file)!r} of block {block.index} ({block.source}) "
-                    f"rows [{start}, {stop}), found none"
+                    f"Expected shard file {self.store.url(file)!r} of block {block.index} "
+                    f"({block.source}) rows [{start}, {stop}), found none"
                 )
         try:
             return np.asarray(self._array(name)[start:stop])
         except Exception as exc:  # zarr raises ValueError (crc32c) or decoder errors
             files = [
-                str(self.path / shard_file(name, ndim, s))
+                self.store.url(shard_file(name, ndim, s))
                 for s in range(start // sr, (stop - 1) // sr + 1)
             ]
             raise CorruptShardError(
@@ -182,7 +182,8 @@ class FeatureCache:
             return
         keys: list[str] = []
         row_of: dict[str, int] = {}
-        for block in self.manifest.done_blocks:
+        for i in self.table.done_indices().tolist():
+            block = self.table.block(i)
             if not block.count:
                 continue
             block_keys = decode_keys(self._block_keys_raw(block))
@@ -191,7 +192,7 @@ class FeatureCache:
                 if key in row_of:
                     other = self.block_of_row(row_of[key])
                     raise InvalidKeyError(
-                        f"Expected unique keys in {str(self.path)!r}, got {key!r} at rows "
+                        f"Expected unique keys in {self.location!r}, got {key!r} at rows "
                         f"{row_of[key]} (block {other.index}) and {row} (block {block.index})"
                     )
                 row_of[key] = row
@@ -215,10 +216,7 @@ class FeatureCache:
 
     def block_of_row(self, row: int) -> Block:
         """The block owning `row`."""
-        i = bisect.bisect_right(self._block_starts, row) - 1
-        if i < 0 or row >= self.manifest.blocks[i].row_stop:
-            raise UnknownBlockError(f"Expected a row in [0, {self.manifest.rows}), got {row}")
-        return self.manifest.blocks[i]
+        return self.table.block(self.table.block_of_row(row))
 
     def row_of(self, key: str) -> int:
         """The row of `key`; UnknownKeyError, or BlockNotDoneError when it is in a pending block."""
@@ -230,20 +228,20 @@ class FeatureCache:
         return row  # type: ignore[return-value]
 
     def _raise_missing(self, key: str) -> None:
-        for block in self.manifest.blocks:
-            if block.done or not block.capacity:
-                continue
+        table = self.table
+        for i in np.flatnonzero(~table.done & (table.row_stop > table.row_start)).tolist():
+            block = table.block(i)
             try:  # what a pending block's writer has written so far
                 raw = np.asarray(self._array(KEYS_ARRAY)[block.row_start : block.row_stop])
             except Exception:
                 continue
             if key in decode_keys(raw):
                 raise BlockNotDoneError(
-                    f"Expected key {key!r} in a done block of {str(self.path)!r}, got it in "
+                    f"Expected key {key!r} in a done block of {self.location!r}, got it in "
                     f"block {block.index} ({block.source}) which is {block.status}"
                 )
         raise UnknownKeyError(
-            f"Expected a key of {str(self.path)!r}, got {key!r} (no done block holds it)"
+            f"Expected a key of {self.location!r}, got {key!r} (no done block holds it)"
         )
 
     # ---- reading ----------------------------------------------------------------------------
@@ -253,7 +251,7 @@ class FeatureCache:
             layout = None
             if self.direct:
                 try:
-                    meta = json.loads((self.path / name / "zarr.json").read_text())
+                    meta = json.loads(self.store.read(f"{name}/zarr.json"))
                     layout = direct_layout(meta)
                 except (OSError, ValueError):
                     layout = None
@@ -263,19 +261,20 @@ class FeatureCache:
     def _corrupt(self, name: str, shard: int, rows: Sequence[int], why: str) -> CorruptShardError:
         block = self.block_of_row(shard * self.spec.shard_rows)
         ndim = 3 if name.startswith("features/") else 2
-        file = self.path / shard_file(name, ndim, shard)
+        file = self.store.url(shard_file(name, ndim, shard))
         span = f"rows [{min(rows)}, {max(rows) + 1})" if len(rows) else "no rows"
         if self._keys is not None and len(rows):
             keys = [self._keys_by_row(r) for r in (min(rows), max(rows))]
             span += f" keys {keys[0]!r}..{keys[1]!r}"
         return CorruptShardError(
-            f"Expected a readable shard file {str(file)!r} of block {block.index} "
+            f"Expected a readable shard file {file!r} of block {block.index} "
             f"({block.source}) {span}, got {why}"
         )
 
     def _keys_by_row(self, row: int) -> str:
         block = self.block_of_row(row)
-        offset = sum(b.count for b in self.manifest.done_blocks if b.row_start < block.row_start)
+        table = self.table
+        offset = int(table.count[table.done & (table.row_start < block.row_start)].sum())
         keys = self._keys or []
         i = offset + row - block.row_start
         return keys[i] if 0 <= i < len(keys) else "?"
@@ -283,7 +282,7 @@ class FeatureCache:
     def _read_file(self, name: str, shard: int, rows: Sequence[int]) -> bytes:
         ndim = 3 if name.startswith("features/") else 2
         try:
-            return (self.path / shard_file(name, ndim, shard)).read_bytes()
+            return self.store.read(shard_file(name, ndim, shard))
         except FileNotFoundError as exc:
             raise self._corrupt(name, shard, rows, "no such file") from exc
 
@@ -291,51 +290,36 @@ class FeatureCache:
         self, name: str, shard: int, local: np.ndarray, shape: tuple[int, int]
     ) -> np.ndarray:
         """Decode rows `local` (sorted, unique, within the shard) of a sharded features array
-        straight from its file: index at the end, one pread per run of adjacent chunks."""
+        straight from its object: the index at its end (read once, then kept), then one ranged
+        read per run of chunks adjacent in the object (one request for all of them on S3/GCS)."""
         sr = self.spec.shard_rows
         rows = [shard * sr + int(i) for i in local]
-        file = self.path / shard_file(name, 3, shard)
-        dtype = np.dtype(FEATURE_DTYPE[self.spec.codec])
+        key = shard_file(name, 3, shard)
+        dtype = np.dtype(np.int8 if self.spec.codec == "int8" else np.float16)
         out = np.empty((len(local), *shape), dtype=dtype)
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise self._corrupt(name, shard, rows, "no such file") from exc
         try:
             index = self._shard_index.get((name, shard))
             if index is None:
-                size = os.fstat(fd).st_size
                 n = sr * 16 + 4
-                if size < n:
-                    raise ChunkError(f"a file of {size} bytes, shorter than its index ({n})")
-                index = decode_shard_index(os.pread(fd, n, size - n), sr)
+                tail = self.store.read_tail(key, n)
+                if len(tail) < n:
+                    raise ChunkError(
+                        f"an object of {len(tail)} bytes, shorter than its index ({n})"
+                    )
+                index = decode_shard_index(tail, sr)
                 if len(self._shard_index) >= 4096:
                     self._shard_index.clear()
                 self._shard_index[(name, shard)] = index
-            i = 0
-            while i < len(local):  # runs of chunks adjacent in the file: one read each
-                j = i + 1
-                while (
-                    j < len(local)
-                    and index[local[j], 0] == index[local[j - 1], 0] + index[local[j - 1], 1]
-                ):
-                    j += 1
-                entries = index[local[i:j]]
-                if not all(chunk_present(e) for e in entries):
-                    raise ChunkError("a written row's chunk marked absent in the shard index")
-                start = int(entries[0, 0])
-                length = int(entries[-1, 0] + entries[-1, 1]) - start
-                buf = os.pread(fd, length, start)
-                if len(buf) != length:
-                    raise ChunkError(f"{len(buf)} bytes where the index promises {length}")
-                for k, (off, nbytes) in enumerate(entries):
-                    a = int(off) - start
-                    out[i + k] = decode_chunk(buf[a : a + int(nbytes)], dtype.str, shape)
-                i = j
-        except ChunkError as exc:
+            entries = index[local]
+            if not all(chunk_present(e) for e in entries):
+                raise ChunkError("a written row's chunk marked absent in the shard index")
+            ranges = [(int(off), int(off) + int(nbytes)) for off, nbytes in entries]
+            for k, buf in enumerate(self.store.read_ranges(key, ranges)):
+                out[k] = decode_chunk(buf, dtype.str, shape)
+        except FileNotFoundError as exc:
+            raise self._corrupt(name, shard, rows, "no such file") from exc
+        except (ChunkError, StorageError) as exc:
             raise self._corrupt(name, shard, rows, str(exc)) from exc
-        finally:
-            os.close(fd)
         return out
 
     def _scale_chunk(self, layer: str, shard: int, rows: Sequence[int]) -> np.ndarray:
@@ -360,13 +344,21 @@ class FeatureCache:
         return chunk
 
     def _check_rows(self, rows: np.ndarray) -> None:
-        for row in np.unique(rows):
-            block = self.block_of_row(int(row))
-            if not block.done or row >= block.row_start + block.count:
-                raise BlockNotDoneError(
-                    f"Expected row {row} in the written rows of a done block, got block "
-                    f"{block.index} ({block.source}, {block.status}, {block.count} rows)"
-                )
+        rows = np.unique(rows)
+        if not len(rows):
+            return
+        for edge in (rows[0], rows[-1]):
+            self.table.block_of_row(int(edge))  # UnknownBlockError outside the table
+        table = self.table
+        at = np.searchsorted(table.row_start, rows, side="right") - 1
+        bad = ~table.done[at] | (rows >= table.row_start[at] + table.count[at])
+        if bad.any():
+            row = int(rows[np.argmax(bad)])
+            block = self.block_of_row(row)
+            raise BlockNotDoneError(
+                f"Expected row {row} in the written rows of a done block, got block "
+                f"{block.index} ({block.source}, {block.status}, {block.count} rows)"
+            )
 
     def _decode(
         self, layer: str, shard: int, local: np.ndarray
@@ -387,7 +379,7 @@ class FeatureCache:
         self.shard_reads += 1
         self.rows_decoded += len(rows)
         scales = None
-        if self.spec.codec in SCALED_CODECS:
+        if self.spec.codec == "int8":
             scales = self._scale_chunk(layer, shard, list(rows))[rows - shard * sr]
         for k, row in enumerate(rows.tolist()):
             self._lru[(layer, row)] = (values[k], None if scales is None else scales[k])
@@ -403,13 +395,13 @@ class FeatureCache:
     def read_rows_raw(
         self, rows: Sequence[int] | np.ndarray, layer: str
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stored values of rows of done blocks: (n, T, D) int8|float16 and, for int8/int8c, scales
+        """Stored values of rows of done blocks: (n, T, D) int8|float16 and, for int8, scales
         (n, T) float32. Rows not in the LRU are grouped by shard and decoded together."""
         spec = self.spec.layer(layer)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         self._check_rows(rows)
         sr = self.spec.shard_rows
-        int8 = self.spec.codec in SCALED_CODECS
+        int8 = self.spec.codec == "int8"
         uniq, inverse = np.unique(rows, return_inverse=True)
         values = np.empty((len(uniq), spec.tokens, spec.dim), np.int8 if int8 else np.float16)
         scales = np.empty((len(uniq), spec.tokens), np.float32) if int8 else None
@@ -440,7 +432,6 @@ class FeatureCache:
 
     def read_raw(self, keys: Sequence[str], layer: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stored values without dequantizing: (int8 (n, T, D), float32 scales (n, T)) for int8
-        and int8c (times `channel_scale(layer)` too for int8c),
         caches, (float16 (n, T, D), None) for fp16. x ~= values * scales[..., None]."""
         import torch
 
@@ -449,37 +440,13 @@ class FeatureCache:
 
     def read(self, keys: Sequence[str], layer: str) -> torch.Tensor:
         """Features of `keys` for `layer`: (len(keys), tokens, dim), float16 for fp16 caches,
-        float32 (dequantized) for int8 and int8c caches."""
+        float32 (dequantized) for int8 caches."""
         import torch
 
         values, scales = self.read_rows_raw(self._rows(keys), layer)
         if scales is None:
             return torch.from_numpy(values)
-        return torch.from_numpy(dequantize_int8(values, scales, self.channel_scale(layer)))
-
-    def channel_scale(self, layer: str) -> np.ndarray | None:
-        """The int8c channel scale of `layer`, float32 (dim,) (x ~= q * scale * channel_scale;
-        pass it to `cosine_alignment_loss(..., channel_scale=)` with `read_raw` targets), or
-        None for fp16 and int8 caches. Read once (crc32c checked), then kept."""
-        spec = self.spec.layer(layer)
-        if self.spec.codec not in CHANNEL_SCALED_CODECS:
-            return None
-        if spec.name not in self._channel_scales:
-            name = channel_scales_path(spec.name)
-            try:
-                c = np.asarray(self._array(name)[:], dtype=np.float32)
-            except Exception as exc:  # zarr raises ValueError (crc32c) or FileNotFoundError
-                raise CorruptShardError(
-                    f"Expected a readable channel scale array {str(self.path / name)!r} of the "
-                    f"int8c cache, got {type(exc).__name__}: {exc}"
-                ) from exc
-            if c.shape != (spec.dim,) or not (np.isfinite(c).all() and (c > 0).all()):
-                raise CorruptShardError(
-                    f"Expected {spec.dim} finite positive values in {str(self.path / name)!r}, "
-                    f"got shape {c.shape} (min {float(c.min()) if c.size else 'none'})"
-                )
-            self._channel_scales[spec.name] = c
-        return self._channel_scales[spec.name]
+        return torch.from_numpy(dequantize_int8(values, scales))
 
 
 def _reopen(path: str, cache_bytes: int, direct: bool) -> FeatureCache:
