@@ -42,10 +42,14 @@ from featurecache.errors import (
     UnknownKeyError,
 )
 from featurecache.format import (
+    CHANNEL_SCALED_CODECS,
+    FEATURE_DTYPE,
     KEYS_ARRAY,
+    SCALED_CODECS,
     Block,
     CacheSpec,
     Manifest,
+    channel_scales_path,
     features_path,
     scales_path,
     shard_file,
@@ -104,6 +108,7 @@ class FeatureCache:
             OrderedDict()
         )
         self._lru_bytes = 0
+        self._channel_scales: dict[str, np.ndarray] = {}
         self.shard_reads = 0  # statistics, for tests and benchmarks
         self.rows_decoded = 0
 
@@ -295,7 +300,7 @@ class FeatureCache:
         sr = self.spec.shard_rows
         rows = [shard * sr + int(i) for i in local]
         key = shard_file(name, 3, shard)
-        dtype = np.dtype(np.int8 if self.spec.codec == "int8" else np.float16)
+        dtype = np.dtype(FEATURE_DTYPE[self.spec.codec])
         out = np.empty((len(local), *shape), dtype=dtype)
         try:
             index = self._shard_index.get((name, shard))
@@ -379,7 +384,7 @@ class FeatureCache:
         self.shard_reads += 1
         self.rows_decoded += len(rows)
         scales = None
-        if self.spec.codec == "int8":
+        if self.spec.codec in SCALED_CODECS:
             scales = self._scale_chunk(layer, shard, list(rows))[rows - shard * sr]
         for k, row in enumerate(rows.tolist()):
             self._lru[(layer, row)] = (values[k], None if scales is None else scales[k])
@@ -395,13 +400,13 @@ class FeatureCache:
     def read_rows_raw(
         self, rows: Sequence[int] | np.ndarray, layer: str
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stored values of rows of done blocks: (n, T, D) int8|float16 and, for int8, scales
+        """Stored values of rows of done blocks: (n, T, D) int8|float16 and, for int8/int8c, scales
         (n, T) float32. Rows not in the LRU are grouped by shard and decoded together."""
         spec = self.spec.layer(layer)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         self._check_rows(rows)
         sr = self.spec.shard_rows
-        int8 = self.spec.codec == "int8"
+        int8 = self.spec.codec in SCALED_CODECS
         uniq, inverse = np.unique(rows, return_inverse=True)
         values = np.empty((len(uniq), spec.tokens, spec.dim), np.int8 if int8 else np.float16)
         scales = np.empty((len(uniq), spec.tokens), np.float32) if int8 else None
@@ -432,6 +437,7 @@ class FeatureCache:
 
     def read_raw(self, keys: Sequence[str], layer: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stored values without dequantizing: (int8 (n, T, D), float32 scales (n, T)) for int8
+        and int8c (times `channel_scale(layer)` too for int8c),
         caches, (float16 (n, T, D), None) for fp16. x ~= values * scales[..., None]."""
         import torch
 
@@ -440,13 +446,37 @@ class FeatureCache:
 
     def read(self, keys: Sequence[str], layer: str) -> torch.Tensor:
         """Features of `keys` for `layer`: (len(keys), tokens, dim), float16 for fp16 caches,
-        float32 (dequantized) for int8 caches."""
+        float32 (dequantized) for int8 and int8c caches."""
         import torch
 
         values, scales = self.read_rows_raw(self._rows(keys), layer)
         if scales is None:
             return torch.from_numpy(values)
-        return torch.from_numpy(dequantize_int8(values, scales))
+        return torch.from_numpy(dequantize_int8(values, scales, self.channel_scale(layer)))
+
+    def channel_scale(self, layer: str) -> np.ndarray | None:
+        """The int8c channel scale of `layer`, float32 (dim,) (x ~= q * scale * channel_scale;
+        pass it to `cosine_alignment_loss(..., channel_scale=)` with `read_raw` targets), or
+        None for fp16 and int8 caches. Read once (crc32c checked), then kept."""
+        spec = self.spec.layer(layer)
+        if self.spec.codec not in CHANNEL_SCALED_CODECS:
+            return None
+        if spec.name not in self._channel_scales:
+            name = channel_scales_path(spec.name)
+            try:
+                c = np.asarray(self._array(name)[:], dtype=np.float32)
+            except Exception as exc:  # zarr raises ValueError (crc32c) or FileNotFoundError
+                raise CorruptShardError(
+                    f"Expected a readable channel scale array {str(self.path / name)!r} of the "
+                    f"int8c cache, got {type(exc).__name__}: {exc}"
+                ) from exc
+            if c.shape != (spec.dim,) or not (np.isfinite(c).all() and (c > 0).all()):
+                raise CorruptShardError(
+                    f"Expected {spec.dim} finite positive values in {str(self.path / name)!r}, "
+                    f"got shape {c.shape} (min {float(c.min()) if c.size else 'none'})"
+                )
+            self._channel_scales[spec.name] = c
+        return self._channel_scales[spec.name]
 
 
 def _reopen(path: str, cache_bytes: int, direct: bool) -> FeatureCache:
