@@ -55,7 +55,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
 def _write_cache(path: Path, shards: list[Path], teacher: Any, codec: str = "int8") -> Path:
     """What the build job writes, in-process (no Ray): one block per shard, teacher forward."""
     from featurecache.format import CacheSpec, plan_blocks
-    from featurecache.pipelines.build.frames import decode_image, iter_samples
+    from featurecache.samples import decode_image, iter_samples
     from featurecache.writer import create_cache
 
     samples = [list(iter_samples(s)) for s in shards]
@@ -68,7 +68,7 @@ def _write_cache(path: Path, shards: list[Path], teacher: Any, codec: str = "int
         bw = writer.open_block(block.index)
         for i in range(0, len(rows), 32):
             chunk = rows[i : i + 32]
-            feats = teacher([decode_image(s.image_bytes, s.image_ext) for s in chunk])
+            feats = teacher([decode_image(*s.image()) for s in chunk])
             bw.append([s.key for s in chunk], {k: v.numpy() for k, v in feats.items()})
         writer.mark_done(bw.finish())
     return path

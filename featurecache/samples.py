@@ -178,14 +178,15 @@ class Sample:
         """Cameras with an image, sorted (DEFAULT_CAMERA "" for a plain `key.png`)."""
         return tuple(sorted({_image_camera(ext) for ext in self.members if _is_image(ext)}))
 
-    def image(self, camera: str = DEFAULT_CAMERA) -> tuple[str, bytes]:
-        """(image extension, encoded bytes) of `camera`; BadFrameError naming the key and the
-        cameras present when the sample has no such image."""
+    def image(self, camera: str = DEFAULT_CAMERA) -> tuple[bytes, str]:
+        """(encoded bytes, image extension) of `camera` (the arguments of `decode_image`);
+        BadFrameError naming the key and the cameras present when the sample has no such
+        image."""
         prefix = f"{camera}." if camera else ""
         for ext in IMAGE_EXTS:
             data = self.members.get(prefix + ext)
             if data is not None:
-                return ext, data
+                return data, ext
         have = [c or "(plain image)" for c in self.cameras]
         if camera == DEFAULT_CAMERA and have:
             wanted, hint = "a plain image (key.png)", " (pass --cameras to pick cameras)"

@@ -1,8 +1,10 @@
-"""The build's Ray actors: `BuildWorker` (holds the teacher, writes whole blocks) and
-`Progress` (frames done per block, for the driver's progress bar).
+"""The build's workers: `BuildWorker` (holds the teacher, writes whole blocks) and `Progress`
+(frames done per block, for the driver's progress bar on a Ray build).
 
-Both are plain classes, turned into actors by the driver with `ray.remote(...)`; Ray pickles them
-by reference to this module, which every node imports from the installed package.
+`BuildWorker` is a plain class: the Ray driver turns it into an actor with `ray.remote(...)` (Ray
+pickles it by reference to this module, which every node imports from the installed package);
+a local build (`--local`) makes one in its own process. Either way a block is written the same
+way, by the same code, so the two give identical arrays.
 """
 
 from __future__ import annotations
@@ -10,42 +12,49 @@ from __future__ import annotations
 import collections
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from featurecache.errors import SpecMismatchError
-from featurecache.pipelines.build.frames import BadFrameError, FrameSample, decode_image, iter_samples
-from featurecache.pipelines.build.plan import BuildConfig
+from featurecache.format import camera_layer
+from featurecache.pipelines.build.frames import FrameShard
+from featurecache.pipelines.build.plan import BuildConfig, load_build_teacher
+from featurecache.samples import BadFrameError
 
-__all__ = ["BuildWorker", "Progress"]
+__all__ = ["BuildWorker", "Progress", "RemoteProgress"]
+
+Report = Callable[[int, int], None]  # (block index, frames processed since the last call)
 
 
 class BuildWorker:
-    """A Ray actor (created with `ray.remote(BuildWorker)`): holds the teacher and writes blocks.
+    """Holds the teacher and writes blocks (a Ray actor, or an object of a local build).
 
-    The teacher is loaded once, on `device`, and checked against the driver's fingerprint (so
-    nodes with different package versions or weights cannot mix features into one cache).
+    config: the build's config. fingerprint: the driver's teacher fingerprint; the worker's own
+    teacher must match it (so nodes with other package versions or weights cannot mix features
+    into one cache). device: "cpu" or "cuda". report: called after each written batch with (block
+    index, frames done). teacher: an already loaded teacher to use (local builds reuse the
+    driver's), else one is loaded on `device`.
     """
 
-    def __init__(self, config: BuildConfig, fingerprint: dict, device: str, progress: Any) -> None:
+    def __init__(
+        self,
+        config: BuildConfig,
+        fingerprint: dict,
+        device: str,
+        report: Report | None = None,
+        teacher: Any | None = None,
+    ) -> None:
         import torch
 
-        from featurecache.pipelines.build.teachers import load_teacher
         from featurecache.writer import open_writer
 
         if device == "cpu" and os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         self.config = config
-        self.teacher = load_teacher(
-            config.teacher,
-            config.layers,
-            device=device,
-            trust_remote_code=config.trust_remote_code,
-            grid=config.grid,
-            prompt=config.prompt,
-        )
+        self.cameras = config.camera_names
+        self.teacher = teacher if teacher is not None else load_build_teacher(config, device)
         mine = self.teacher.fingerprint()
         if _canonical(mine) != _canonical(fingerprint):
             raise SpecMismatchError(
@@ -53,7 +62,7 @@ class BuildWorker:
                 f"  worker: {mine}\n  driver: {fingerprint}"
             )
         self.writer = open_writer(config.out)
-        self.progress = progress
+        self.report = report
 
     def ready(self) -> str:
         """The node this actor runs on (also: a cheap call to wait for the teacher to load)."""
@@ -62,13 +71,13 @@ class BuildWorker:
         return socket.gethostname()
 
     def cpu_seconds(self) -> float:
-        """CPU time this actor process has used (all its threads: torch, decode, write)."""
+        """CPU time this process has used (all its threads: torch, decode, write)."""
         import time
 
         return time.process_time()
 
-    def run_block(self, index: int, source: str) -> Any:
-        """Write block `index` from tar shard `source`; returns the BlockResult (not done yet)."""
+    def run_block(self, index: int, shard: FrameShard) -> Any:
+        """Write block `index` from `shard`; returns the BlockResult (not marked done yet)."""
         cfg = self.config
         block = self.writer.open_block(index, overwrite=False)
         # Three stages overlap: decode + preprocess (decode_threads batches ahead), the teacher
@@ -78,8 +87,8 @@ class BuildWorker:
         inputs: collections.deque[Future] = collections.deque()
         outputs: collections.deque[Future] = collections.deque()
         try:
-            for batch in _batched(iter_samples(source), cfg.batch_size):
-                inputs.append(decode.submit(self._prepare, batch, source))
+            for batch in _batched(shard.iter_frames(), cfg.batch_size):
+                inputs.append(decode.submit(self._prepare, batch, shard))
                 if len(inputs) > cfg.decode_threads:
                     self._forward(block, inputs.popleft().result(), index, write, outputs)
             while inputs:
@@ -91,20 +100,22 @@ class BuildWorker:
             decode.shutdown(wait=False, cancel_futures=True)
             write.shutdown(wait=True, cancel_futures=True)
 
-    def _prepare(self, batch: list[FrameSample], source: str) -> tuple[list[str], Any, list[str]]:
-        """Decode + preprocess (thread pool): (good keys, input tensor or None, bad keys)."""
+    def _prepare(
+        self, batch: list[tuple[str, Any]], shard: FrameShard
+    ) -> tuple[list[str], Any, list[str]]:
+        """Decode + preprocess (thread pool): (good keys, input tensor (B * C, ...) frame-major
+        with C cameras per frame, or None; bad keys)."""
         keys, images, bad = [], [], []
-        for sample in batch:
+        for key, raw in batch:
             try:
-                images.append(decode_image(sample.image_bytes, sample.image_ext))
-                keys.append(sample.key)
+                images += shard.images(raw, key, self.cameras)
+                keys.append(key)
             except BadFrameError as err:
                 if self.config.on_bad_frame == "fail":
                     raise BadFrameError(
-                        f"Bad frame in shard {source} key {sample.key!r}: {err} "
-                        f"(use --on-bad-frame skip to skip and record such frames)"
+                        f"{err} (use --on-bad-frame skip to skip and record such frames)"
                     ) from None
-                bad.append(sample.key)
+                bad.append(key)
         return keys, (self.teacher.preprocess(images) if images else None), bad
 
     def _forward(
@@ -123,7 +134,7 @@ class BuildWorker:
         if keys:
             with torch.inference_mode():
                 out = self.teacher.forward(inputs.to(self.teacher.device))
-            feats = {name: value.cpu() for name, value in out.items()}
+            feats = _per_camera({k: v.cpu() for k, v in out.items()}, self.cameras, len(keys))
         outputs.append(write.submit(self._write, block, keys, feats, bad, index))
         while len(outputs) > 2:
             outputs.popleft().result()  # bounded: at most 2 batches of features wait
@@ -134,14 +145,35 @@ class BuildWorker:
         if keys:
             block.append(keys, feats)
         self._maybe_die(index)
-        if self.progress is not None:
-            self.progress.add.remote(index, len(keys) + len(bad))
+        if self.report is not None:
+            self.report(index, len(keys) + len(bad))
 
     def _maybe_die(self, index: int) -> None:
         marker = self.config.fault_kill_marker
         if marker and index == 1 and not os.path.exists(marker):
             Path(marker).write_text(str(os.getpid()))
             os._exit(1)  # fault injection: the actor process dies mid-block
+
+
+def _per_camera(out: dict[str, Any], cameras: Sequence[str], frames: int) -> dict[str, Any]:
+    """Teacher outputs over B * C frame-major images -> cache layers: {"top/4": (B, T, D), ...}
+    (the plain layer names with the single default camera)."""
+    feats = {}
+    for layer, value in out.items():
+        per_frame = value.reshape(frames, len(cameras), *value.shape[1:])  # (B, C, T, D)
+        for c, camera in enumerate(cameras):
+            feats[camera_layer(camera, layer)] = per_frame[:, c]
+    return feats
+
+
+class RemoteProgress:
+    """A `Report` that forwards to a `Progress` actor (picklable: it travels to every worker)."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def __call__(self, index: int, frames: int) -> None:
+        self.actor.add.remote(index, frames)
 
 
 class Progress:
@@ -160,8 +192,8 @@ class Progress:
         return dict(self.frames)
 
 
-def _batched(samples: Iterator[FrameSample], size: int) -> Iterator[list[FrameSample]]:
-    batch: list[FrameSample] = []
+def _batched(samples: Iterator[tuple[str, Any]], size: int) -> Iterator[list[tuple[str, Any]]]:
+    batch: list[tuple[str, Any]] = []
     for sample in samples:
         batch.append(sample)
         if len(batch) == size:

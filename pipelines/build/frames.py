@@ -1,218 +1,218 @@
-"""Frames in: WebDataset tar shards of robot frames, read without the WebDataset pipeline.
+"""Frames in, for the build: the shards a build reads, each one becoming one block of the cache.
 
-A shard is a plain POSIX tar whose members are grouped into samples by key, the WebDataset way:
-`d/e0001-s003.png` and `d/e0001-s003.json` are the `png` and `json` of sample `d/e0001-s003`
-(the key is the member path up to the first dot of its file name; members of one sample are
-consecutive). A frame sample holds one image (`jpg`/`jpeg`/`png`/`webp`/...), and for training a
-`json` (instruction, episode, step, ...) and an `action.npy` (float32, (7,)).
+A shard names itself (`name`, the block's `source` in the manifest), lists its keys (for the plan:
+counts and duplicate keys, before any work) and yields its frames in order, each decoded to one
+RGB image per camera. Two kinds:
 
-Nothing here ever unpickles: `.npy` is loaded with `allow_pickle=False` and pickle members
-(`.pyd`, `.pickle`) are ignored. The build reads shards with `iter_samples` (one pass, sequential
-I/O); the training stream may use WebDataset itself on the same files.
+    TarShard("d/frames-000000.tar")          a WebDataset tar (featurecache.samples rules)
+    IterableShard(dataset)                   any re-iterable of (key, image) or
+                                             (key, {camera: image}); image: PIL or uint8 HWC
+
+`shards_from_frames([...])` turns what `BuildConfig.frames` holds (tar patterns, shards, or bare
+iterables) into shards. A Ray build pickles each shard to the worker that builds its block: give
+it something cheap to pickle (paths, a Dataset that loads lazily), not lists of decoded images.
 """
 
 from __future__ import annotations
 
-import glob
-import io
-import json
-import re
-import tarfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from braceexpand import braceexpand
 from PIL import Image
 
-from featurecache.errors import FeatureCacheError
+from featurecache.errors import InvalidKeyError, OptionError
+from featurecache.samples import (
+    DEFAULT_CAMERA,
+    BadFrameError,
+    Sample,
+    check_key,
+    decode_image,
+    expand_frame_paths,
+    iter_keys,
+    iter_samples,
+    to_rgb,
+)
 
-__all__ = [
-    "IMAGE_EXTS",
-    "BadFrameError",
-    "FrameSample",
-    "FramesNotFoundError",
-    "count_samples",
-    "decode_image",
-    "expand_frame_paths",
-    "iter_keys",
-    "iter_samples",
-    "split_member_name",
-]
-
-# Image extensions recognised in a sample, in order of preference when a sample has several.
-IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm")
-# Member names whose basename starts with "__" (e.g. "__index__") are metadata, not samples.
-_META_RE = re.compile(r"(^|/)__[^/]*__($|/|\.)")
-# WebDataset's key rule: the path up to the first dot of the basename, then the extension(s).
-_KEY_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")
+__all__ = ["FrameShard", "IterableShard", "TarShard", "shards_from_frames"]
 
 
-class FramesNotFoundError(FeatureCacheError):
-    """A frames pattern, file or folder that names no tar shard."""
+class FrameShard(ABC):
+    """One input shard of a build (one block of the cache).
 
-
-class BadFrameError(FeatureCacheError):
-    """A sample that cannot be used as a frame (no image, undecodable image, bad action)."""
-
-
-@dataclass(frozen=True, slots=True)
-class FrameSample:
-    """One frame sample of a tar shard.
-
-    key: the sample's `__key__` (unique across a dataset, no dots).
-    image_bytes: the encoded image (empty when the sample has none: a bad frame).
-    image_ext: its extension ("png", "jpg", ...; "" when none).
-    meta: the parsed `json` member, or None.
-    action: the `action.npy` member, float32 array (7,) for robot frames, or None.
-    source: the tar shard this sample came from (str path).
+    name: the block's source string in the manifest (a resumed build must name shards alike).
     """
 
-    key: str
-    image_bytes: bytes
-    image_ext: str
-    meta: dict | None
-    action: np.ndarray | None
-    source: str
+    name: str
+
+    @abstractmethod
+    def iter_keys(self) -> Iterator[str]:
+        """The shard's sample keys, in build order (cheap where the source allows)."""
+
+    @abstractmethod
+    def iter_frames(self) -> Iterator[tuple[str, Any]]:
+        """(key, raw frame) in build order; the raw frame is cheap (encoded or as given)."""
+
+    @abstractmethod
+    def images(self, raw: Any, key: str, cameras: Sequence[str]) -> list[Image.Image]:
+        """One RGB image per camera of `cameras`, in order; BadFrameError naming the key when a
+        camera is missing or an image does not decode."""
+
+    def encoded(self, raw: Any, cameras: Sequence[str]) -> dict[str, bytes] | None:
+        """{camera: encoded image bytes} of a frame (the input of format.sample_digest), or None
+        when the source holds no encoded images (Python iterables of decoded images)."""
+        return None
 
 
-def expand_frame_paths(patterns: Sequence[str]) -> list[Path]:
-    """Tar shards named by `patterns`, in the given order, each pattern's matches sorted.
+class TarShard(FrameShard):
+    """A WebDataset tar shard; the block's source is the tar's absolute path."""
 
-    A pattern is a tar file, a glob (`d/*.tar`), a brace range (`d/frames-{000000..000009}.tar`,
-    expanded before globbing) or a folder (its `*.tar`, sorted). A path named twice is kept once.
-    Raises FramesNotFoundError naming the pattern when one matches nothing.
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.name = str(self.path.resolve())
+
+    def __repr__(self) -> str:
+        return f"TarShard({str(self.path)!r})"
+
+    def iter_keys(self) -> Iterator[str]:
+        return iter_keys(self.path)
+
+    def iter_frames(self) -> Iterator[tuple[str, Sample]]:
+        for sample in iter_samples(self.path, source=self.name):
+            yield sample.key, sample
+
+    def images(self, raw: Sample, key: str, cameras: Sequence[str]) -> list[Image.Image]:
+        out = []
+        for camera in cameras:
+            data, ext = raw.image(camera)
+            where = f"sample {key!r}{f' camera {camera!r}' if camera else ''} of {self.name}"
+            out.append(decode_image(data, ext, where))
+        return out
+
+    def encoded(self, raw: Sample, cameras: Sequence[str]) -> dict[str, bytes]:
+        return {camera: raw.image(camera)[0] for camera in cameras}
+
+
+class IterableShard(FrameShard):
+    """Frames from Python: (key, image) or (key, {camera: image}) pairs.
+
+    items: a re-iterable (list, tuple, a map-style torch Dataset with __len__/__getitem__, any
+        object whose __iter__ starts over) or a zero-argument callable returning a fresh
+        iterable. It is read twice (the plan reads the keys first) unless `keys` is given; a
+        one-shot iterator or generator is refused (wrap its maker in a lambda instead).
+    name: the block's source in the manifest (default: given by position, "iterable-000003").
+    keys: the keys in order, when known without reading the images (the build then reads the
+        items once and checks each key against this list).
+    Images: PIL images (any mode featurecache.samples.to_rgb accepts) or uint8 arrays (H, W),
+        (H, W, 1|3|4), channels last. Keys follow featurecache.samples.check_key (no dots).
     """
-    if isinstance(patterns, str | Path):
-        patterns = [str(patterns)]
-    if not patterns:
-        raise FramesNotFoundError("Expected at least one frames pattern, got none.")
-    out: list[Path] = []
-    seen: set[Path] = set()
-    for pattern in patterns:
-        matches: list[Path] = []
-        for expanded in braceexpand(str(pattern)):
-            path = Path(expanded).expanduser()
-            if path.is_dir():
-                matches += sorted(p for p in path.glob("*.tar") if p.is_file())
-            elif glob.has_magic(expanded):
-                matches += sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
-            elif path.is_file():
-                matches.append(path)
-            else:
-                raise FramesNotFoundError(
-                    f"Expected an existing tar file, folder or glob for frames, "
-                    f"got {expanded!r} (from pattern {pattern!r}), which does not exist."
-                )
-        if not matches:
-            raise FramesNotFoundError(
-                f"Expected frames pattern {pattern!r} to match at least one tar shard, "
-                f"got no match."
+
+    def __init__(
+        self,
+        items: Iterable[Any] | Callable[[], Iterable[Any]],
+        *,
+        name: str | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> None:
+        if isinstance(items, Iterator):
+            raise InvalidKeyError(
+                f"Expected a re-iterable (list, Dataset) or a callable returning a fresh "
+                f"iterator for IterableShard, got a one-shot {type(items).__name__} (it is read "
+                f"twice: pass `lambda: <the generator expression>` or keys=...)"
             )
-        for path in matches:
-            resolved = path.resolve()
-            if resolved not in seen:
-                seen.add(resolved)
-                out.append(path)
+        self._items = items
+        self.name = name or ""
+        self._keys = None if keys is None else [check_key(k, " in keys=") for k in keys]
+
+    def __repr__(self) -> str:
+        return f"IterableShard({type(self._items).__name__}, name={self.name!r})"
+
+    def _iterate(self) -> Iterator[Any]:
+        items = self._items
+        if callable(items) and not isinstance(items, Iterable) and not hasattr(items, "__len__"):
+            items = items()  # a maker of fresh iterables
+        if isinstance(items, Mapping):
+            return iter(items.items())  # {key: image}
+        if not isinstance(items, Iterable) and hasattr(items, "__len__"):
+            return (items[i] for i in range(len(items)))  # a map-style Dataset
+        return iter(items)
+
+    def _pairs(self) -> Iterator[tuple[str, Any]]:
+        for i, item in enumerate(self._iterate()):
+            where = f" (item {i} of {self.name or 'an iterable shard'})"
+            if not (isinstance(item, tuple | list) and len(item) == 2):
+                raise InvalidKeyError(
+                    f"Expected (key, image) or (key, {{camera: image}}) pairs{where}, got "
+                    f"{type(item).__name__}"
+                )
+            yield check_key(item[0], where), item[1]
+
+    def iter_keys(self) -> Iterator[str]:
+        if self._keys is not None:
+            return iter(self._keys)
+        return (key for key, _ in self._pairs())
+
+    def iter_frames(self) -> Iterator[tuple[str, Any]]:
+        if self._keys is None:
+            yield from self._pairs()
+            return
+        count = 0
+        for (key, value), want in zip(self._pairs(), self._keys, strict=False):
+            if key != want:
+                raise InvalidKeyError(
+                    f"Expected key {want!r} at position {count} of {self.name} (from keys=), "
+                    f"got {key!r}"
+                )
+            count += 1
+            yield key, value
+        if count != len(self._keys):
+            raise InvalidKeyError(
+                f"Expected {len(self._keys)} items in {self.name} (from keys=), got {count}"
+            )
+
+    def images(self, raw: Any, key: str, cameras: Sequence[str]) -> list[Image.Image]:
+        where = f"key {key!r} of {self.name}"
+        if not isinstance(raw, Mapping):
+            if list(cameras) != [DEFAULT_CAMERA]:
+                raise BadFrameError(
+                    f"Expected a {{camera: image}} mapping with cameras {list(cameras)} for "
+                    f"{where}, got a single {type(raw).__name__}"
+                )
+            return [to_rgb(raw, where)]
+        out = []
+        for camera in cameras:
+            if camera not in raw:
+                raise BadFrameError(
+                    f"Expected camera {camera or '(default)'!r} in {where}, got cameras "
+                    f"{sorted(raw)}{' (pass cameras=...)' if camera == DEFAULT_CAMERA else ''}"
+                )
+            out.append(to_rgb(raw[camera], f"{where} camera {camera!r}"))
+        return out
+
+
+def shards_from_frames(frames: Sequence[Any]) -> list[FrameShard]:
+    """What BuildConfig.frames holds -> shards, in order: str/Path are tar patterns (files, globs,
+    brace ranges, folders: featurecache.samples.expand_frame_paths), FrameShards are kept, and
+    anything else is wrapped in IterableShard. Unnamed iterable shards are named by position; a
+    tar named by two patterns is read once; two other shards with one name are refused."""
+    out: list[FrameShard] = []
+    seen: set[str] = set()
+    for item in frames:
+        if isinstance(item, str | Path):
+            new: list[FrameShard] = [TarShard(p) for p in expand_frame_paths([str(item)])]
+        else:
+            new = [item if isinstance(item, FrameShard) else IterableShard(item)]
+        for shard in new:
+            if isinstance(shard, IterableShard) and not shard.name:
+                shard.name = f"iterable-{len(out):06d}"
+            if shard.name in seen:
+                if isinstance(shard, TarShard):
+                    continue
+                raise OptionError(
+                    f"Expected distinct shard names in frames, got {shard.name!r} twice "
+                    f"(name your IterableShards apart)"
+                )
+            seen.add(shard.name)
+            out.append(shard)
     return out
-
-
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """(key, extension) of a tar member name, WebDataset's way, or None for metadata members and
-    names without an extension. `a/b.c.npy` -> ("a/b", "c.npy")."""
-    if _META_RE.search(name):
-        return None
-    match = _KEY_RE.match(name)
-    if match is None:
-        return None
-    return match.group(1), match.group(2).lower()
-
-
-def _group_members(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """(key, {ext: member}) per sample, consecutive members grouped; reads headers only."""
-    key: str | None = None
-    members: dict[str, tarfile.TarInfo] = {}
-    for info in tar:
-        if not info.isfile():
-            continue
-        parts = split_member_name(info.name)
-        if parts is None:
-            continue
-        member_key, ext = parts
-        if member_key != key:
-            if key is not None:
-                yield key, members
-            key, members = member_key, {}
-        members[ext] = info
-    if key is not None:
-        yield key, members
-
-
-def count_samples(tar_path: str | Path) -> int:
-    """Number of samples (distinct consecutive keys) in a tar shard; reads member headers only."""
-    with tarfile.open(tar_path, "r:*") as tar:
-        return sum(1 for _ in _group_members(tar))
-
-
-def iter_keys(tar_path: str | Path) -> Iterator[str]:
-    """The sample keys of a tar shard in order; reads member headers only."""
-    with tarfile.open(tar_path, "r:*") as tar:
-        for key, _ in _group_members(tar):
-            yield key
-
-
-def iter_samples(tar_path: str | Path) -> Iterator[FrameSample]:
-    """The frame samples of a tar shard, in order.
-
-    A sample without an image gets `image_bytes=b""` (a bad frame, for the caller to fail or skip
-    on); a malformed `json` or `action.npy` raises BadFrameError naming the shard and key.
-    """
-    source = str(tar_path)
-    with tarfile.open(tar_path, "r:*") as tar:
-        for key, members in _group_members(tar):
-            image_ext = next((e for e in IMAGE_EXTS if e in members), "")
-            image_bytes = _read(tar, members[image_ext]) if image_ext else b""
-            meta = None
-            if "json" in members:
-                try:
-                    meta = json.loads(_read(tar, members["json"]))
-                except (ValueError, UnicodeDecodeError) as err:
-                    raise BadFrameError(
-                        f"Expected valid JSON in {source} key {key!r} (json), got: {err}"
-                    ) from err
-            action = None
-            if "action.npy" in members:
-                try:
-                    action = np.load(
-                        io.BytesIO(_read(tar, members["action.npy"])), allow_pickle=False
-                    )
-                except ValueError as err:
-                    raise BadFrameError(
-                        f"Expected a plain .npy array in {source} key {key!r} (action.npy), "
-                        f"got: {err}"
-                    ) from err
-            yield FrameSample(key, image_bytes, image_ext, meta, action, source)
-
-
-def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    handle = tar.extractfile(info)
-    assert handle is not None  # regular files always have a handle
-    return handle.read()
-
-
-def decode_image(data: bytes, ext: str = "") -> Image.Image:
-    """Decode an encoded image to an RGB PIL image (fully loaded).
-
-    Raises BadFrameError when `data` is empty or not a decodable image.
-    """
-    if not data:
-        raise BadFrameError(f"Expected an image ({'/'.join(IMAGE_EXTS)}), got none.")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as err:  # PIL raises many types for corrupt data
-        raise BadFrameError(
-            f"Expected a decodable {ext or 'image'} ({len(data)} bytes), got: {err}"
-        ) from err
-    return image.convert("RGB") if image.mode != "RGB" else image

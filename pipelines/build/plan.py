@@ -1,16 +1,18 @@
 """The build's configuration and plan: everything checked before any work starts.
 
-`prepare_build(config)` expands the frame patterns, counts every shard's samples (tar headers
-only), refuses empty shards and keys repeated across the input (naming both shards), checks that
-the output is nothing, an empty folder or a cache, loads the teacher on the driver's CPU (an
-unknown spec or a layer out of range fails here) and returns the cache spec and block plan: one
-block per input shard, aligned to Zarr shards (`featurecache.format.plan_blocks`).
+`prepare_build(config)` turns `config.frames` into shards (frames.shards_from_frames: tar
+patterns and Python iterables), lists every shard's keys (tar headers only), refuses empty shards
+and keys repeated across the input (naming both shards), checks that the output is nothing, an
+empty folder or a cache, loads the teacher on the driver's CPU (an unknown spec or a layer out of
+range fails here) and returns the cache spec and block plan: one block per input shard, aligned
+to Zarr shards (`featurecache.format.plan_blocks`). With cameras, every teacher layer is cached
+once per camera, as cache layer `<camera>/<layer>` (`featurecache.format.camera_layer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,12 +23,23 @@ from featurecache.format import (
     GROUP_METADATA,
     Block,
     CacheSpec,
+    LayerSpec,
+    camera_layer,
     plan_blocks,
     read_manifest,
 )
-from featurecache.pipelines.build.frames import expand_frame_paths, iter_keys
+from featurecache.pipelines.build.frames import FrameShard, shards_from_frames
+from featurecache.samples import DEFAULT_CAMERA, check_camera
 
-__all__ = ["BuildConfig", "BuildError", "BuildPlan", "prepare_build", "scan_shards"]
+__all__ = [
+    "BuildConfig",
+    "BuildError",
+    "BuildPlan",
+    "cache_layers",
+    "load_build_teacher",
+    "prepare_build",
+    "scan_shards",
+]
 
 OnBadFrame = Literal["fail", "skip"]
 
@@ -40,7 +53,9 @@ class BuildError(FeatureCacheError):
 class BuildConfig:
     """What `featurecache build` does; CLI options map one to one.
 
-    frames: tar files, globs, brace patterns or folders (see frames.expand_frame_paths).
+    frames: what to read, in order: tar files, globs, brace patterns or folders (str/Path), and
+        Python shards: frames.IterableShard / TarShard, or any re-iterable of (key, image) or
+        (key, {camera: image}) pairs (wrapped in an IterableShard). One block per shard.
     teacher: "efficientnet-lite0[@R]", "hf:PATH_OR_ID" or "hf-vlm:PATH_OR_ID".
     layers: the teacher's layer names to cache ("4", "16", "head"...).
     out: the cache folder (created; an existing cache of the same spec resumes). On a cluster,
@@ -48,6 +63,11 @@ class BuildConfig:
     codec: "int8" (per-token absmax, ~4x smaller than fp16) or "fp16" (lossless).
     batch_size: frames per teacher forward.
     shard_rows: rows per Zarr shard (the unit a reader decodes and a block is aligned to).
+    cameras: camera names to cache, each image `key.<camera>.<ext>` (layers become
+        "<camera>/<layer>"); None reads the plain image `key.<ext>` (single-camera data).
+    local: True runs in this process without Ray (one worker, same writer, resume and
+        fingerprint); False runs a Ray job; None: local unless `address` is given or more than
+        one worker is asked for or visible (GPUs), measured in benchmarks/build.py.
     address: a Ray cluster address ("auto", "ray://...", "host:port"); None starts a local one.
     workers: teacher actors; None = the cluster's GPUs / gpus_per_worker, or 1 on CPU-only.
     gpus_per_worker: GPUs each actor asks for when the cluster has GPUs (fractions share one).
@@ -65,13 +85,15 @@ class BuildConfig:
         file does not exist creates it and dies (os._exit), exercising the retry path.
     """
 
-    frames: Sequence[str]
+    frames: Sequence[Any]
     teacher: str
     layers: Sequence[str]
     out: str | Path
     codec: str = "int8"
     batch_size: int = 32
     shard_rows: int = DEFAULT_SHARD_ROWS
+    cameras: Sequence[str] | None = None
+    local: bool | None = None
     address: str | None = None
     workers: int | None = None
     gpus_per_worker: float = 1.0
@@ -88,11 +110,24 @@ class BuildConfig:
     fault_kill_marker: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.frames, str | Path):
-            self.frames = [str(self.frames)]
+        if isinstance(self.frames, str | Path | FrameShard):
+            self.frames = [self.frames]
+        self.frames = list(self.frames)
+        if not self.frames:
+            raise BuildError("Expected at least one frames pattern or shard, got none.")
         if isinstance(self.layers, str):
             self.layers = [x for x in self.layers.split(",") if x.strip()]
         self.layers = [str(x).strip() for x in self.layers]
+        if self.cameras is not None:
+            if isinstance(self.cameras, str):
+                self.cameras = [x for x in self.cameras.split(",") if x.strip()]
+            self.cameras = [check_camera(str(c).strip(), " in --cameras") for c in self.cameras]
+            if not self.cameras or len(set(self.cameras)) != len(self.cameras):
+                raise BuildError(f"Expected distinct camera names, got {self.cameras!r}.")
+        if self.local and self.address:
+            raise BuildError(
+                f"Expected either --local or --address, got both (address {self.address!r})."
+            )
         if self.codec not in CODECS:
             raise BuildError(f"Expected --codec in {CODECS}, got {self.codec!r}.")
         if self.on_bad_frame not in ("fail", "skip"):
@@ -112,12 +147,18 @@ class BuildConfig:
             self.grid = grid
         self.out = Path(self.out)
 
+    @property
+    def camera_names(self) -> tuple[str, ...]:
+        """The cameras each frame is read through: the configured ones, or the plain image."""
+        return tuple(self.cameras) if self.cameras else (DEFAULT_CAMERA,)
+
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """The checked inputs: shards (path, sample count), the cache spec and the block plan."""
+    """The checked inputs: shards with their sample counts, the cache spec and the block plan
+    (block i reads shards[i])."""
 
-    shards: tuple[tuple[str, int], ...]
+    shards: tuple[tuple[FrameShard, int], ...]
     spec: CacheSpec
     blocks: tuple[Block, ...]
 
@@ -126,15 +167,15 @@ class BuildPlan:
         return sum(count for _, count in self.shards)
 
 
-def scan_shards(paths: Sequence[Path]) -> list[tuple[str, int]]:
-    """(absolute path, sample count) per shard, reading tar headers only. Raises BuildError for
+def scan_shards(shards: Sequence[FrameShard]) -> list[tuple[FrameShard, int]]:
+    """(shard, sample count) per shard, from its keys (tar headers only). Raises BuildError for
     an empty shard or a key that repeats (within a shard or across shards, naming both)."""
     seen: dict[str, str] = {}
     out = []
-    for path in paths:
-        source = str(Path(path).resolve())
+    for shard in shards:
+        source = shard.name
         count = 0
-        for key in iter_keys(path):
+        for key in shard.iter_keys():
             if key in seen:
                 where = "twice in" if seen[key] == source else f"in {seen[key]} and in"
                 raise BuildError(f"Expected unique sample keys, got {key!r} {where} {source}.")
@@ -142,7 +183,7 @@ def scan_shards(paths: Sequence[Path]) -> list[tuple[str, int]]:
             count += 1
         if count == 0:
             raise BuildError(f"Expected frame samples in every shard, got none in {source}.")
-        out.append((source, count))
+        out.append((shard, count))
     return out
 
 
@@ -163,27 +204,42 @@ def check_output(out: Path) -> None:
         read_manifest(out)  # NotACacheError / FormatVersionError for a foreign Zarr group
 
 
-def prepare_build(config: BuildConfig, teacher: Any | None = None) -> tuple[BuildPlan, Any]:
-    """Check everything and plan the build; returns (plan, the teacher loaded on the CPU)."""
+def load_build_teacher(config: BuildConfig, device: str) -> Any:
+    """The teacher `config` names, loaded on `device` (the driver, each worker: one call site)."""
     from featurecache.pipelines.build.teachers import load_teacher
 
-    paths = expand_frame_paths(list(config.frames))
+    return load_teacher(
+        config.teacher,
+        config.layers,
+        device=device,
+        trust_remote_code=config.trust_remote_code,
+        grid=config.grid,
+        prompt=config.prompt,
+    )
+
+
+def cache_layers(teacher_layers: Sequence[LayerSpec], cameras: Sequence[str]) -> list[LayerSpec]:
+    """The cache's layers: each teacher layer once per camera, camera-major ("top/4", "top/7",
+    "wrist/4", ...); unchanged for the single plain camera."""
+    return [
+        replace(layer, name=camera_layer(camera, layer.name))
+        for camera in cameras
+        for layer in teacher_layers
+    ]
+
+
+def prepare_build(config: BuildConfig, teacher: Any | None = None) -> tuple[BuildPlan, Any]:
+    """Check everything and plan the build; returns (plan, the teacher loaded on the CPU)."""
+    shards = shards_from_frames(config.frames)
     check_output(Path(config.out))
-    shards = scan_shards(paths)
+    counted = scan_shards(shards)
     if teacher is None:
-        teacher = load_teacher(
-            config.teacher,
-            config.layers,
-            device="cpu",
-            trust_remote_code=config.trust_remote_code,
-            grid=config.grid,
-            prompt=config.prompt,
-        )
+        teacher = load_build_teacher(config, "cpu")
     spec = CacheSpec(
-        layers=teacher.layer_specs(),
+        layers=tuple(cache_layers(teacher.layer_specs(), config.camera_names)),
         codec=config.codec,
         shard_rows=config.shard_rows,
         fingerprint=teacher.fingerprint(),
     )
-    blocks = plan_blocks(shards, config.shard_rows)
-    return BuildPlan(tuple(shards), spec, tuple(blocks)), teacher
+    blocks = plan_blocks([(shard.name, count) for shard, count in counted], config.shard_rows)
+    return BuildPlan(tuple(counted), spec, tuple(blocks)), teacher

@@ -1,21 +1,29 @@
-"""The build: a Ray job that runs a frozen teacher once over every frame into a feature cache.
+"""The build: run a frozen teacher once over every frame into a feature cache, in this process
+(`local`) or as a Ray job over a pool of workers.
 
     summary = build_cache(BuildConfig(frames=["data/train"], teacher="efficientnet-lite0",
                                       layers=["4"], out="cache.zarr"))
 
-Driver (this module): `prepare_build` checks the inputs and plans one block per input tar shard
-(plan.py); `create_cache` creates the cache or reopens it (resume: done blocks are skipped;
-another fingerprint is refused). A pool of `BuildWorker` actors (build_worker.py), each holding
-the teacher once (on a GPU when the cluster has them), takes one pending block at a time: it
-reads the shard sequentially, decodes and preprocesses batches on a small thread pool that runs
-ahead of the model, runs the teacher under inference mode, and hands the features to a write
-thread that streams them through a BlockWriter (quantize, compress, write whole Zarr shards).
-The actor returns the BlockResult; the driver marks the block done.
+    # Python frames: any re-iterable of (key, image), image a PIL image or uint8 HWC array
+    shards = [IterableShard(MyEpisodes(i)) for i in range(8)]    # one block each
+    build_cache(BuildConfig(frames=shards, teacher="hf:facebook/dinov2-small", layers=["8"],
+                            out="cache.zarr", address="auto"))   # or local=True
 
-Faults: an actor that dies (RayActorError) is replaced and its block retried from scratch (the
-writer deletes what the dead attempt left) up to `max_retries` times. A driver killed mid-build
-leaves done blocks done; rerunning the same command writes only the rest, and each block is
-written whole by one actor, so the result equals an uninterrupted build array for array.
+Driver (this module): `prepare_build` checks the inputs and plans one block per input shard
+(plan.py); `create_cache` creates the cache or reopens it (resume: done blocks are skipped;
+another fingerprint is refused). Workers (`BuildWorker`, build_worker.py) hold the teacher once
+(on a GPU where there is one) and take one pending block at a time: a worker reads the shard
+sequentially, decodes and preprocesses batches on a small thread pool that runs ahead of the
+model, runs the teacher under inference mode, and hands the features to a write thread that
+streams them through a BlockWriter (quantize, compress, write whole Zarr shards). It returns the
+BlockResult; the driver marks the block done. A local build runs one such worker in this process,
+with no Ray start-up, block after block: the same code writes the same arrays.
+
+Faults: a Ray worker that dies (RayActorError) is replaced and its block retried from scratch
+(the writer deletes what the dead attempt left) up to `max_retries` times. A driver killed
+mid-build (local or Ray) leaves done blocks done; rerunning the same command writes only the rest,
+and each block is written whole by one worker, so the result equals an uninterrupted build array
+for array.
 """
 
 from __future__ import annotations
@@ -28,10 +36,21 @@ from pathlib import Path
 from typing import Any
 
 from featurecache.format import Block
-from featurecache.pipelines.build.build_worker import BuildWorker, Progress
+from featurecache.pipelines.build.build_worker import BuildWorker, Progress, RemoteProgress
+from featurecache.pipelines.build.frames import FrameShard, IterableShard, TarShard
 from featurecache.pipelines.build.plan import BuildConfig, BuildError, BuildPlan, prepare_build
 
-__all__ = ["BuildConfig", "BuildError", "BuildSummary", "BuildWorker", "build_cache"]
+__all__ = [
+    "BuildConfig",
+    "BuildError",
+    "BuildSummary",
+    "BuildWorker",
+    "FrameShard",
+    "IterableShard",
+    "TarShard",
+    "build_cache",
+    "use_local",
+]
 
 _POLL_S = 0.25  # driver: how often the progress bar is refreshed while blocks run
 
@@ -52,6 +71,7 @@ class BuildSummary:
     blocks_resumed: int
     seconds: float
     frames_per_s: float
+    local: bool
     run_seconds: float
     frames_per_s_running: float
     worker_cpu_seconds: float
@@ -67,32 +87,99 @@ class BuildSummary:
             f"{self.skipped} bad frames skipped) -> {self.out}\n"
             f"{self.new_frames} new frames in {self.seconds:.1f} s = {self.frames_per_s:.1f} "
             f"frames/s ({self.frames_per_s_running:.1f} once the teacher was loaded) with "
-            f"{self.workers} worker(s), {self.retries} retried block(s)\n"
+            f"{self.workers} {'in-process ' if self.local else 'Ray '}worker(s), "
+            f"{self.retries} retried block(s)\n"
             f"{_human(self.bytes_written)} on disk, {self.compression:.2f}x smaller than fp16 "
             f"features ({_human(self.raw_bytes)})"
         )
 
 
+def use_local(config: BuildConfig) -> bool:
+    """Whether `config` runs in this process: `config.local` when set; otherwise local unless a
+    Ray `address` is given, more than one worker is asked for, or several GPUs are visible
+    (benchmarks/build.py: on one device, Ray start-up costs seconds and buys nothing)."""
+    if config.local is not None:
+        return config.local
+    if config.address or (config.workers or 1) > 1:
+        return False
+    import torch
+
+    return torch.cuda.device_count() <= 1
+
+
 def build_cache(config: BuildConfig) -> BuildSummary:
     """Run the build described by `config`; see the module docstring. Returns the summary.
 
-    Raises (before any work): FramesNotFoundError, BuildError (empty shard, duplicate key),
-    UnknownTeacherError, UnknownLayerError, NotACacheError, SpecMismatchError (a cache made with
-    another teacher, layers, codec or input). During the build: BadFrameError (on_bad_frame
-    "fail"), BuildError (a block whose actor died max_retries + 1 times).
+    Raises (before any work): FramesNotFoundError, SampleLayoutError, BuildError (empty shard,
+    duplicate key), UnknownTeacherError, UnknownLayerError, NotACacheError, SpecMismatchError (a
+    cache made with another teacher, layers, codec or input). During the build: BadFrameError
+    (on_bad_frame "fail"), BuildError (a block whose Ray worker died max_retries + 1 times).
     """
-    import ray
-
     from featurecache.writer import create_cache
 
     start = time.perf_counter()
+    local = use_local(config)
     plan, teacher = prepare_build(config)
-    fingerprint = teacher.fingerprint()
-    del teacher  # the driver never runs it
     writer = create_cache(config.out, plan.spec, list(plan.blocks), overwrite=config.overwrite)
     manifest = writer.refresh()
     todo = [b for b in manifest.blocks if not b.done]
     resumed = len(manifest.blocks) - len(todo)
+    retries = workers = 0
+    run_seconds = cpu_seconds = 0.0
+    if todo and local:
+        workers, run_seconds, cpu_seconds = _run_local(config, plan, todo, teacher, writer)
+    elif todo:
+        fingerprint = teacher.fingerprint()
+        del teacher  # the driver never runs it
+        workers, retries, run_seconds, cpu_seconds = _run_ray(
+            config, plan, todo, fingerprint, writer
+        )
+    return _summarize(
+        config,
+        plan,
+        writer,
+        time.perf_counter() - start,
+        run_seconds,
+        cpu_seconds,
+        todo,
+        resumed,
+        workers,
+        retries,
+        local,
+    )
+
+
+def _run_local(
+    config: BuildConfig, plan: BuildPlan, todo: list[Block], teacher: Any, writer: Any
+) -> tuple[int, float, float]:
+    """One in-process worker over the pending blocks, in order; returns (1, seconds from the
+    teacher ready to the last block done, CPU seconds of this process meanwhile)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fingerprint = teacher.fingerprint()
+    total = plan.frames
+    finished = sum(b.count + len(b.skipped) for b in writer.refresh().blocks if b.done)
+    bar = _progress_bar(config.progress, total, finished, 1)
+    report = None if bar is None else (lambda _index, n: bar.update(n))
+    worker = BuildWorker(
+        config, fingerprint, device, report, teacher=teacher if device == "cpu" else None
+    )
+    run_start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        for block in todo:
+            writer.mark_done(worker.run_block(block.index, plan.shards[block.index][0]))
+    finally:
+        if bar is not None:
+            bar.close()
+    return 1, time.perf_counter() - run_start, time.process_time() - cpu_start
+
+
+def _run_ray(
+    config: BuildConfig, plan: BuildPlan, todo: list[Block], fingerprint: dict, writer: Any
+) -> tuple[int, int, float, float]:
+    """Start (or join) Ray and drive the worker pool; see _run_blocks."""
+    import ray
 
     started_ray = False
     if not ray.is_initialized():
@@ -105,28 +192,11 @@ def build_cache(config: BuildConfig) -> BuildSummary:
                 kwargs["_temp_dir"] = str(config.ray_temp_dir)
         ray.init(**kwargs)
         started_ray = True
-    retries = workers = 0
-    run_seconds = cpu_seconds = 0.0
     try:
-        if todo:
-            workers, retries, run_seconds, cpu_seconds = _run_blocks(
-                ray, config, plan, todo, fingerprint, writer
-            )
+        return _run_blocks(ray, config, plan, todo, fingerprint, writer)
     finally:
         if started_ray:
             ray.shutdown()
-    return _summarize(
-        config,
-        plan,
-        writer,
-        time.perf_counter() - start,
-        run_seconds,
-        cpu_seconds,
-        todo,
-        resumed,
-        workers,
-        retries,
-    )
 
 
 def _run_blocks(
@@ -157,8 +227,10 @@ def _run_blocks(
     worker_cls = ray.remote(max_restarts=0, max_task_retries=0)(BuildWorker)
     progress = ray.remote(num_cpus=0)(Progress).remote()
 
+    report = RemoteProgress(progress)
+
     def spawn() -> Any:
-        return worker_cls.options(**options).remote(config, fingerprint, device, progress)
+        return worker_cls.options(**options).remote(config, fingerprint, device, report)
 
     actors: dict[int, Any] = {i: spawn() for i in range(n)}
     try:  # wait for every teacher to load: startup errors surface here, and timing starts
@@ -182,7 +254,8 @@ def _run_blocks(
             while queue and idle:
                 slot = idle.popleft()
                 block = queue.popleft()
-                inflight[actors[slot].run_block.remote(block.index, block.source)] = (slot, block)
+                shard = plan.shards[block.index][0]
+                inflight[actors[slot].run_block.remote(block.index, shard)] = (slot, block)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_POLL_S)
             for ref in ready:
                 slot, block = inflight.pop(ref)
@@ -256,6 +329,7 @@ def _summarize(
     resumed: int,
     workers: int,
     retries: int,
+    local: bool,
 ) -> BuildSummary:
     manifest = writer.refresh()
     done = [b for b in manifest.blocks if b.done]
@@ -282,6 +356,7 @@ def _summarize(
         blocks_resumed=resumed,
         seconds=seconds,
         frames_per_s=new / seconds if seconds > 0 else 0.0,
+        local=local,
         run_seconds=run_seconds,
         frames_per_s_running=new / run_seconds if run_seconds > 0 else 0.0,
         worker_cpu_seconds=cpu_seconds,

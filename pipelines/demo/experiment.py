@@ -260,10 +260,10 @@ class _Clock:
 
 def _actions(folder: Path) -> np.ndarray:
     """(N, 7) float32: every action of the frame shards in `folder`."""
-    from featurecache.pipelines.build.frames import expand_frame_paths, iter_samples
+    from featurecache.samples import expand_frame_paths, iter_samples
 
     return np.stack(
-        [s.action for tar in expand_frame_paths([str(folder)]) for s in iter_samples(tar)]
+        [s.array("action") for tar in expand_frame_paths([str(folder)]) for s in iter_samples(tar)]
     )
 
 

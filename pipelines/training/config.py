@@ -12,7 +12,7 @@ class TrainConfig:
     """Everything a training run depends on; saved as RUN/config.json."""
 
     frames: tuple[str, ...]
-    """Frame shards: tar files, globs, brace patterns or folders (frames.expand_frame_paths)."""
+    """Frame shards: tar files, globs, brace patterns or folders (featurecache.samples.expand_frame_paths)."""
     out: str
     """The run folder (config.json, metrics.jsonl, checkpoint/, losses.png, summary.json)."""
     cache: str | None = None

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featurecache.pipelines.build.frames import expand_frame_paths
 from featurecache.pipelines.training.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -58,6 +57,7 @@ from featurecache.pipelines.training.targets import (
     teacher_target_spec,
 )
 from featurecache.reader import open_cache
+from featurecache.samples import expand_frame_paths
 
 
 @dataclass(slots=True)

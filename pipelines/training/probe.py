@@ -34,7 +34,7 @@ def probe_features(
     device: str = "cpu",
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """(features (N, hidden) float32 mean-pooled visual tokens, labels, episode ids)."""
-    from featurecache.pipelines.build.frames import expand_frame_paths
+    from featurecache.samples import expand_frame_paths
 
     loaded = load_run(run, device)
     stream = StreamConfig(

@@ -1,7 +1,8 @@
 """The training stream: WebDataset frame shards joined by `__key__` with cached teacher targets.
 
     shard list -> split by node (rank) -> split by worker -> shard shuffle (seed + epoch)
-      -> tar samples (raw bytes) -> select image/json/action.npy members
+      -> tar samples (raw bytes; featurecache.samples: the grouping, key and image rules of
+         the build) -> select image/json/action.npy members
       -> join with the cache, in shard order, a chunk of keys at a time        # (T, D) + (T,)
       -> shuffle buffer (raw bytes + targets) -> [resume: drop consumed samples]
       -> decode (PIL image, json, npy with allow_pickle=False) -> batch
@@ -30,7 +31,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+from featurecache.samples import BadFrameError, decode_image, iter_samples
+
 JOIN_CHUNK = 32  # keys per cache read: amortises the per-call cost, stays within a Zarr shard
 
 
@@ -88,7 +90,8 @@ class Batch:
     """One training batch.
 
     keys: B sample keys. images: (B, 3, S, S) float32 in [0, 1]. instructions: B strings.
-    actions: (B, 7) float32 (NaN rows where a frame has none and require_actions is False).
+    actions: (B, A) float32, A from the data (NaN rows where a frame has none and
+        require_actions is False; A = 0 when no frame of the batch has one).
     target: (B, T, D) as stored (int8 or float16), or None without a cache.
     scales: (B, T) float32 per-token absmax scales of an int8 cache, else None.
     meta: B parsed json dicts. images_pil: B PIL images when keep_images, else None.
@@ -120,25 +123,21 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _select(samples: Iterable[dict]) -> Iterator[dict]:
-    """Raw tar samples -> {key, source, image (bytes), ext, json (bytes|None), npy (bytes|None)}."""
-    for s in samples:
-        ext = next((e for e in IMAGE_EXTS if e in s), None)
-        if ext is None:
-            from featurecache.pipelines.build.frames import BadFrameError
-
-            raise BadFrameError(
-                f"Expected an image ({'/'.join(IMAGE_EXTS)}) in sample {s['__key__']!r} of "
-                f"{s.get('__url__')}, got members {sorted(k for k in s if not k.startswith('__'))}."
-            )
-        yield {
-            "key": s["__key__"],
-            "source": s.get("__url__", ""),
-            "image": s[ext],
-            "ext": ext,
-            "json": s.get("json"),
-            "npy": s.get("action.npy"),
-        }
+def _select(shards: Iterable[dict]) -> Iterator[dict]:
+    """Shard urls -> {key, source, image (bytes), ext, json (bytes|None), npy (bytes|None)}, read
+    by featurecache.samples (the build's rules: a frame without its image fails here)."""
+    for shard in shards:
+        url = shard["url"]
+        for s in iter_samples(url):
+            image, ext = s.image()
+            yield {
+                "key": s.key,
+                "source": url,
+                "image": image,
+                "ext": ext,
+                "json": s.members.get("json"),
+                "npy": s.members.get("action.npy"),
+            }
 
 
 class _Join:
@@ -249,11 +248,9 @@ class _DecodeBatch:
     def _collate(self, group: list[dict], missing: list[str]) -> Batch:
         from PIL import Image
 
-        from featurecache.pipelines.build.frames import BadFrameError, decode_image
-
         pil, pixels, metas, actions = [], [], [], []
         for s in group:
-            image = decode_image(s["image"], s["ext"])
+            image = decode_image(s["image"], s["ext"], f"sample {s['key']!r} of {s['source']}")
             pil.append(image)
             resized = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
             pixels.append(torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()))
@@ -263,9 +260,11 @@ class _DecodeBatch:
                     raise BadFrameError(
                         f"Expected an action.npy in sample {s['key']!r} of {s['source']}, got none."
                     )
-                actions.append(np.full(7, np.nan, np.float32))
+                actions.append(None)
             else:
                 actions.append(np.load(io.BytesIO(s["npy"]), allow_pickle=False))
+        width = next((a.size for a in actions if a is not None), 0)  # from the data
+        actions = [np.full(width, np.nan, np.float32) if a is None else a for a in actions]
         side = self.image_size
         images = (
             torch.stack(pixels).permute(0, 3, 1, 2).float().div_(255.0)
@@ -280,7 +279,7 @@ class _DecodeBatch:
             instructions=[m.get("instruction", "") for m in metas],
             actions=torch.from_numpy(np.stack(actions).astype(np.float32))
             if group
-            else torch.zeros((0, 7)),
+            else torch.zeros((0, 0)),
             target=torch.stack([s["target"] for s in group]) if has_target else None,
             scales=torch.stack([s["scales"] for s in group]) if has_scales else None,
             meta=metas,
@@ -303,7 +302,7 @@ def build_pipeline(config: StreamConfig) -> Any:
         stages.append(
             wds.shuffle(len(urls), initial=len(urls), seed=config.seed * 1009 + config.epoch)
         )
-    stages += [wds.tarfile_to_samples(handler=wds.reraise_exception), _select]
+    stages.append(_select)
     if config.cache is not None:
         assert config.layer is not None
         stages.append(_Join(config.cache, config.layer, config.on_missing))

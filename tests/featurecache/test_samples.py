@@ -105,7 +105,7 @@ def test_samples_group_cameras_json_and_arrays(tmp_path: Path) -> None:
     assert count_samples(shard) == 2
     k0, k1 = samples
     assert k0.cameras == ("top", "wrist") and k1.cameras == ("",)
-    assert k0.image("top") == ("png", _png(1)) and k0.image("wrist")[0] == "jpg"
+    assert k0.image("top") == (_png(1), "png") and k0.image("wrist")[1] == "jpg"
     assert k0.meta() == {"instruction": "pick"} and k1.meta() == {}
     np.testing.assert_array_equal(k0.array("action"), action)
     assert k1.array("action") is None and "pyd" not in k0.members
@@ -118,7 +118,7 @@ def test_samples_group_cameras_json_and_arrays(tmp_path: Path) -> None:
 def test_samples_read_from_a_stream(tmp_path: Path) -> None:
     shard = _tar(tmp_path / "s.tar", [("a.png", _png(1)), ("b.png", _png(2))])
     with open(shard, "rb") as fh:
-        assert [s.image()[1] for s in iter_samples(fh, source="pipe")] == [_png(1), _png(2)]
+        assert [s.image()[0] for s in iter_samples(fh, source="pipe")] == [_png(1), _png(2)]
 
 
 @pytest.mark.parametrize(

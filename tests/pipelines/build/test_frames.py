@@ -1,4 +1,8 @@
-"""frames.py: pattern expansion, WebDataset-style grouping, decoding, bad samples."""
+"""frames.py: the build's shards (tar and Python iterables) and what they yield per camera.
+
+The sample rules themselves (keys, members, decoding) are tested once, in
+tests/featurecache/test_samples.py; here: what a shard hands the worker.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featurecache.pipelines.build.frames import (
-    BadFrameError,
-    FramesNotFoundError,
-    count_samples,
-    decode_image,
-    expand_frame_paths,
-    iter_keys,
-    iter_samples,
-    split_member_name,
-)
+from featurecache.errors import InvalidKeyError, OptionError
+from featurecache.pipelines.build.frames import IterableShard, TarShard, shards_from_frames
+from featurecache.samples import BadFrameError, FramesNotFoundError
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (value, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
@@ -31,81 +34,75 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-def _png(color: tuple[int, int, int] = (255, 0, 0), mode: str = "RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, (8, 6), color if mode == "RGB" else color[0]).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def test_expand_folder_glob_brace_and_file(sample_data_dir: Path) -> None:
-    shards = [sample_data_dir / f"frames-{i:06d}.tar" for i in range(3)]
-    assert expand_frame_paths([str(sample_data_dir)]) == shards
-    assert expand_frame_paths([str(sample_data_dir / "*.tar")]) == shards
-    brace = str(sample_data_dir / "frames-{000001..000002}.tar")
-    assert expand_frame_paths([brace]) == shards[1:]
-    # one file named twice (once by a glob) is kept once, in first-seen order
-    assert expand_frame_paths([str(shards[2]), str(sample_data_dir)]) == [shards[2], *shards[:2]]
-
-
-@pytest.mark.parametrize("pattern", ["nope/*.tar", "nope.tar", "d-{000000..000001}.tar"])
-def test_expand_names_the_pattern_that_matches_nothing(tmp_path: Path, pattern: str) -> None:
-    with pytest.raises(FramesNotFoundError, match=r"nope|d-00000"):
-        expand_frame_paths([str(tmp_path / pattern)])
-
-
-def test_expand_empty_folder(tmp_path: Path) -> None:
-    with pytest.raises(FramesNotFoundError, match="match at least one tar"):
-        expand_frame_paths([str(tmp_path)])
-
-
-def test_split_member_name_follows_webdataset() -> None:
-    assert split_member_name("a/b.c.npy") == ("a/b", "c.npy")
-    assert split_member_name("k-1.PNG") == ("k-1", "png")
-    assert split_member_name("__index__.json") is None
-    assert split_member_name("noext") is None
-
-
-def test_iter_samples_reads_image_json_action(sample_data_dir: Path) -> None:
-    shard = sample_data_dir / "frames-000001.tar"
-    samples = list(iter_samples(shard))
-    assert len(samples) == count_samples(shard) == 16
-    assert [s.key for s in samples] == list(iter_keys(shard))
-    first = samples[0]
-    assert first.key == "train-e00001-s004"  # frames 16.. = episode 1 step 4..
-    assert first.image_ext == "png" and first.source == str(shard)
-    assert first.meta["episode"] == 1 and first.meta["step"] == 4
-    assert first.action.dtype == np.float32 and first.action.shape == (7,)
-    image = decode_image(first.image_bytes, first.image_ext)
-    assert image.mode == "RGB" and image.size == (64, 64)
-
-
-def test_decode_converts_to_rgb() -> None:
-    assert decode_image(_png((7, 7, 7), mode="L"), "png").mode == "RGB"
-
-
-def test_missing_and_corrupt_images_are_bad_frames(tmp_path: Path) -> None:
-    shard = _tar(
-        tmp_path / "bad.tar",
-        [("a.png", _png()), ("b.json", b"{}"), ("c.png", b"not a png"), ("__meta__.txt", b"x")],
+def test_tar_shard_yields_one_image_per_camera(tmp_path: Path) -> None:
+    path = _tar(
+        tmp_path / "s.tar",
+        [("k0.top.png", _png(1)), ("k0.wrist.png", _png(2)), ("k1.top.png", _png(3))],
     )
-    a, b, c = list(iter_samples(shard))
-    assert decode_image(a.image_bytes, a.image_ext).size == (8, 6)
-    assert b.image_bytes == b"" and b.meta == {}
-    with pytest.raises(BadFrameError, match="got none"):
-        decode_image(b.image_bytes, b.image_ext)
-    with pytest.raises(BadFrameError, match="decodable png"):
-        decode_image(c.image_bytes, c.image_ext)
+    shard = TarShard(path)
+    assert shard.name == str(path.resolve()) and list(shard.iter_keys()) == ["k0", "k1"]
+    (k0, raw0), (k1, raw1) = shard.iter_frames()
+    top, wrist = shard.images(raw0, k0, ["top", "wrist"])
+    assert top.getpixel((0, 0)) == (1, 0, 0) and wrist.getpixel((0, 0)) == (2, 0, 0)
+    with pytest.raises(BadFrameError, match=r"camera 'wrist'.*'k1'"):
+        shard.images(raw1, k1, ["top", "wrist"])
+    with pytest.raises(BadFrameError, match="--cameras"):
+        shard.images(raw1, k1, [""])
 
 
-def test_never_unpickles(tmp_path: Path) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-    shard = _tar(tmp_path / "p.tar", [("a.png", _png()), ("a.action.npy", buf.getvalue())])
-    with pytest.raises(BadFrameError, match=r"plain \.npy"):
-        list(iter_samples(shard))
+def test_iterable_shard_accepts_lists_maps_makers_and_datasets() -> None:
+    arr = np.full((6, 8, 3), 9, np.uint8)
+    pil = Image.fromarray(arr)
+
+    class MapStyle:
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> tuple:
+            return (f"k{i}", arr)
+
+    for items in (
+        [("k0", pil), ("k1", arr)],
+        {"k0": pil, "k1": arr},
+        lambda: ((f"k{i}", arr) for i in range(2)),
+        MapStyle(),
+    ):
+        shard = IterableShard(items, name="x")
+        assert list(shard.iter_keys()) == ["k0", "k1"]  # read twice: plan, then build
+        frames = list(shard.iter_frames())
+        assert [k for k, _ in frames] == ["k0", "k1"]
+        for key, raw in frames:
+            (image,) = shard.images(raw, key, [""])
+            np.testing.assert_array_equal(np.asarray(image), arr)
 
 
-def test_bad_json_names_shard_and_key(tmp_path: Path) -> None:
-    shard = _tar(tmp_path / "j.tar", [("k1.png", _png()), ("k1.json", b"{oops")])
-    with pytest.raises(BadFrameError, match=r"j\.tar key 'k1'"):
-        list(iter_samples(shard))
+def test_iterable_shard_cameras_and_keys() -> None:
+    arr = np.zeros((4, 4, 3), np.uint8)
+    shard = IterableShard([("k0", {"top": arr, "wrist": arr})], name="cams")
+    ((key, raw),) = shard.iter_frames()
+    assert len(shard.images(raw, key, ["top", "wrist"])) == 2
+    with pytest.raises(BadFrameError, match=r"camera 'side'.*\['top', 'wrist'\]"):
+        shard.images(raw, key, ["side"])
+    with pytest.raises(BadFrameError, match="single ndarray"):
+        IterableShard([("k", arr)]).images(arr, "k", ["top"])
+    with pytest.raises(InvalidKeyError, match="one-shot generator"):
+        IterableShard(x for x in [("k", arr)])
+    with pytest.raises(InvalidKeyError, match=r"pairs \(item 0"):
+        list(IterableShard([arr]).iter_keys())
+    # keys given up front: the items are read once and checked against them
+    known = IterableShard([("a", arr), ("b", arr)], name="n", keys=["a", "c"])
+    assert list(known.iter_keys()) == ["a", "c"]
+    with pytest.raises(InvalidKeyError, match="Expected key 'c' at position 1 of n"):
+        list(known.iter_frames())
+
+
+def test_shards_from_frames(tmp_path: Path) -> None:
+    for i in range(2):
+        _tar(tmp_path / f"f-{i}.tar", [(f"k{i}.png", _png(i))])
+    shards = shards_from_frames([str(tmp_path), str(tmp_path / "f-1.tar"), [("x", _png(0))]])
+    assert [type(s).__name__ for s in shards] == ["TarShard", "TarShard", "IterableShard"]
+    assert shards[2].name == "iterable-000002"
+    with pytest.raises(OptionError, match="'same' twice"):
+        shards_from_frames([IterableShard([], name="same"), IterableShard([], name="same")])
+    with pytest.raises(FramesNotFoundError, match="nope"):
+        shards_from_frames([str(tmp_path / "nope")])

@@ -1,7 +1,8 @@
-"""The Ray build: correctness against direct teacher forwards, resume, dead workers, bad inputs.
+"""The build, Ray and local: correctness against direct teacher forwards, local == Ray == Python
+iterables array for array, resume, dead workers, bad inputs.
 
-The fast tests share one local Ray instance (module fixture; build_cache reuses a running Ray and
-leaves it running). The slow ones run the CLI in subprocesses: SIGKILL of the driver mid-build,
+The fast Ray tests share one local Ray instance (module fixture; build_cache reuses a running Ray
+and leaves it running). The slow ones run the CLI in subprocesses: SIGKILL of the driver mid-build,
 and a two-node local cluster driven through --address.
 """
 
@@ -25,16 +26,21 @@ import torch
 import zarr
 
 from featurecache import open_cache
-from featurecache.errors import NotACacheError, SpecMismatchError, UnknownLayerError
-from featurecache.format import read_manifest
-from featurecache.pipelines.build.frames import (
-    BadFrameError,
-    FramesNotFoundError,
-    decode_image,
-    iter_samples,
+from featurecache.errors import (
+    FeatureCacheError,
+    NotACacheError,
+    SpecMismatchError,
+    UnknownLayerError,
 )
-from featurecache.pipelines.build.precompute import BuildConfig, BuildError, build_cache
+from featurecache.format import read_manifest
+from featurecache.pipelines.build.precompute import (
+    BuildConfig,
+    BuildError,
+    IterableShard,
+    build_cache,
+)
 from featurecache.pipelines.build.teachers import UnknownTeacherError, load_teacher
+from featurecache.samples import BadFrameError, FramesNotFoundError, decode_image, iter_samples
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -60,9 +66,11 @@ def _config(frames: Path | list, out: Path, **kw) -> BuildConfig:
         "batch_size": 8,
         "shard_rows": 8,
         "progress": False,
+        "local": False,
     }
     base.update(kw)
-    frames = [str(f) for f in frames] if isinstance(frames, list) else [str(frames)]
+    items = frames if isinstance(frames, list) else [frames]
+    frames = [str(f) if isinstance(f, Path) else f for f in items]
     return BuildConfig(frames=frames, out=out, **base)
 
 
@@ -99,7 +107,7 @@ def _direct(teacher_spec: str, layers: list[str], frames_dir: Path) -> tuple[lis
     for shard in sorted(frames_dir.glob("*.tar")):
         for s in iter_samples(shard):
             keys.append(s.key)
-            images.append(decode_image(s.image_bytes, s.image_ext))
+            images.append(decode_image(*s.image()))
     return keys, teacher(images)
 
 
@@ -157,6 +165,46 @@ def test_build_efficientnet_equals_direct_forward_and_resumes(
     assert [b["status"] for b in blocks] == ["done"] * 3
 
 
+def test_local_and_iterable_builds_equal_the_ray_build(
+    eff_cache: Path, sample_data_dir: Path, tmp_path: Path
+) -> None:
+    local = build_cache(_config(sample_data_dir, tmp_path / "local", codec="fp16", local=True))
+    assert local.local and local.workers == 1 and local.frames == 48
+    _assert_same_cache(eff_cache, tmp_path / "local")
+    # the same frames as Python iterables: one list of (key, PIL image) per tar, and one
+    # map-style dataset of (key, uint8 array); one block each, like the tars
+    shards = []
+    for i, tar in enumerate(sorted(sample_data_dir.glob("*.tar"))):
+        pairs = [(s.key, decode_image(*s.image())) for s in iter_samples(tar)]
+        if i == 1:
+            shards.append(_MapStyle([(k, np.asarray(im)) for k, im in pairs]))
+        else:
+            shards.append(pairs)
+    for mode, out in ((True, "iter-local"), (False, "iter-ray")):
+        summary = build_cache(_config(shards, tmp_path / out, codec="fp16", local=mode))
+        assert summary.frames == 48 and summary.local == mode
+        _assert_same_cache(eff_cache, tmp_path / out)
+    assert read_manifest(tmp_path / "iter-ray").blocks[1].source == "iterable-000001"
+    # a one-shot generator is refused (it would be read twice), keys with dots too
+    with pytest.raises(FeatureCacheError, match="one-shot generator"):
+        IterableShard(x for x in shards[0])
+    with pytest.raises(FeatureCacheError, match=r"'a\.1'.*item 0"):
+        build_cache(_config([[("a.1", np.zeros((4, 4, 3), np.uint8))]], tmp_path / "dots"))
+
+
+class _MapStyle:
+    """A map-style dataset (like torch.utils.data.Dataset): __len__ and __getitem__ only."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.items[i]
+
+
 def test_dead_worker_is_replaced_and_result_unchanged(
     eff_cache: Path, sample_data_dir: Path, tmp_path: Path
 ) -> None:
@@ -182,7 +230,7 @@ def test_bad_frames_fail_or_skip(ray_session: None, sample_data_dir: Path, tmp_p
                 data = b"\x89PNG broken"
             info.size = len(data)
             dst.addfile(info, io.BytesIO(data))
-    with pytest.raises(BadFrameError, match=r"frames-000000\.tar key 'train-e00000-s005'"):
+    with pytest.raises(BadFrameError, match=r"'train-e00000-s005' of .*frames-000000\.tar"):
         build_cache(_config(shard.parent, tmp_path / "fail"))
     summary = build_cache(_config(shard.parent, tmp_path / "skip", on_bad_frame="skip"))
     assert summary.frames == 15 and summary.skipped == 1

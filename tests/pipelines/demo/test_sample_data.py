@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from featurecache.pipelines.demo import sample_data as sd
-from featurecache.pipelines.build.frames import decode_image, iter_samples
+from featurecache.samples import decode_image, iter_samples
 
 
 def _digest(folder: Path) -> list[str]:
@@ -24,7 +24,7 @@ def test_shards_keys_and_sample_layout(sample_data_dir: Path) -> None:
     assert len(keys) == len(set(keys)) == 48
     assert keys[0] == "train-e00000-s000" and keys[-1] == "train-e00003-s011"
     assert all("." not in k for k in keys)
-    meta = samples[5].meta
+    meta = samples[5].meta()
     for field in (
         "instruction",
         "episode",
@@ -41,7 +41,7 @@ def test_shards_keys_and_sample_layout(sample_data_dir: Path) -> None:
         assert field in meta
     assert meta["object"] == f"{meta['color']} {meta['shape']}"
     assert meta["object"] in meta["instruction"]
-    actions = np.stack([s.action for s in samples])
+    actions = np.stack([s.array("action") for s in samples])
     assert actions.dtype == np.float32 and actions.shape == (48, 7)
     assert np.abs(actions).max() <= 1.0 + 1e-6
     assert np.all(actions[:, 3:5] == 0)  # roll, pitch unused
@@ -55,8 +55,8 @@ def test_deterministic_and_independent_of_shard_size(tmp_path: Path) -> None:
     ka = [s.key for p in a for s in iter_samples(p)]
     kc = [s.key for s in iter_samples(c[0])]
     assert ka == kc
-    im_a = [decode_image(s.image_bytes) for p in a for s in iter_samples(p)]
-    im_c = [decode_image(s.image_bytes) for s in iter_samples(c[0])]
+    im_a = [decode_image(*s.image()) for p in a for s in iter_samples(p)]
+    im_c = [decode_image(*s.image()) for s in iter_samples(c[0])]
     pairs = zip(im_a, im_c, strict=True)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
     d = sd.write_sample_data(tmp_path / "d", frames=20, shard_size=20, image_size=32, seed=4)

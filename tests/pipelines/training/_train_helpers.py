@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from featurecache.format import CacheSpec, LayerSpec, plan_blocks
-from featurecache.pipelines.build.frames import decode_image, iter_samples
+from featurecache.samples import decode_image, iter_samples
 from featurecache.writer import create_cache
 
 FeatureFn = Callable[[list[str], list[Any]], dict[str, np.ndarray]]
@@ -81,7 +81,7 @@ def write_cache(
         bw = writer.open_block(block.index)
         for i in range(0, len(samples), batch):
             chunk = samples[i : i + batch]
-            images = [decode_image(s.image_bytes, s.image_ext) for s in chunk]
+            images = [decode_image(*s.image()) for s in chunk]
             bw.append([s.key for s in chunk], features([s.key for s in chunk], images))
         writer.mark_done(bw.finish())
     return Path(path)

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 
 from featurecache.cli import main
 from featurecache.cli.train import OPTION_TO_FIELD
-from featurecache.pipelines.build.frames import expand_frame_paths
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.evaluate import evaluate_run
 from featurecache.pipelines.training.metrics import read_metrics
 from featurecache.pipelines.training.probe import probe_accuracy
 from featurecache.pipelines.training.stream import StreamConfig, iter_batches
+from featurecache.samples import expand_frame_paths
 
 from ._train_helpers import (
     TEACHER,

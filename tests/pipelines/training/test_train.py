@@ -14,11 +14,11 @@ import torch
 
 from featurecache.errors import ShapeMismatchError, SpecMismatchError, UnknownLayerError
 from featurecache.format import LayerSpec
-from featurecache.pipelines.build.frames import expand_frame_paths
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.metrics import read_metrics
+from featurecache.samples import expand_frame_paths
 
 from ._train_helpers import (
     TEACHER,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from featurecache.pipelines.build.frames import expand_frame_paths
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.metrics import read_metrics
+from featurecache.samples import expand_frame_paths
 
 from ._train_helpers import TEACHER, TEACHER_LAYER, TINY_OPTIONS, teacher_features, write_cache
 
