@@ -8,6 +8,8 @@
   Llama 2 layers, hidden 32) with a WordLevel tokenizer and a LlavaProcessor, saved to a folder.
 - `save_tiny_vit(out, with_processor=True)`, `save_tiny_llava(out)`: the builders, importable
   only as fixtures' helpers (pytest runs with --import-mode=importlib).
+- `tiny_vlm_paths`: {model_type: folder} of a tiny random VLM of every supported family (LLaVA,
+  LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, PaliGemma, Idefics3, SmolVLM), see `tiny_vlms.py`.
 - `ray_temp_dir`: a short temp dir for `ray.init(_temp_dir=...)` (Unix socket paths are short).
 All are session-scoped and built once; treat them as read-only.
 """
@@ -22,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from featurecache.pipelines.demo.sample_data import SPLITS, write_sample_data
+
+from .tiny_vlms import FAMILIES, save_tiny_vlm
 
 
 @pytest.fixture(scope="session")
@@ -177,3 +181,10 @@ def tiny_llava_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_vit_noproc_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny ViT without an image processor (the teacher's default preprocessing applies)."""
     return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit-noproc"), with_processor=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{model_type: folder}: a tiny random saved VLM of every supported family (`tiny_vlms.py`)."""
+    root = tmp_path_factory.mktemp("tiny-vlms")
+    return {family: save_tiny_vlm(family, root / family) for family in FAMILIES}
