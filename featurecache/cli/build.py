@@ -137,10 +137,24 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
     help="Rows per Zarr shard (the read and write unit).",
 )
 @click.option(
+    "--cameras",
+    default=None,
+    metavar="C[,C...]",
+    help="Cache these cameras' images (members key.<camera>.<ext>); layers become "
+    "<camera>/<layer>, e.g. top/4. Default: the plain image key.<ext>.",
+)
+@click.option(
+    "--local/--ray",
+    "local",
+    default=None,
+    help="--local: build in this process (no Ray start-up; one worker); --ray: a Ray job. "
+    "Default: local unless --address, --workers > 1 or several GPUs.",
+)
+@click.option(
     "--address",
     default=None,
-    help="Ray cluster address (e.g. 'auto' or '10.0.0.1:6379'); default: start a "
-    "local Ray instance for this build.",
+    help="Ray cluster address (e.g. 'auto' or '10.0.0.1:6379') for a Ray job over a "
+    "cluster; without it a Ray job starts a local Ray instance.",
 )
 @click.option(
     "--workers",
@@ -195,6 +209,8 @@ def build(
     codec: str,
     batch_size: int,
     shard_rows: int,
+    cameras: str | None,
+    local: bool | None,
     address: str | None,
     workers: int | None,
     gpus_per_worker: float,
@@ -206,11 +222,16 @@ def build(
     decode_threads: int,
     quiet: bool,
 ) -> None:
-    """Run a frozen teacher once over every frame and write a feature cache (a Ray job).
+    """Run a frozen teacher once over every frame and write a feature cache (in this process,
+    or as a Ray job over a cluster).
 
     \b
     FRAMES: WebDataset tar shards: files, globs, brace ranges
-    ('d/frames-{000000..000009}.tar') or folders (their *.tar). Keys must be unique.
+    ('d/frames-{000000..000009}.tar') or folders (their *.tar). Keys must be unique and
+    hold no dots; a sample is key.png (+ key.json, key.action.npy), or one image per
+    camera, key.<camera>.png, read with --cameras. LeRobot datasets: see
+    'featurecache import lerobot'. Python iterables: BuildConfig(frames=[...]) in
+    featurecache.pipelines.build.precompute.
 
     \b
     Teachers:
@@ -231,6 +252,8 @@ def build(
     \b
     Example:
       featurecache build data/train --teacher efficientnet-lite0 --layers 4 --out cache.zarr
+      featurecache build data/aloha --cameras top,wrist --teacher efficientnet-lite0 \\
+          --layers 4 --out aloha.zarr                  # layers top/4 and wrist/4
       featurecache build 'data/frames-{000000..000099}.tar' --teacher hf:/models/dinov2-base \\
           --layers 8 --grid 16x16 --address auto --workers 8 --out /data/dino8.zarr
     """
@@ -244,6 +267,8 @@ def build(
         codec=codec,
         batch_size=batch_size,
         shard_rows=shard_rows,
+        cameras=cameras,
+        local=local,
         address=address,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
