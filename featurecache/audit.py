@@ -8,10 +8,8 @@ recorded as skipped). Each problem names its block, the shard file and the key r
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
-import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
 
+from featurecache.completion import CacheState, load_state
 from featurecache.errors import FeatureCacheError
 from featurecache.format import (
     CHANNEL_SCALED_CODECS,
@@ -32,48 +30,43 @@ from featurecache.format import (
     SCALE_DTYPE,
     SCALED_CODECS,
     Block,
-    Manifest,
     channel_scale_arrays,
     channel_scales_path,
     checksum_arrays,
     features_path,
-    read_manifest,
     scales_path,
     shard_file,
 )
 from featurecache.reader import decode_keys
+from featurecache.store import Store, open_store
 
 
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(root, f))
-    return total
+def _stored_bytes(st: Store, prefix: str) -> int:
+    """Bytes of every object under `prefix` ("" = the whole cache)."""
+    return sum(size for _, size in st.list(prefix))
 
 
 def inspect_cache(path: str | Path) -> dict[str, Any]:
     """A JSON-able summary: spec, rows, layers, codec, blocks done/total, rows written, size on
     disk and compression ratio (decoded bytes of the stored dtype / bytes on disk), per layer and
     overall. Decoded bytes count written rows only; disk bytes are what the files take."""
-    path = Path(path)
-    m = read_manifest(path)
-    spec = m.spec
-    written = sum(b.count for b in m.done_blocks)
+    st = open_store(path)
+    m = load_state(st)
+    spec, table = m.spec, m.table
+    written = int(table.count[table.done].sum())
     itemsize = np.dtype(FEATURE_DTYPE[spec.codec]).itemsize
     layers = []
     decoded_total = 0
-    disk_total = _tree_bytes(path / KEYS_ARRAY / "c")  # chunk files only, not zarr.json
+    disk_total = _stored_bytes(st, f"{KEYS_ARRAY}/c/")  # chunk files only, not zarr.json
     for layer in spec.layers:
         decoded = written * layer.tokens * layer.dim * itemsize
-        disk = _tree_bytes(path / features_path(layer.name) / "c")
+        disk = _stored_bytes(st, f"{features_path(layer.name)}/c/")
         if spec.codec in SCALED_CODECS:
             decoded += written * layer.tokens * np.dtype(SCALE_DTYPE).itemsize
-            disk += _tree_bytes(path / scales_path(layer.name) / "c")
+            disk += _stored_bytes(st, f"{scales_path(layer.name)}/c/")
         if spec.codec in CHANNEL_SCALED_CODECS:
             decoded += layer.dim * np.dtype(SCALE_DTYPE).itemsize
-            disk += _tree_bytes(path / channel_scales_path(layer.name) / "c")
+            disk += _stored_bytes(st, f"{channel_scales_path(layer.name)}/c/")
         fp16 = written * layer.tokens * layer.dim * 2
         layers.append(
             {
@@ -87,9 +80,10 @@ def inspect_cache(path: str | Path) -> dict[str, Any]:
         decoded_total += decoded
         disk_total += disk
     decoded_total += written * spec.key_bytes
-    done = len(m.done_blocks)
+    done = table.n_done
     return {
         "path": str(path),
+        "layout": m.layout,
         "format_version": m.version,
         "reader_version": FORMAT_VERSION,
         "codec": spec.codec,
@@ -97,13 +91,13 @@ def inspect_cache(path: str | Path) -> dict[str, Any]:
         "key_bytes": spec.key_bytes,
         "rows": m.rows,
         "rows_written": written,
-        "skipped": sum(len(b.skipped) for b in m.done_blocks),
+        "skipped": sum(len(k) for i, k in table.skipped.items() if table.done[i]),
         "blocks_done": done,
-        "blocks_total": len(m.blocks),
-        "pending_blocks": [b.index for b in m.blocks if not b.done],
+        "blocks_total": len(table),
+        "pending_blocks": np.flatnonzero(~table.done).tolist(),
         "fingerprint": spec.fingerprint,
         "layers": layers,
-        "size_on_disk_bytes": _tree_bytes(path),
+        "size_on_disk_bytes": _stored_bytes(st, ""),
         "decoded_bytes": decoded_total,
         "compression_ratio": decoded_total / disk_total if disk_total else None,
     }
@@ -153,13 +147,13 @@ class VerifyReport:
         return d
 
 
-def _channel_scales_prefix(path: Path, m: Manifest, store: Any, report: VerifyReport) -> bytes:
+def _channel_scales_prefix(st: Store, m: CacheState, store: Any, report: VerifyReport) -> bytes:
     """The int8c channel scale vectors as the block checksums' leading bytes (FORMAT.md), each
     checked to decode (crc32c) and to hold `dim` finite positive values; b"" for other codecs."""
     prefix = b""
     for name in channel_scale_arrays(m.spec):
         dim = m.spec.layer(name.split("/", 1)[1]).dim
-        file = str(path / name / "c" / "0")
+        file = st.url(f"{name}/c/0")
         try:
             c = np.asarray(zarr.open_array(store, path=name, mode="r")[:])
         except Exception as exc:
@@ -174,8 +168,8 @@ def _channel_scales_prefix(path: Path, m: Manifest, store: Any, report: VerifyRe
 
 
 def _check_block(
-    path: Path,
-    m: Manifest,
+    st: Store,
+    m: CacheState,
     block: Block,
     arrays: dict[str, zarr.Array],
     report: VerifyReport,
@@ -197,9 +191,9 @@ def _check_block(
         shard_keys: list[str] = []
         for name in checksum_arrays(spec):
             ndim = 3 if name.startswith("features/") else 2
-            file = str(path / shard_file(name, ndim, s))
+            file = st.url(shard_file(name, ndim, s))
             span = (shard_keys[0], shard_keys[-1]) if shard_keys else None
-            if not os.path.exists(file):
+            if not st.exists(shard_file(name, ndim, s)):
                 problem("missing-file", f"shard file of {name} is missing", file, rows, span)
                 failed = True
                 continue
@@ -232,9 +226,8 @@ def _check_block(
                     f"Expected checksum {block.checksum}, got {got}",
                     block.index,
                     block.source,
-                    str(
-                        path
-                        / shard_file(features_path(spec.layer_names[0]), 3, block.row_start // sr)
+                    st.url(
+                        shard_file(features_path(spec.layer_names[0]), 3, block.row_start // sr)
                     ),
                     (block.row_start, stop),
                     (keys[0], keys[-1]) if keys else None,
@@ -296,20 +289,21 @@ def verify_cache(path: str | Path, frames: Sequence[str | Path] | None = None) -
     """Check every done block (decodable, checksum, finite, keys non-empty and unique), that no
     block is pending, and with `frames` that every frame key of those tars is in the cache or
     recorded as skipped. NotACacheError / FormatVersionError when `path` is not a readable cache."""
-    path = Path(path)
-    m = read_manifest(path)
+    st = open_store(path)
+    m = load_state(st)
     report = VerifyReport(path=str(path))
-    store = LocalStore(path, read_only=True)
+    store = st.zarr_store(read_only=True)
     arrays = {name: zarr.open_array(store, path=name, mode="r") for name in checksum_arrays(m.spec)}
-    prefix = _channel_scales_prefix(path, m, store, report)
+    prefix = _channel_scales_prefix(st, m, store, report)
     seen: dict[str, int] = {}
-    for block in m.blocks:
+    for index in range(len(m.table)):
+        block = m.table.block(index)  # one at a time: memory stays that of the table
         if not block.done:
             rows = (block.row_start, block.row_stop)
             msg = "block is not done (cache incomplete)"
             report.problems.append(Problem("pending", msg, block.index, block.source, rows=rows))
             continue
-        keys = _check_block(path, m, block, arrays, report, prefix)
+        keys = _check_block(st, m, block, arrays, report, prefix)
         report.blocks_checked += 1
         for i, key in enumerate(keys):
             if key in seen and key:
@@ -319,9 +313,8 @@ def verify_cache(path: str | Path, frames: Sequence[str | Path] | None = None) -
                         f"key {key!r} also at row {seen[key]}",
                         block.index,
                         block.source,
-                        str(
-                            path
-                            / shard_file(KEYS_ARRAY, 2, (block.row_start + i) // m.spec.shard_rows)
+                        st.url(
+                            shard_file(KEYS_ARRAY, 2, (block.row_start + i) // m.spec.shard_rows)
                         ),
                         (block.row_start + i, block.row_start + i + 1),
                         (key, key),
@@ -329,7 +322,7 @@ def verify_cache(path: str | Path, frames: Sequence[str | Path] | None = None) -
                 )
             seen.setdefault(key, block.row_start + i)
     if frames:
-        skipped = {k for b in m.blocks for k in b.skipped}
+        skipped = {k for keys in m.table.skipped.values() for k in keys}
         for tar in _expand_frames(frames):
             missing = []
             for key in iter_tar_keys(tar):
