@@ -43,7 +43,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
                 "rounds": 2, "chunk": 4, "warmup": 1,
                 "vit": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                         "intermediate_size": 128},
-                "student": {"vision_hidden": 64, "vision_layers": 1, "hidden_size": 64,
+                "student": {"stem_width": 8, "hidden_size": 64,
                             "num_layers": 2, "num_heads": 2}}  # fmt: skip
     return {"frames": 256, "shard": 64, "image": 112, "batch": 16,
             "rounds": 4, "chunk": 8, "warmup": 2,

@@ -99,7 +99,7 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     multiple=True,
     metavar="KEY=VALUE",
     help="Architecture option of the student, repeatable (tiny-vla: image_size, hidden_size, "
-    "num_layers, vision_layers, ...; hf-llava: dtype).",
+    "num_layers, stem_width, ...; hf-llava: dtype).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The run folder.")
 @click.option(

@@ -11,11 +11,14 @@ of the image (gripper, object and plate positions, gripper state) and the instru
 object). 7-D like the paper's: (dx, dy, dz, droll, dpitch, dyaw, gripper), each in [-1, 1]:
 dx, dy in units of MAX_XY of the table width, dz in units of MAX_Z, dyaw in units of MAX_YAW
 (droll and dpitch are always 0: the gripper only yaws), gripper +1 = open, -1 = close.
+LIVE_ACTION_DIMS are the five that move; losses and metrics of the demo use only those.
+The cues the action depends on are drawn to be seen at 112 px: objects 17 px across, a gripper
+whose size changes 3x with height, and fingers drawn cyan while closed.
 
 Splits mirror the paper's OOD axes (PAPER.md):
-- `train`: table textures TRAIN_TEXTURES, backgrounds TRAIN_BACKGROUNDS, colours TRAIN_COLORS,
+- `train`: plain tables TRAIN_TEXTURES, backgrounds TRAIN_BACKGROUNDS, colours TRAIN_COLORS,
   shapes TRAIN_SHAPES, the named object on the left part of the table (x in TRAIN_TARGET_X).
-- `ood-vision`: unseen table textures and backgrounds, everything else as train.
+- `ood-vision`: unseen textured tables and backgrounds, everything else as train.
 - `ood-semantic`: the named object has an unseen colour and/or shape (OOD_COLORS, OOD_SHAPES);
   distractors stay in the train vocabulary.
 - `ood-execution`: the named object lies in an unseen position range (x in OOD_TARGET_X).
@@ -46,6 +49,7 @@ from featurecache.store import local_path
 __all__ = [
     "ACTION_DIM",
     "FRAMES_PER_EPISODE",
+    "LIVE_ACTION_DIMS",
     "SPLITS",
     "Episode",
     "Frame",
@@ -58,14 +62,17 @@ __all__ = [
 SPLITS: tuple[str, ...] = ("train", "ood-vision", "ood-semantic", "ood-execution")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 ACTION_DIM = 7
+LIVE_ACTION_DIMS: tuple[int, ...] = (0, 1, 2, 5, 6)  # dx, dy, dz, dyaw, gripper
 FRAMES_PER_EPISODE = 12  # a full pick-and-place takes 8-11 planner steps; the rest is retreat
 
 TRAIN_COLORS = ("red", "green", "blue", "yellow")
 OOD_COLORS = ("purple", "orange")
 TRAIN_SHAPES = ("cube", "sphere", "triangle")
 OOD_SHAPES = ("star", "cross")
-TRAIN_TEXTURES = ("wood", "checker", "linen")
-OOD_TEXTURES = ("marble", "dots", "zigzag")
+# Train tables are plain (one colour, faint noise); the textured ones are unseen nuisances of
+# ood-vision, as the paper's new table textures and backgrounds are.
+TRAIN_TEXTURES = ("plain-sand", "plain-grey", "plain-sage")
+OOD_TEXTURES = ("wood", "checker", "linen", "marble", "dots", "zigzag")
 TRAIN_BACKGROUNDS = ("grey-wall", "beige-wall", "blue-wall")
 OOD_BACKGROUNDS = ("brick", "curtain")
 TRAIN_TARGET_X = (0.08, 0.62)  # table units: 0 = left edge, 1 = right edge
@@ -93,8 +100,8 @@ _TOL = 1e-6
 # Geometry as fractions of the image size.
 _BAND = 0.16  # background band height
 _MARGIN = 0.06  # table margin around the reachable area
-_OBJECT_R = 0.055
-_PLATE_R = 0.1
+_OBJECT_R = 0.075
+_PLATE_R = 0.12
 _MIN_SEPARATION = 0.22  # between object/plate centres, table units
 
 _SHARD_RE = re.compile(r"^frames-(\d{6})\.tar$")
@@ -299,11 +306,20 @@ def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int = 2
     )
 
 
+_PLAIN_RGB = {
+    "plain-sand": (200, 180, 140),
+    "plain-grey": (160, 160, 165),
+    "plain-sage": (150, 170, 140),
+}
+
+
 def _texture(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """(h, w, 3) uint8 table surface."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
     noise = _smooth_noise(rng, h, w, 8)[..., None]
-    if name == "wood":
+    if name in _PLAIN_RGB:
+        img = np.broadcast_to(_jitter(rng, _PLAIN_RGB[name]), (h, w, 3)) * (0.95 + 0.1 * noise)
+    elif name == "wood":
         a, b = _jitter(rng, (150, 100, 60)), _jitter(rng, (110, 70, 40))
         t = 0.5 + 0.5 * np.sin((yy * rng.uniform(18, 30) + noise[..., 0] * 4) * math.pi)
         img = a * t[..., None] + b * (1 - t[..., None])
@@ -448,14 +464,15 @@ class _Canvas:
 
     def gripper(self, draw: ImageDraw.ImageDraw, state: _State, closed: bool) -> None:
         cx, cy = self.px(state.xy)
-        scale = 0.8 + 0.8 * state.z  # higher is bigger (closer to the camera)
+        scale = 0.6 + 1.2 * state.z  # higher is bigger (closer to the camera): a salient cue
         r = _OBJECT_R * self.size
         sh = r * 0.5
         draw.ellipse([cx - sh, cy - sh * 0.6, cx + sh, cy + sh * 0.6], fill=(40, 40, 40))
         u = r * scale
         gap = (0.75 if closed else 1.35) * u
         finger_w, finger_l = 0.22 * u, 0.9 * u
-        metal, edge = (70, 72, 80), (20, 20, 25)
+        # closed fingers are drawn cyan: the gripper state is a salient cue, not a 3-px gap
+        metal, edge = ((0, 225, 225), (0, 90, 90)) if closed else ((70, 72, 80), (20, 20, 25))
         bar = [
             (-gap - finger_w, -0.15 * u),
             (gap + finger_w, -0.15 * u),
@@ -538,15 +555,28 @@ def iter_frames(
     image_size: int = 224,
     frames_per_episode: int = FRAMES_PER_EPISODE,
 ) -> Iterator[Frame]:
-    """The first `n` frames of a split: episodes 0, 1, ... each `frames_per_episode` long."""
+    """The first `n` frames of a split: episodes 0, 1, ... each giving `frames_per_episode`
+    frames (a seeded subset of its steps when fewer than FRAMES_PER_EPISODE, see _kept_steps)."""
     episode = 0
     while n > 0:
         take = min(n, frames_per_episode)
-        yield from render_episode(
-            make_episode(split, episode, seed=seed), image_size=image_size, frames=take
+        keep = _kept_steps(split, episode, seed, take)
+        frames = render_episode(
+            make_episode(split, episode, seed=seed), image_size=image_size, frames=max(keep) + 1
         )
+        yield from (f for f in frames if f.meta["step"] in keep)
         n -= take
         episode += 1
+
+
+def _kept_steps(split: str, episode: int, seed: int, take: int) -> set[int]:
+    """The planner steps an episode contributes: all of the first `take` when that covers a whole
+    episode, else `take` of its FRAMES_PER_EPISODE steps drawn at random (seeded), so that many
+    short episodes still show every phase (reach ... release, retreat)."""
+    if take >= FRAMES_PER_EPISODE:
+        return set(range(take))
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], episode, 2])
+    return {int(i) for i in rng.choice(FRAMES_PER_EPISODE, size=take, replace=False)}
 
 
 def encode_sample(frame: Frame, image_format: str = "png") -> list[tuple[str, bytes]]:

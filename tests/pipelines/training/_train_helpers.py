@@ -24,8 +24,7 @@ FeatureFn = Callable[[list[str], list[Any]], dict[str, np.ndarray]]
 # tiny-vla at 64 px (the conftest's sample frames): a 4x4 grid, small widths for fast tests.
 TINY_OPTIONS: dict[str, Any] = {
     "image_size": 64,
-    "vision_hidden": 64,
-    "vision_layers": 1,
+    "stem_width": 8,
     "hidden_size": 64,
     "num_layers": 2,
     "num_heads": 2,

@@ -66,7 +66,7 @@ def test_student_spec_errors() -> None:
 
 def test_tiny_vla_shapes_defaults_and_seeding() -> None:
     s = load_student("tiny-vla")
-    assert (s.image_size, s.visual_grid, s.num_layers, s.default_align_layer) == (112, (7, 7), 4, 2)
+    assert (s.image_size, s.visual_grid, s.num_layers, s.default_align_layer) == (112, (7, 7), 2, 1)
     small = load_student("tiny-vla", seed=1, **TINY_OPTIONS)
     again = load_student("tiny-vla", seed=1, **TINY_OPTIONS)
     other = load_student("tiny-vla", seed=2, **TINY_OPTIONS)
