@@ -1,12 +1,18 @@
 """Fused cosine alignment loss: one Triton pass writes per-row losses and the student gradient.
 
-The maths (per row i of the last dim; m_i the mask weight, 1 without a mask):
+The maths (per row i of the last dim; m_i the mask weight, 1 without a mask; t_i the target row
+times the optional per-channel scale c (D,) of an int8c cache, elementwise, c = 1 without one):
 
     |x|'  = max(|x|, eps)                                  eps = 1e-12, as F.normalize
     cos_i = <s_i, t_i> / (|s_i|' |t_i|')
     loss  = weight * sum_i m_i (1 - cos_i) / max(sum_i m_i, 1)
-    dS_i  = c_i * ( -t_i / (|s_i|' |t_i|')  +  [|s_i| >= eps] cos_i s_i / |s_i|'^2 ),
-    c_i   = weight * m_i / max(sum_j m_j, 1)
+    dS_i  = [|s_i| >= eps] k_i * ( -t_i / (|s_i|' |t_i|')  +  cos_i s_i / |s_i|'^2 ),
+    k_i   = weight * m_i / max(sum_j m_j, 1)
+    dS is stored in the student dtype saturated to its finite range (fp16: +-65504).
+
+A student row with |s_i| < eps (a zero row) gets dS_i = 0: the clamped function's own derivative
+there, -k_i t_hat_i / eps, overflows fp16 (reference.py explains the choice). So no input gives
+inf or NaN in dS but an inf/NaN in the inputs themselves.
 
 Only the three row sums <s,t>, |s|^2, |t|^2 are needed, so the forward reads S and T once,
 accumulates in fp32 and writes dS (student dtype) in the same pass; the backward only multiplies
@@ -15,8 +21,11 @@ kernel skips even that on the device when grad_output == 1, so put lambda in `we
 outside the call) and the backward moves no data. `c_i` needs the count: with a mask it is a
 device reduction done before the launch and read by the kernel through a pointer.
 A per-row scale on the target cancels in cos, so int8 targets are read as stored (no dequantized
-copy). Rows wider than one tile (D > _MAX_ONE_TILE_D) take two passes over D tiles: pass 1
-accumulates the sums, pass 2 re-reads the row (mostly from L2) and writes dS.
+copy); a per-channel scale does not cancel, so with `channel_scale` each program loads the (D,)
+vector once per tile and multiplies the target row by it in registers (int8c: still no
+dequantized copy of the target in memory). Rows wider than one tile (D > _MAX_ONE_TILE_D) take
+two passes over D tiles: pass 1 accumulates the sums, pass 2 re-reads the row (mostly from L2)
+and writes dS.
 
 Determinism: each program writes its rows' losses m_i (1 - cos_i); the loss is a torch.sum of
 that vector (a fixed-order reduction on CPU and CUDA) times c. No atomics.
@@ -51,6 +60,7 @@ import torch
 
 from featurecache.kernels.reference import (
     EPS,
+    SATURATE,
     check_inputs,
     cosine_alignment_loss_and_grad_reference,
 )
@@ -81,6 +91,7 @@ if triton is not None:
     def _cosine_alignment_fwd_kernel(
         S,  # (N, D) student rows, row stride stride_s, column stride 1; fp32/fp16/bf16/fp64
         T,  # (N, D) target rows, row stride stride_t, column stride 1; fp32/fp16/bf16/int8/fp64
+        CS,  # (D,) per-channel target scale, ACC dtype, contiguous (read only when HAS_CSCALE)
         M,  # (N,) row weights m_i, bool or float, contiguous (read only when HAS_MASK)
         C,  # (1,) weight / max(sum m, 1), ACC dtype, on the device (read only when HAS_MASK)
         c_no_mask,  # weight / max(N, 1), a host scalar (used when not HAS_MASK)
@@ -91,8 +102,11 @@ if triton is not None:
         stride_s,
         stride_t,
         eps,
+        ds_max,  # the student dtype's largest finite value (used when SATURATE)
+        HAS_CSCALE: tl.constexpr,
         HAS_MASK: tl.constexpr,
         WRITE_GRAD: tl.constexpr,
+        SATURATE: tl.constexpr,  # fp16/bf16 students: clamp dS to +-ds_max before the store
         ACC: tl.constexpr,  # tl.float32, or tl.float64 for fp64 students
         BLOCK_M: tl.constexpr,  # rows per program
         BLOCK_D: tl.constexpr,  # columns per tile (power of two)
@@ -113,6 +127,8 @@ if triton is not None:
             # accumulate in fp32 anyway.
             s = tl.load(s_ptr + cols, mask=ok, other=0.0).to(ACC)  # (BLOCK_M, BLOCK_D)
             t = tl.load(t_ptr + cols, mask=ok, other=0).to(ACC)
+            if HAS_CSCALE:  # (1, BLOCK_D), once per program
+                t = t * tl.load(CS + cols, mask=cols < n_cols, other=0.0).to(ACC)
             dot = tl.sum(s * t, axis=1)  # (BLOCK_M,)
             ss = tl.sum(s * s, axis=1)
             tt = tl.sum(t * t, axis=1)
@@ -124,6 +140,8 @@ if triton is not None:
                 ok = row_ok[:, None] & (cols + d0 < n_cols)
                 s = tl.load(s_ptr + d0 + cols, mask=ok, other=0.0).to(ACC)
                 t = tl.load(t_ptr + d0 + cols, mask=ok, other=0).to(ACC)
+                if HAS_CSCALE:
+                    t = t * tl.load(CS + d0 + cols, mask=cols + d0 < n_cols, other=0.0).to(ACC)
                 dot += tl.sum(s * t, axis=1)
                 ss += tl.sum(s * s, axis=1)
                 tt += tl.sum(t * t, axis=1)
@@ -143,17 +161,25 @@ if triton is not None:
                 c = tl.load(C).to(ACC) * m
             else:
                 c = c_no_mask * m
+            c = tl.where(s_norm >= eps, c, 0.0)  # (BLOCK_M,) zero rows get dS = 0
             a = -c / (sn * tn)  # (BLOCK_M,) coefficient of t
-            b = tl.where(s_norm >= eps, c * cos / (sn * sn), 0.0)  # coefficient of s
+            b = c * cos / (sn * sn)  # coefficient of s
             if ONE_TILE:
                 ds = a[:, None] * t + b[:, None] * s
+                if SATURATE:
+                    ds = tl.minimum(tl.maximum(ds, -ds_max), ds_max)
                 tl.store(ds_ptr + cols, ds.to(DS.dtype.element_ty), mask=ok)
             else:
                 for d0 in range(0, n_cols, BLOCK_D):  # pass 2: write dS
                     ok = row_ok[:, None] & (cols + d0 < n_cols)
                     s = tl.load(s_ptr + d0 + cols, mask=ok, other=0.0).to(ACC)
                     t = tl.load(t_ptr + d0 + cols, mask=ok, other=0).to(ACC)
+                    if HAS_CSCALE:
+                        cs = tl.load(CS + d0 + cols, mask=cols + d0 < n_cols, other=0.0)
+                        t = t * cs.to(ACC)
                     ds = a[:, None] * t + b[:, None] * s
+                    if SATURATE:
+                        ds = tl.minimum(tl.maximum(ds, -ds_max), ds_max)
                     tl.store(ds_ptr + d0 + cols, ds.to(DS.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -230,6 +256,7 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 def _forward_triton(
     student: torch.Tensor,
     target: torch.Tensor,
+    channel_scale: torch.Tensor | None,
     mask: torch.Tensor | None,
     weight: float,
     needs_grad: bool,
@@ -248,6 +275,8 @@ def _forward_triton(
         m = mask.reshape(-1).contiguous()  # (N,) bool or float, read as stored
         c = (weight / m.sum(dtype=acc).clamp_min(1.0)).reshape(1)  # (1,)
         c_no_mask = 0.0
+    # (D,) in ACC, contiguous: a no-op for the float32 vector a cache hands out
+    cs = m if channel_scale is None else channel_scale.to(acc).contiguous()
     row_loss = torch.empty(n_rows, dtype=acc, device=device)
     ds = (
         torch.empty((n_rows, n_cols), dtype=student.dtype, device=device)
@@ -260,6 +289,7 @@ def _forward_triton(
         _cosine_alignment_fwd_kernel[grid](
             s2,
             t2,
+            cs,
             m,
             c,
             c_no_mask,
@@ -270,8 +300,11 @@ def _forward_triton(
             s2.stride(0),
             t2.stride(0),
             EPS,
+            SATURATE.get(student.dtype, 0.0),
+            HAS_CSCALE=channel_scale is not None,
             HAS_MASK=mask is not None,
             WRITE_GRAD=needs_grad,
+            SATURATE=student.dtype in SATURATE,
             ACC=tl.float64 if acc == torch.float64 else tl.float32,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_D=cfg["BLOCK_D"],
@@ -294,6 +327,7 @@ def _use_triton(device: torch.device) -> bool:
 def cosine_alignment_fwd(
     student: torch.Tensor,
     target: torch.Tensor,
+    channel_scale: torch.Tensor | None,
     mask: torch.Tensor | None,
     weight: float,
     needs_grad: bool,
@@ -301,9 +335,14 @@ def cosine_alignment_fwd(
     """The op: (loss 0-d fp32 (fp64 for fp64 students), dS of the student's shape and dtype, or
     an empty tensor when `needs_grad` is False). Inputs are checked by `cosine_alignment_loss`."""
     if _use_triton(student.device):
-        return _forward_triton(student, target, mask, weight, needs_grad)
+        return _forward_triton(student, target, channel_scale, mask, weight, needs_grad)
     loss, grad = cosine_alignment_loss_and_grad_reference(
-        student, target, mask=mask, weight=weight, needs_grad=needs_grad
+        student,
+        target,
+        channel_scale=channel_scale,
+        mask=mask,
+        weight=weight,
+        needs_grad=needs_grad,
     )
     if grad is None:
         grad = student.new_empty(0)
@@ -311,7 +350,7 @@ def cosine_alignment_fwd(
 
 
 @cosine_alignment_fwd.register_fake
-def _(student, target, mask, weight, needs_grad):
+def _(student, target, channel_scale, mask, weight, needs_grad):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = student.new_empty((), dtype=acc)
     grad = student.new_empty(student.shape if needs_grad else (0,)).contiguous()
@@ -350,10 +389,10 @@ def _scale_in_place(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor
 def _backward(ctx, grad_loss: torch.Tensor, _grad_ds: torch.Tensor | None):
     (grad,) = ctx.saved_tensors
     if _graph_kept():  # torch.compile traces this branch: a pointwise mul for Inductor
-        return grad * grad_loss, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None
     # The graph is freed after this backward, so the saved dS is scaled in place: the gradient
     # buffer stays the op's only student-sized allocation.
-    return _scale_in_place(grad, grad_loss), None, None, None, None
+    return _scale_in_place(grad, grad_loss), None, None, None, None, None
 
 
 cosine_alignment_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -363,29 +402,41 @@ def cosine_alignment_loss(
     student: torch.Tensor,
     target: torch.Tensor,
     *,
+    channel_scale: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     weight: float = 1.0,
 ) -> torch.Tensor:
-    """`weight * sum_i m_i * (1 - cos(s_i, t_i)) / max(sum_i m_i, 1)` over rows of the last dim.
+    """`weight * sum_i m_i * (1 - cos(s_i, c * t_i)) / max(sum_i m_i, 1)` over rows of the last
+    dim.
 
     student: (..., D) float32/float16/bfloat16 (float64 accepted, computed in float64);
         the only input that gets a gradient, in its own dtype.
     target: (..., D), same shape; float32/float16/bfloat16 or int8 (rows used as stored: a
         per-row quantization scale cancels in the cosine). Must not require grad.
+    channel_scale: optional (D,) float, the per-channel scale c of an int8c target
+        (`FeatureCache.channel_scale(layer)`): each target row is multiplied by it inside the
+        pass. Must not require grad.
     mask: optional (...) bool, or float weights per row (>= 0); a constant.
     weight: the loss weight (lambda).
     Returns a 0-d float32 tensor (float64 for float64 students). Norms are clamped at 1e-12 like
-    F.normalize (see reference.py for what that means for zero rows).
+    F.normalize; student rows with |s| < 1e-12 get a zero gradient, and dS saturates to the
+    student dtype's finite range (reference.py says why).
     """
-    check_inputs(student, target, mask)
+    check_inputs(student, target, mask, channel_scale)
     if target.requires_grad:
         raise ValueError(
             "Expected a `target` that does not require grad (the fused loss differentiates the "
             "student only), got target.requires_grad=True; pass target.detach(), or use "
             "cosine_alignment_loss_reference to differentiate the target too."
         )
+    if channel_scale is not None and channel_scale.requires_grad:
+        raise ValueError(
+            "Expected a `channel_scale` that does not require grad (a constant of the cache), got "
+            "channel_scale.requires_grad=True; pass channel_scale.detach(), or use "
+            "cosine_alignment_loss_reference to differentiate it."
+        )
     if mask is not None:
         mask = mask.detach()
     needs_grad = student.requires_grad and torch.is_grad_enabled()
-    loss, _ = cosine_alignment_fwd(student, target, mask, float(weight), needs_grad)
+    loss, _ = cosine_alignment_fwd(student, target, channel_scale, mask, float(weight), needs_grad)
     return loss

@@ -22,21 +22,24 @@ SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from featurecache.kernels import cosine_alignment as ca
 
-    # (student, target, mask, D, write_grad): one-tile and D-tiled, masked or not, fp64 checks.
-    for sd, td, md, d, grad in [
-        ("bf16", "i8", "i1", 4096, True),
-        ("fp16", "bf16", None, 16385, True),
-        ("fp32", "fp16", "fp32", 3, False),
-        ("fp64", "fp64", "i1", 7, True),
+    # (student, target, mask, D, write_grad, channel scale): one-tile and D-tiled, masked or
+    # not, int8c or not, fp64 checks.
+    for sd, td, md, d, grad, cs in [
+        ("bf16", "i8", "i1", 4096, True, True),
+        ("fp16", "i8", None, 16385, True, True),
+        ("fp16", "bf16", None, 16385, True, False),
+        ("fp32", "fp16", "fp32", 3, False, False),
+        ("fp64", "fp64", "i1", 7, True, True),
     ]:
         cfg = ca.launch_config(d)
         acc = "fp64" if sd == "fp64" else "fp32"
-        pointers = {"S": sd, "T": td, "M": md or acc, "C": acc, "LOSS": acc, "DS": sd}
+        pointers = {"S": sd, "T": td, "CS": acc, "M": md or acc, "C": acc, "LOSS": acc, "DS": sd}
         sig = {k: "*" + v for k, v in pointers.items()}
         sig |= {"c_no_mask": "fp32", "n_rows": "i32", "n_cols": "i32", "stride_s": "i32",
-                "stride_t": "i32", "eps": "fp32"}
+                "stride_t": "i32", "eps": "fp32", "ds_max": "fp32"}
         constexprs = {
-            "HAS_MASK": md is not None, "WRITE_GRAD": grad,
+            "HAS_CSCALE": cs, "HAS_MASK": md is not None, "WRITE_GRAD": grad,
+            "SATURATE": sd in ("fp16", "bf16"),
             "ACC": tl.float64 if acc == "fp64" else tl.float32,
             "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "ONE_TILE": bool(cfg["ONE_TILE"]),
         }

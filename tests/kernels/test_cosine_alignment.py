@@ -39,26 +39,30 @@ def make_target(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator
     return torch.randn(shape, generator=gen).to(dtype)
 
 
-def oracle(student, target, mask=None, weight=1.0, grad_output=1.0):
+def oracle(student, target, mask=None, weight=1.0, grad_output=1.0, channel_scale=None):
     """(loss, dS, term) by autograd of the reference in fp64 on the same (rounded) inputs.
 
     `term` bounds the size of the two terms whose sum is dS (|c_i t_i / (|s_i| |t_i|)|, and the
     same for s_i): dS can cancel to ~0 (at D = 1 it is exactly 0), so errors are measured
-    relative to the terms, not to the result."""
+    relative to the terms, not to the result. Rows with |s_i| < eps (gradient 0) add nothing."""
     s = student.detach().double().requires_grad_()
     m = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
-    loss = cosine_alignment_loss_reference(s, target.double(), mask=m, weight=weight)
+    cs = None if channel_scale is None else channel_scale.double()
+    loss = cosine_alignment_loss_reference(
+        s, target.double(), channel_scale=cs, mask=m, weight=weight
+    )
     loss.backward(torch.tensor(grad_output, dtype=torch.float64))
     rows = s.detach().reshape(-1, s.shape[-1])
     mw = torch.ones(rows.shape[0]) if m is None else m.reshape(-1).double()
-    inv_norm = 1.0 / torch.linalg.vector_norm(rows, dim=-1).clamp_min(ref_mod.EPS)
+    norm = torch.linalg.vector_norm(rows, dim=-1)
+    inv_norm = torch.where(norm >= ref_mod.EPS, 1.0 / norm.clamp_min(ref_mod.EPS), 0.0)
     term = abs(weight * grad_output) * (mw.abs() * inv_norm).max() / mw.sum().clamp_min(1.0)
     return loss.detach(), s.grad, float(term) if rows.numel() else 0.0
 
 
-def fused(student, target, mask=None, weight=1.0, grad_output=1.0):
+def fused(student, target, mask=None, weight=1.0, grad_output=1.0, channel_scale=None):
     s = student.detach().clone().requires_grad_()
-    loss = cosine_alignment_loss(s, target, mask=mask, weight=weight)
+    loss = cosine_alignment_loss(s, target, channel_scale=channel_scale, mask=mask, weight=weight)
     loss.backward(torch.tensor(grad_output, dtype=loss.dtype))
     return loss.detach(), s.grad
 
@@ -141,11 +145,10 @@ def test_masked_rows_get_no_gradient(cpu_path) -> None:
     assert (grad[mask].abs().sum(-1) > 0).all()
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize("sdtype", STUDENT_DTYPES, ids=str)
 def test_zero_vectors(cpu_path, sdtype) -> None:
-    """Zero target rows: loss 1, no gradient. Zero student rows: the F.normalize clamp gradient
-    -t_hat / eps (finite in fp32/bf16; beyond fp16's range, where it saturates to inf). No NaN."""
+    """Zero target rows: loss 1, no gradient. Zero student rows: loss 1, gradient exactly 0 (the
+    defined value below eps), the other rows as the fp64 oracle. No NaN, no inf."""
     gen = torch.Generator().manual_seed(5)
     student = torch.randn(5, 16, generator=gen)
     target = torch.randn(5, 16, generator=gen)
@@ -155,17 +158,97 @@ def test_zero_vectors(cpu_path, sdtype) -> None:
     target[3] = 0.0
     student, target = student.to(sdtype), target.to(sdtype)
     loss, grad = fused(student, target, weight=2.0)
-    want_loss, want_grad, _ = oracle(student, target, weight=2.0)
-    assert not torch.isnan(loss) and not torch.isnan(grad).any()
+    want_loss, want_grad, term = oracle(student, target, weight=2.0)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
     torch.testing.assert_close(loss.double(), want_loss, rtol=LOSS_TOL, atol=LOSS_TOL)
-    assert torch.count_nonzero(grad[1]) == 0 and torch.count_nonzero(grad[3]) == 0
-    finite = [0, 4] if sdtype == torch.float16 else [0, 2, 4]
+    assert torch.count_nonzero(grad[1:4]) == 0 and torch.count_nonzero(want_grad[1:4]) == 0
+    assert_close(loss, grad, want_loss, want_grad, term, sdtype)
+
+
+# Rows at the edges of the numeric range, per student dtype: exact zeros, 1e-20 (|s| < eps: zero
+# in fp16 after rounding, tiny but non-zero in fp32/bf16), 2e-7 (above eps; with weight 20 over
+# 12 rows its dS ~ 2e5 exceeds fp16's 65504 and saturates), 1e4 (|s|^2 ~ 1e9 overflows fp16 but
+# not the fp32 accumulation).
+EDGE_ROWS = {"zero": 0.0, "tiny": 1e-20, "small": 2e-7, "huge": 1e4}
+
+
+@pytest.mark.parametrize("with_cscale", [False, True], ids=["plain", "channel-scale"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("sdtype", STUDENT_DTYPES, ids=str)
+def test_finite_gradients_at_range_edges(cpu_path, sdtype, masked, with_cscale) -> None:
+    """Every edge row in one batch (one row of each kind, among ordinary rows), int8 targets:
+    the gradient is finite everywhere, exactly 0 for rows below eps, the fp64 oracle elsewhere
+    (saturated to the dtype's range where the exact value does not fit)."""
+    gen = torch.Generator().manual_seed(16)
+    student = torch.randn(2, 6, 40, generator=gen)
+    for i, value in enumerate(EDGE_ROWS.values()):
+        student[0, i] = torch.randn(40, generator=gen).sign() * value
+    student = student.to(sdtype)
+    target = torch.randint(-127, 128, (2, 6, 40), dtype=torch.int8, generator=gen)
+    mask = torch.rand(2, 6, generator=gen) > 0.3 if masked else None
+    if mask is not None:
+        mask[0, :4] = True  # the edge rows count
+    cscale = torch.rand(40, generator=gen) * 20 + 0.5 if with_cscale else None
+    loss, grad = fused(student, target, mask, weight=20.0, channel_scale=cscale)
+    want_loss, want_grad, _ = oracle(student, target, mask, weight=20.0, channel_scale=cscale)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), want_loss, rtol=LOSS_TOL, atol=20 * LOSS_TOL)
+    norms = torch.linalg.vector_norm(student.double(), dim=-1)
+    below = norms < ref_mod.EPS
+    assert below[0, :2].all() and not below[0, 2:].any()  # zero and 1e-20 rows are below eps
+    assert torch.count_nonzero(grad[below]) == 0
+    limit = ref_mod.SATURATE.get(sdtype, float("inf"))
+    want = want_grad.clamp(-limit, limit)
     tol = GRAD_TOL[sdtype]
-    for i in finite:
-        scale = want_grad[i].abs().max().item()
-        torch.testing.assert_close(
-            grad[i].double(), want_grad[i], rtol=tol, atol=tol * scale, msg=f"row {i}"
-        )
+    for idx in torch.nonzero(~below).tolist():
+        row, want_row = grad[tuple(idx)].double(), want[tuple(idx)]
+        scale = want_row.abs().max().item()
+        # fp16 stores the huge row's dS (~1e-6) as subnormals: absolute spacing 2**-24
+        atol = tol * scale + (2.0**-24 if sdtype == torch.float16 else 0.0)
+        torch.testing.assert_close(row, want_row, rtol=tol, atol=atol, msg=f"row {idx}")
+    if sdtype == torch.float16:  # the 2e-7 row's exact dS is beyond fp16: it saturates
+        assert want_grad[0, 2].abs().max() > limit and grad[0, 2].abs().max() == limit
+
+
+@pytest.mark.parametrize("shape", [((33,), 64), ((3, 11), 1000), ((3,), 4097)], ids=str)
+@pytest.mark.parametrize("tdtype", [torch.int8, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sdtype", STUDENT_DTYPES, ids=str)
+def test_channel_scale_matches_reference(cpu_path, sdtype, tdtype, shape) -> None:
+    lead, d = shape
+    gen = torch.Generator().manual_seed(d)
+    student = torch.randn((*lead, d), generator=gen).to(sdtype)
+    target = make_target((*lead, d), tdtype, gen)
+    cscale = torch.rand(d, generator=gen) * 30 + 1  # int8c-like: >= 1, a few large
+    mask = torch.rand(lead, generator=gen) > 0.25
+    want = oracle(student, target, mask, weight=0.3, channel_scale=cscale)
+    assert_close(*fused(student, target, mask, weight=0.3, channel_scale=cscale), *want, sdtype)
+
+
+@pytest.mark.parametrize("sdtype", STUDENT_DTYPES, ids=str)
+def test_channel_scale_wide_rows(monkeypatch, sdtype) -> None:
+    """The channel scale in the two-pass D-tiled path (several tiles, a ragged last one)."""
+    monkeypatch.setattr(ca, "_MAX_ONE_TILE_D", 256)
+    gen = torch.Generator().manual_seed(17)
+    student = torch.randn(5, 1000, generator=gen).to(sdtype)
+    target = torch.randint(-127, 128, (5, 1000), dtype=torch.int8, generator=gen)
+    cscale = torch.rand(1000, generator=gen).double() * 9 + 1  # fp64 vector: cast in the op
+    got = fused(student, target, channel_scale=cscale)
+    assert_close(*got, *oracle(student, target, channel_scale=cscale), sdtype)
+
+
+def test_int8c_target_equals_dequantized(cpu_path) -> None:
+    """int8 rows with a per-row scale and a channel scale give the loss of their dequantized
+    fp32 rows (the per-row scale cancels, the channel scale is applied in the pass)."""
+    gen = torch.Generator().manual_seed(18)
+    student = torch.randn(2, 9, 200, generator=gen)
+    values = torch.randint(-127, 128, (2, 9, 200), dtype=torch.int8, generator=gen)
+    scales = torch.rand(2, 9, 1, generator=gen) * 0.1 + 1e-3
+    cscale = torch.rand(200, generator=gen) * 50 + 1
+    dequantized = values.float() * scales * cscale
+    loss_q, grad_q = fused(student, values, weight=0.2, channel_scale=cscale)
+    loss_f, grad_f = fused(student, dequantized, weight=0.2)
+    torch.testing.assert_close(loss_q, loss_f, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_q, grad_f, rtol=1e-5, atol=1e-5 * grad_f.abs().max().item())
 
 
 def test_int8_target_equals_dequantized(cpu_path) -> None:
@@ -280,6 +363,30 @@ def test_input_errors(student, target, mask, message) -> None:
         cosine_alignment_loss(student, target, mask=mask)
 
 
+@pytest.mark.parametrize(
+    ("cscale", "message"),
+    [
+        (torch.ones(5), r"`channel_scale` of shape \(4,\)"),
+        (torch.ones(1, 4), r"`channel_scale` of shape \(4,\)"),
+        (torch.ones(4, dtype=torch.int32), "a float dtype"),
+        (torch.ones(4, requires_grad=True), r"channel_scale\.requires_grad=True"),
+    ],
+)
+def test_channel_scale_errors(cscale, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        cosine_alignment_loss(torch.randn(2, 4), torch.randn(2, 4), channel_scale=cscale)
+
+
+def test_gradcheck_reference_channel_scale() -> None:
+    """The autograd reference differentiates the channel scale too (fp64 gradcheck)."""
+    gen = torch.Generator().manual_seed(19)
+    student = torch.randn(3, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    target = torch.randn(3, 7, dtype=torch.float64, generator=gen)
+    cscale = torch.rand(7, dtype=torch.float64, generator=gen).add(0.5).requires_grad_()
+    f = lambda s, c: cosine_alignment_loss_reference(s, target, channel_scale=c, weight=0.3)
+    assert torch.autograd.gradcheck(f, (student, cscale))
+
+
 def test_non_contiguous_inputs(cpu_path) -> None:
     """Row-strided views are read in place; a strided last dim is copied first."""
     gen = torch.Generator().manual_seed(10)
@@ -300,7 +407,7 @@ def test_no_grad_writes_no_gradient(cpu_path) -> None:
         loss = cosine_alignment_loss(student, torch.randn(3, 8))
     assert loss.grad_fn is None
     op = torch.ops.featurecache.cosine_alignment_fwd
-    _, grad = op(student, torch.randn(3, 8), None, 1.0, False)
+    _, grad = op(student, torch.randn(3, 8), None, None, 1.0, False)
     assert grad.numel() == 0
 
 
@@ -352,8 +459,10 @@ class _Aligner(torch.nn.Module):
         super().__init__()
         self.proj = torch.nn.Linear(12, 8)
 
-    def forward(self, h, target, mask):
-        return cosine_alignment_loss(self.proj(h), target, mask=mask, weight=0.2)
+    def forward(self, h, target, mask, channel_scale=None):
+        return cosine_alignment_loss(
+            self.proj(h), target, channel_scale=channel_scale, mask=mask, weight=0.2
+        )
 
 
 @pytest.mark.parametrize(
@@ -373,15 +482,18 @@ def test_torch_compile_fullgraph(monkeypatch, path, backend) -> None:
     h = torch.randn(2, 5, 12, generator=gen)
     target = torch.randint(-127, 128, (2, 5, 8), dtype=torch.int8, generator=gen)
     mask = torch.rand(2, 5, generator=gen) > 0.3
+    cscale = torch.rand(8, generator=gen) * 4 + 1  # an int8c target
     before = ca.launches
     compiled = torch.compile(module, fullgraph=True, backend=backend)
-    loss = compiled(h, target, mask)
+    loss = compiled(h, target, mask, cscale)
     loss.backward()
     got = module.proj.weight.grad.clone()
     assert (ca.launches > before) == (path == "triton-interpreter")
     module.zero_grad()
     s = module.proj(h).double()
-    want = cosine_alignment_loss_reference(s, target.double(), mask=mask, weight=0.2)
+    want = cosine_alignment_loss_reference(
+        s, target.double(), channel_scale=cscale.double(), mask=mask, weight=0.2
+    )
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, module.proj.weight.grad, rtol=1e-4, atol=1e-6)
@@ -406,6 +518,33 @@ def test_cuda_matches_reference(sdtype, tdtype, shape) -> None:
     want = oracle(student, target, mask, weight=0.2, grad_output=1.5)
     loss, grad = fused(student.cuda(), target.cuda(), mask.cuda(), weight=0.2, grad_output=1.5)
     assert_close(loss.cpu(), grad.cpu(), *want, sdtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("sdtype", STUDENT_DTYPES, ids=str)
+def test_cuda_int8c_matches_reference(sdtype, shape) -> None:
+    """int8 targets with a channel scale (int8c) and edge rows (zero, tiny, huge), on CUDA."""
+    lead, d = shape
+    gen = torch.Generator().manual_seed(20)
+    student = torch.randn((*lead, d), generator=gen)
+    flat = student.view(-1, d)
+    for i, value in enumerate(EDGE_ROWS.values()):
+        flat[i] = torch.randn(d, generator=gen).sign() * value
+    student = student.to(sdtype)
+    target = make_target((*lead, d), torch.int8, gen)
+    cscale = torch.rand(d, generator=gen) * 30 + 1
+    mask = torch.rand(lead, generator=gen) > 0.2
+    mask.view(-1)[:4] = True
+    want_loss, want_grad, _ = oracle(student, target, mask, 0.2, channel_scale=cscale)
+    limit = ref_mod.SATURATE.get(sdtype, float("inf"))
+    loss, grad = fused(student.cuda(), target.cuda(), mask.cuda(), 0.2, channel_scale=cscale.cuda())
+    grad = grad.cpu()
+    assert torch.isfinite(grad).all()
+    assert torch.count_nonzero(grad.view(-1, d)[:2]) == 0  # zero and 1e-20 rows: below eps
+    want_grad = want_grad.clamp(-limit, limit)
+    keep = torch.linalg.vector_norm(student.double(), dim=-1) >= 1e-3  # ordinary rows
+    assert_close(loss.cpu(), grad[keep], want_loss, want_grad[keep], 0.0, sdtype)
 
 
 @pytest.mark.gpu
