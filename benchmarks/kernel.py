@@ -5,7 +5,8 @@ at N >= 16k tokens, D = 4096; it is >= 3x the eager torch reference and >= 1.3x 
 the reference; its peak extra memory is no more than the gradient buffer.
 
 On CUDA, per shape (tokens N in {2k, 16k, 131k} x D in {1024, 2048, 4096}, bf16/fp16 student,
-bf16/int8 target) and provider (triton; triton with the loss scaled outside the call, so that
+bf16/int8/int8c target; int8c = int8 values with a (D,) float32 channel scale applied in the
+pass) and provider (triton; triton with the loss scaled outside the call, so that
 the backward must scale dS; torch-eager; torch-compile), it reports the fwd+bwd time
 (triton.testing.do_bench: median and p20..p80), the effective bandwidth over the bytes the fused
 pass must move (read S + read T + write dS), that as % of the device copy bandwidth measured in
@@ -33,7 +34,7 @@ TITLE = "Cosine alignment loss, forward + backward"
 GPU_TOKENS = (2048, 16384, 131072)
 GPU_DIMS = (1024, 2048, 4096)
 STUDENT_DTYPES = (torch.bfloat16, torch.float16)
-TARGET_DTYPES = (torch.bfloat16, torch.int8)
+TARGET_KINDS = ("bf16", "int8", "int8c")  # int8c: int8 values + a (D,) fp32 channel scale
 COPY_BYTES = 1 << 30  # 1 GiB copied for the device copy bandwidth (large enough to leave L2)
 MIB = 1 << 20
 
@@ -41,31 +42,41 @@ _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 
 
 def _inputs(
-    n: int, d: int, sdtype: torch.dtype, tdtype: torch.dtype, device: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+    n: int, d: int, sdtype: torch.dtype, kind: str, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(student (n, d) requiring grad, target (n, d), channel scale (d,) fp32 or None)."""
     gen = torch.Generator(device=device).manual_seed(0)
     student = torch.randn(n, d, device=device, dtype=sdtype, generator=gen).requires_grad_()
-    if tdtype == torch.int8:
+    if kind in ("int8", "int8c"):
         target = torch.randint(-127, 128, (n, d), device=device, dtype=torch.int8, generator=gen)
     else:
-        target = torch.randn(n, d, device=device, dtype=tdtype, generator=gen)
-    return student, target
+        target = torch.randn(n, d, device=device, dtype=torch.bfloat16, generator=gen)
+    cscale = None
+    if kind == "int8c":
+        cscale = 1.0 + 10.0 * torch.rand(d, device=device, generator=gen)
+    return student, target, cscale
 
 
 def _fwd_bwd(
-    loss_fn: Callable[..., torch.Tensor], student: torch.Tensor, target: torch.Tensor
+    loss_fn: Callable[..., torch.Tensor],
+    student: torch.Tensor,
+    target: torch.Tensor,
+    cscale: torch.Tensor | None,
 ) -> Callable[[], None]:
+    kwargs = {} if cscale is None else {"channel_scale": cscale}
+
     def step() -> None:
         student.grad = None
-        loss_fn(student, target).backward()
+        loss_fn(student, target, **kwargs).backward()
 
     return step
 
 
-def _fused_bytes(n: int, d: int, sdtype: torch.dtype, tdtype: torch.dtype) -> int:
-    """Bytes the fused pass must move: read S, read T, write dS."""
+def _fused_bytes(n: int, d: int, sdtype: torch.dtype, kind: str) -> int:
+    """Bytes the fused pass must move: read S, read T, write dS (int8c's (D,) vector, read once
+    per program, is not counted)."""
     s_size = torch.finfo(sdtype).bits // 8
-    t_size = 1 if tdtype == torch.int8 else torch.finfo(tdtype).bits // 8
+    t_size = 1 if kind in ("int8", "int8c") else 2
     return n * d * (2 * s_size + t_size)
 
 
@@ -101,7 +112,7 @@ def _run_cuda(quick: bool, device: str = "cuda") -> tuple[list[harness.Result], 
     providers: dict[str, Callable[..., torch.Tensor]] = {
         "triton": cosine_alignment_loss,
         # lambda outside the call: grad_output 0.2 costs the backward an in-place scaling pass
-        "triton (0.2 * loss)": lambda s, t: 0.2 * cosine_alignment_loss(s, t),
+        "triton (0.2 * loss)": lambda s, t, **kw: 0.2 * cosine_alignment_loss(s, t, **kw),
         "torch-eager": cosine_alignment_loss_reference,
         "torch-compile": compiled_reference,
     }
@@ -109,20 +120,20 @@ def _run_cuda(quick: bool, device: str = "cuda") -> tuple[list[harness.Result], 
     copy_gbs = harness.summarize(copy)[0]
     rows = [harness.result("device copy bandwidth (1 GiB copy_)", "torch", copy, "GB/s", name)]
     tokens, dims = ((2048,), (1024,)) if quick else (GPU_TOKENS, GPU_DIMS)
-    sdtypes, tdtypes = (STUDENT_DTYPES, TARGET_DTYPES)
+    sdtypes, kinds = (STUDENT_DTYPES, TARGET_KINDS)
     if quick:
-        sdtypes, tdtypes = (torch.bfloat16,), (torch.int8,)
+        sdtypes, kinds = (torch.bfloat16,), ("int8c",)
     for n in tokens:
         for d in dims:
             for sdtype in sdtypes:
-                for tdtype in tdtypes:
-                    student, target = _inputs(n, d, sdtype, tdtype, device)
-                    what = f"fwd+bwd N={n} D={d} {_SHORT[sdtype]}/{_SHORT[tdtype]}"
-                    fused = _fused_bytes(n, d, sdtype, tdtype)
+                for kind in kinds:
+                    student, target, cscale = _inputs(n, d, sdtype, kind, device)
+                    what = f"fwd+bwd N={n} D={d} {_SHORT[sdtype]}/{kind}"
+                    fused = _fused_bytes(n, d, sdtype, kind)
                     grad_mib = n * d * student.element_size() / MIB
                     shape_rows = []
                     for provider, fn in providers.items():
-                        step = _fwd_bwd(fn, student, target)
+                        step = _fwd_bwd(fn, student, target, cscale)
                         step()  # compile / autotune outside the timing
                         ms = triton.testing.do_bench(step, return_mode="all")
                         peak = _peak_extra_mib(step, student, device)
@@ -170,16 +181,17 @@ def _run_cpu(quick: bool) -> tuple[list[harness.Result], str]:
     if not _ca._INTERPRET:  # under TRITON_INTERPRET=1 the op would time the interpreter
         providers["op cpu path (closed form)"] = cosine_alignment_loss
     shapes = [(256, 256)] if quick else [(2048, 1024), (2048, 4096), (16384, 1024)]
-    tdtypes = (torch.int8,) if quick else TARGET_DTYPES
+    kinds = ("int8c",) if quick else TARGET_KINDS
     repeats = 3 if quick else 5
     rows = []
     for n, d in shapes:
-        for tdtype in tdtypes:
-            student, target = _inputs(n, d, torch.bfloat16, tdtype, "cpu")
-            what = f"fwd+bwd N={n} D={d} bf16/{_SHORT[tdtype]}"
-            fused = _fused_bytes(n, d, torch.bfloat16, tdtype)
+        for kind in kinds:
+            student, target, cscale = _inputs(n, d, torch.bfloat16, kind, "cpu")
+            what = f"fwd+bwd N={n} D={d} bf16/{kind}"
+            fused = _fused_bytes(n, d, torch.bfloat16, kind)
             for provider, fn in providers.items():
-                samples = harness.measure(_fwd_bwd(fn, student, target), warmup=1, repeats=repeats)
+                step = _fwd_bwd(fn, student, target, cscale)
+                samples = harness.measure(step, warmup=1, repeats=repeats)
                 ms = [s * 1e3 for s in samples]
                 gbs = fused / (harness.summarize(samples)[0]) / 1e9
                 rows.append(harness.result(what, provider, ms, "ms", name, GBps=gbs))
