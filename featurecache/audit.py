@@ -3,15 +3,15 @@
 verify_cache decodes every done block shard by shard, exactly as FORMAT.md describes (so Zarr's
 per-chunk crc32c is checked), recomputes each block's sha256, checks values are finite and keys
 non-empty and unique, and optionally that every frame of given WebDataset tars has a row (or was
-recorded as skipped). Each problem names its block, the shard file and the key range.
+recorded as skipped) and holds the image bytes its row's stored digest was computed from. First of
+all it checks that the manifest agrees with the arrays (integrity.py). Each problem names its
+block, the shard file and the key range.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,20 +24,25 @@ from featurecache.errors import FeatureCacheError
 from featurecache.format import (
     CHANNEL_SCALED_CODECS,
     CHECKSUM_PREFIX,
+    DIGESTS_ARRAY,
     FEATURE_DTYPE,
     FORMAT_VERSION,
     KEYS_ARRAY,
     SCALE_DTYPE,
     SCALED_CODECS,
     Block,
+    cache_cameras,
     channel_scale_arrays,
     channel_scales_path,
     checksum_arrays,
     features_path,
+    sample_digest,
     scales_path,
     shard_file,
 )
+from featurecache.integrity import array_problems, table_problems
 from featurecache.reader import decode_keys
+from featurecache.samples import BadFrameError, expand_frame_paths, iter_keys, iter_samples
 from featurecache.store import Store, open_store
 
 
@@ -189,7 +194,7 @@ def _check_block(
     for s in range(block.row_start // sr, (stop - 1) // sr + 1 if block.count else 0):
         rows = (s * sr, min((s + 1) * sr, stop))
         shard_keys: list[str] = []
-        for name in checksum_arrays(spec):
+        for name in checksum_arrays(spec, m.version):
             ndim = 3 if name.startswith("features/") else 2
             file = st.url(shard_file(name, ndim, s))
             span = (shard_keys[0], shard_keys[-1]) if shard_keys else None
@@ -246,45 +251,6 @@ def _check_block(
     return keys
 
 
-def _expand_frames(patterns: Sequence[str | Path]) -> list[Path]:
-    """Tar files, folders (their *.tar, sorted), globs and brace ranges -> tar paths."""
-    try:
-        from braceexpand import braceexpand
-    except ImportError:  # pragma: no cover
-        braceexpand = lambda s: [s]
-    out: list[Path] = []
-    for pattern in patterns:
-        for p in braceexpand(str(pattern)):
-            path = Path(p)
-            if path.is_dir():
-                found = sorted(path.glob("*.tar"))
-            elif path.exists():
-                found = [path]
-            else:
-                found = [Path(g) for g in sorted(glob.glob(p))]
-            if not found:
-                raise FeatureCacheError(f"Expected tar shards matching {p!r}, found none")
-            out.extend(found)
-    return out
-
-
-def iter_tar_keys(tar_path: str | Path) -> Iterator[str]:
-    """Sample keys of a WebDataset tar, in order: member path up to the first dot of its file
-    name; consecutive members with one key are one sample; `__x__` members are skipped."""
-    last = None
-    with tarfile.open(tar_path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            head, _, base = member.name.rpartition("/")
-            if base.startswith("__"):
-                continue
-            key = (head + "/" if head else "") + base.split(".", 1)[0]
-            if key != last:
-                last = key
-                yield key
-
-
 def verify_cache(path: str | Path, frames: Sequence[str | Path] | None = None) -> VerifyReport:
     """Check every done block (decodable, checksum, finite, keys non-empty and unique), that no
     block is pending, and with `frames` that every frame key of those tars is in the cache or
@@ -292,8 +258,16 @@ def verify_cache(path: str | Path, frames: Sequence[str | Path] | None = None) -
     st = open_store(path)
     m = load_state(st)
     report = VerifyReport(path=str(path))
+    where = st.url("zarr.json")
+    mismatch = table_problems(m, where) + array_problems(
+        st.read, st.location, m.spec, m.rows, m.version
+    )
+    if mismatch:  # the arrays are not what the manifest says: decoding them would mislead
+        report.problems += [Problem("manifest", msg) for msg in mismatch]
+        return report
     store = st.zarr_store(read_only=True)
-    arrays = {name: zarr.open_array(store, path=name, mode="r") for name in checksum_arrays(m.spec)}
+    names = checksum_arrays(m.spec, m.version)
+    arrays = {name: zarr.open_array(store, path=name, mode="r") for name in names}
     prefix = _channel_scales_prefix(st, m, store, report)
     seen: dict[str, int] = {}
     for index in range(len(m.table)):
@@ -322,21 +296,64 @@ def verify_cache(path: str | Path, frames: Sequence[str | Path] | None = None) -
                 )
             seen.setdefault(key, block.row_start + i)
     if frames:
-        skipped = {k for keys in m.table.skipped.values() for k in keys}
-        for tar in _expand_frames(frames):
-            missing = []
-            for key in iter_tar_keys(tar):
-                report.frames_checked += 1
-                if key not in seen and key not in skipped:
-                    missing.append(key)
-            if missing:
-                report.problems.append(
-                    Problem(
-                        "missing-frame",
-                        f"{len(missing)} frame key(s) of {str(tar)!r} have no row and were not "
-                        f"skipped, e.g. {missing[:3]}",
-                        file=str(tar),
-                        keys=(missing[0], missing[-1]),
-                    )
-                )
+        _check_frames(m, arrays, seen, frames, report)
     return report
+
+
+def _check_frames(
+    m: CacheState,
+    arrays: dict[str, zarr.Array],
+    seen: dict[str, int],
+    frames: Sequence[str | Path],
+    report: VerifyReport,
+) -> None:
+    """Every frame of the `frames` tars has a row (or was recorded as skipped) and, where the
+    cache stores digests, holds the image bytes its row was computed from (format.sample_digest
+    over the cache's cameras). A tar that does not read (truncated, empty, not a tar) is a
+    problem naming it; the other tars are still checked."""
+    skipped = {k for keys in m.table.skipped.values() for k in keys}
+    digests = np.asarray(arrays[DIGESTS_ARRAY][:]) if DIGESTS_ARRAY in arrays else None
+    cameras = cache_cameras(m.spec)
+    for tar in expand_frame_paths(frames):
+        missing: list[str] = []
+        mismatched: list[str] = []
+        try:
+            for sample in iter_keys(tar) if digests is None else iter_samples(tar):
+                key = sample if isinstance(sample, str) else sample.key
+                report.frames_checked += 1
+                row = seen.get(key)
+                if row is None:
+                    if key not in skipped:
+                        missing.append(key)
+                    continue
+                if digests is None or not digests[row].any():
+                    continue  # no digest recorded for this row (Python frames)
+                try:
+                    got = sample_digest({c: sample.image(c)[0] for c in cameras})
+                except BadFrameError:
+                    got = b""
+                if got != digests[row].tobytes():
+                    mismatched.append(key)
+        except FeatureCacheError as exc:
+            report.problems.append(Problem("bad-tar", str(exc), file=str(tar)))
+        if missing:
+            report.problems.append(
+                Problem(
+                    "missing-frame",
+                    f"{len(missing)} frame key(s) of {str(tar)!r} have no row and were not "
+                    f"skipped, e.g. {missing[:3]}",
+                    file=str(tar),
+                    keys=(missing[0], missing[-1]),
+                )
+            )
+        if mismatched:
+            report.problems.append(
+                Problem(
+                    "digest-mismatch",
+                    f"Expected the frames of {str(tar)!r} to hold the images the cache was "
+                    f"built from, got other image bytes under {len(mismatched)} key(s), e.g. "
+                    f"{mismatched[:3]}: the frames and the cache come from different data",
+                    file=str(tar),
+                    keys=(mismatched[0], mismatched[-1]),
+                )
+            )

@@ -126,6 +126,12 @@ def cache_cameras(spec: CacheSpec) -> tuple[str, ...]:
     return tuple(sorted({name.rpartition("/")[0] for name in spec.layer_names}))
 
 
+def array_ndim(array_path: str) -> int:
+    """Dimensions of a per-row array: 3 for features/<layer> (row, token, dim), 2 for keys,
+    digests and scales/<layer>."""
+    return 3 if array_path.startswith(f"{FEATURES_GROUP}/") else 2
+
+
 def shard_file(array_path: str, ndim: int, shard_index: int) -> str:
     """Relative file path of a shard (or, for keys/scales, of a chunk of shard_rows rows):
     default chunk key encoding with "/" separator, e.g. `features/4/c/3/0/0`."""
@@ -578,11 +584,13 @@ def update_manifest(path: str | Path, change: Callable[[Manifest], Manifest]) ->
         return manifest
 
 
-def checksum_arrays(spec: CacheSpec) -> list[str]:
-    """The per-shard arrays a block checksum covers, in hashing order: keys, then per layer (spec
-    order) features and, for int8/int8c, scales. For int8c the stream starts with the
-    `channel_scale_arrays` (see FORMAT.md "Block checksum")."""
+def checksum_arrays(spec: CacheSpec, version: int = FORMAT_VERSION) -> list[str]:
+    """The per-shard arrays a block checksum covers, in hashing order: keys, digests (format
+    version >= 2), then per layer (spec order) features and, for int8/int8c, scales. For int8c
+    the stream starts with the `channel_scale_arrays` (see FORMAT.md "Block checksum")."""
     arrays = [KEYS_ARRAY]
+    if version >= DIGESTS_SINCE_VERSION:
+        arrays.append(DIGESTS_ARRAY)
     for layer in spec.layer_names:
         arrays.append(features_path(layer))
         if spec.codec in SCALED_CODECS:

@@ -36,13 +36,16 @@ from featurecache.completion import BlockTable, CacheState, load_state
 from featurecache.errors import (
     BlockNotDoneError,
     CorruptShardError,
+    DigestMismatchError,
     InvalidKeyError,
-    NotACacheError,
     StorageError,
     UnknownKeyError,
 )
 from featurecache.format import (
     CHANNEL_SCALED_CODECS,
+    DIGEST_BYTES,
+    DIGESTS_ARRAY,
+    DIGESTS_SINCE_VERSION,
     FEATURE_DTYPE,
     KEYS_ARRAY,
     SCALED_CODECS,
@@ -54,6 +57,7 @@ from featurecache.format import (
     scales_path,
     shard_file,
 )
+from featurecache.integrity import check_cache
 from featurecache.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -90,11 +94,8 @@ class FeatureCache:
         self.store: Store = open_store(path)
         self.state: CacheState = load_state(self.store)
         self.table: BlockTable = self.state.table  # the block table as numpy columns
-        for layer in self.spec.layer_names:
-            if not self.store.exists(f"{features_path(layer)}/zarr.json"):
-                raise NotACacheError(
-                    f"Expected array {features_path(layer)!r} in {self.location!r}, found none"
-                )
+        # the manifest is not trusted over the arrays: shapes, dtypes, chunking must agree
+        check_cache(self.store.read, self.location, self.state)
         self._zarr_store: Any = None
         self._arrays: dict[str, zarr.Array] = {}
         self._keys: list[str] | None = None
@@ -103,6 +104,7 @@ class FeatureCache:
         self._layouts: dict[str, str | None] = {}
         self._shard_index: dict[tuple[str, int], np.ndarray] = {}
         self._scale_chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._digest_chunks: OrderedDict[int, np.ndarray] = OrderedDict()  # shard -> (sr, 16)
         # decoded rows: (layer, row) -> (values (T, D), scales (T,) | None), bounded by bytes
         self._lru: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = (
             OrderedDict()
@@ -347,6 +349,67 @@ class FeatureCache:
         while len(self._scale_chunks) > 256:
             self._scale_chunks.popitem(last=False)
         return chunk
+
+    # ---- digests of the source samples (format version >= 2) ---------------------------------
+    @property
+    def has_digests(self) -> bool:
+        """Whether the cache stores each row's source digest (format version >= 2)."""
+        return self.state.version >= DIGESTS_SINCE_VERSION
+
+    def digests(self, keys: Sequence[str]) -> np.ndarray:
+        """uint8 (len(keys), DIGEST_BYTES): the stored `format.sample_digest` of each key's
+        source images; all zero where none was recorded, and for caches without digests."""
+        out = np.zeros((len(keys), DIGEST_BYTES), np.uint8)
+        if not self.has_digests or not len(keys):
+            return out
+        rows = self._rows(keys)
+        self._check_rows(rows)
+        sr = self.spec.shard_rows
+        for i, row in enumerate(rows.tolist()):
+            out[i] = self._digest_chunk(row // sr, [row])[row % sr]
+        return out
+
+    def _digest_chunk(self, shard: int, rows: Sequence[int]) -> np.ndarray:
+        """The decoded digests chunk (shard_rows, DIGEST_BYTES) uint8 of a shard, cached."""
+        hit = self._digest_chunks.get(shard)
+        if hit is not None:
+            self._digest_chunks.move_to_end(shard)
+            return hit
+        sr = self.spec.shard_rows
+        if self._layout(DIGESTS_ARRAY) == "chunked":
+            try:
+                raw = self._read_file(DIGESTS_ARRAY, shard, rows)
+                chunk = decode_chunk(raw, "|u1", (sr, DIGEST_BYTES))
+            except ChunkError as exc:
+                raise self._corrupt(DIGESTS_ARRAY, shard, rows, str(exc)) from exc
+        else:
+            block = self.block_of_row(shard * sr)
+            chunk = self._read_block_rows(DIGESTS_ARRAY, block, shard * sr, (shard + 1) * sr)
+        self._digest_chunks[shard] = chunk
+        while len(self._digest_chunks) > 256:
+            self._digest_chunks.popitem(last=False)
+        return chunk
+
+    def digest_mismatches(self, keys: Sequence[str], digests: Sequence[bytes]) -> list[int]:
+        """Positions i where `digests[i]` (the frames' sample_digest) differs from the digest
+        stored for `keys[i]`; rows without a recorded digest never mismatch."""
+        stored = self.digests(keys)
+        got = np.frombuffer(b"".join(digests), np.uint8).reshape(len(keys), DIGEST_BYTES)
+        recorded = stored.any(axis=1)
+        return np.flatnonzero(recorded & (stored != got).any(axis=1)).tolist()
+
+    def digest_mismatch_error(self, key: str, got: bytes, frames: str) -> DigestMismatchError:
+        """The error for a frame whose image bytes are not those the cache was built from:
+        names the key, the frames' source and the cache's block source, with both digests."""
+        block = self.block_of_row(self.row_of(key))
+        stored = self.digests([key])[0].tobytes()
+        return DigestMismatchError(
+            f"Expected sample {key!r} of {frames} to hold the image cache {self.location!r} was "
+            f"built from (block {block.index}, source {block.source}), got other image bytes "
+            f"(digest {got.hex()}, stored {stored.hex()}): the frames and the cache come from "
+            f"different data; rebuild the cache from these frames, or pass --on-mismatch skip "
+            f"to leave such samples out"
+        )
 
     def _check_rows(self, rows: np.ndarray) -> None:
         rows = np.unique(rows)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from featurecache.errors import SpecMismatchError
-from featurecache.format import camera_layer
+from featurecache.format import camera_layer, sample_digest
 from featurecache.pipelines.build.frames import FrameShard
 from featurecache.pipelines.build.plan import BuildConfig, load_build_teacher
 from featurecache.samples import BadFrameError
@@ -102,13 +102,16 @@ class BuildWorker:
 
     def _prepare(
         self, batch: list[tuple[str, Any]], shard: FrameShard
-    ) -> tuple[list[str], Any, list[str]]:
+    ) -> tuple[list[str], Any, list[str], list[bytes] | None]:
         """Decode + preprocess (thread pool): (good keys, input tensor (B * C, ...) frame-major
-        with C cameras per frame, or None; bad keys)."""
-        keys, images, bad = [], [], []
+        with C cameras per frame, or None; bad keys; the good frames' sample_digest, or None
+        when the shard has no encoded images)."""
+        keys, images, bad, digests = [], [], [], []
         for key, raw in batch:
             try:
                 images += shard.images(raw, key, self.cameras)
+                encoded = shard.encoded(raw, self.cameras)
+                digests.append(None if encoded is None else sample_digest(encoded))
                 keys.append(key)
             except BadFrameError as err:
                 if self.config.on_bad_frame == "fail":
@@ -116,7 +119,8 @@ class BuildWorker:
                         f"{err} (use --on-bad-frame skip to skip and record such frames)"
                     ) from None
                 bad.append(key)
-        return keys, (self.teacher.preprocess(images) if images else None), bad
+        inputs = self.teacher.preprocess(images) if images else None
+        return keys, inputs, bad, (None if None in digests else digests)
 
     def _forward(
         self,
@@ -129,21 +133,29 @@ class BuildWorker:
         """Run the teacher on a prepared batch; hand the features to the write thread."""
         import torch
 
-        keys, inputs, bad = prepared
+        keys, inputs, bad, digests = prepared
         feats = {}
         if keys:
             with torch.inference_mode():
                 out = self.teacher.forward(inputs.to(self.teacher.device))
             feats = _per_camera({k: v.cpu() for k, v in out.items()}, self.cameras, len(keys))
-        outputs.append(write.submit(self._write, block, keys, feats, bad, index))
+        outputs.append(write.submit(self._write, block, keys, feats, digests, bad, index))
         while len(outputs) > 2:
             outputs.popleft().result()  # bounded: at most 2 batches of features wait
 
-    def _write(self, block: Any, keys: list[str], feats: dict, bad: list[str], index: int) -> None:
+    def _write(
+        self,
+        block: Any,
+        keys: list[str],
+        feats: dict,
+        digests: list[bytes] | None,
+        bad: list[str],
+        index: int,
+    ) -> None:
         for key in bad:
             block.skip(key)
         if keys:
-            block.append(keys, feats)
+            block.append(keys, feats, digests)
         self._maybe_die(index)
         if self.report is not None:
             self.report(index, len(keys) + len(bad))

@@ -120,20 +120,26 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     start = time.perf_counter()
     local = use_local(config)
     plan, teacher = prepare_build(config)
-    writer = create_cache(config.out, plan.spec, list(plan.blocks), overwrite=config.overwrite)
-    manifest = writer.refresh()
-    todo = [b for b in manifest.blocks if not b.done]
-    resumed = len(manifest.blocks) - len(todo)
-    retries = workers = 0
-    run_seconds = cpu_seconds = 0.0
-    if todo and local:
-        workers, run_seconds, cpu_seconds = _run_local(config, plan, todo, teacher, writer)
-    elif todo:
-        fingerprint = teacher.fingerprint()
-        del teacher  # the driver never runs it
-        workers, retries, run_seconds, cpu_seconds = _run_ray(
-            config, plan, todo, fingerprint, writer
-        )
+    # exclusive: while this build runs, a second one into the same cache gets CacheBusyError
+    writer = create_cache(
+        config.out, plan.spec, list(plan.blocks), overwrite=config.overwrite, exclusive=True
+    )
+    try:
+        manifest = writer.refresh()
+        todo = [b for b in manifest.blocks if not b.done]
+        resumed = len(manifest.blocks) - len(todo)
+        retries = workers = 0
+        run_seconds = cpu_seconds = 0.0
+        if todo and local:
+            workers, run_seconds, cpu_seconds = _run_local(config, plan, todo, teacher, writer)
+        elif todo:
+            fingerprint = teacher.fingerprint()
+            del teacher  # the driver never runs it
+            workers, retries, run_seconds, cpu_seconds = _run_ray(
+                config, plan, todo, fingerprint, writer
+            )
+    finally:
+        writer.close()
     return _summarize(
         config,
         plan,

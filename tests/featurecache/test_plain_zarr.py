@@ -22,7 +22,7 @@ attrs = json.load(open(f"{path}/zarr.json"))["attributes"]["featurecache"]
 assert attrs["version"] in (1, 2)
 sr = attrs["shard_rows"]
 keys_arr = zarr.open_array(path, path="keys", mode="r")
-arrays = ["keys"]
+arrays = ["keys"] + (["digests"] if attrs["version"] >= 2 else [])  # FORMAT.md checksum order
 channel = {}  # int8c: (dim,) per layer; the checksum stream starts with them
 for layer in attrs["layers"]:
     arrays.append("features/" + layer["name"])
