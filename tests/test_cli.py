@@ -9,6 +9,7 @@ from featurecache.cli import main
 CONTRACT_COMMANDS = {
     "sample-data",
     "build",
+    "import",
     "inspect",
     "verify",
     "train",

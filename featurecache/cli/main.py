@@ -22,6 +22,7 @@ from featurecache.cli.bench import bench
 from featurecache.cli.build import build, sample_data
 from featurecache.cli.cache import inspect_cmd, verify
 from featurecache.cli.demo import demo
+from featurecache.cli.importers import import_group
 from featurecache.cli.train import evaluate, train
 from featurecache.errors import (
     BlockAlreadyDoneError,
@@ -207,6 +208,7 @@ def main(debug: bool) -> None:
 
 main.add_command(sample_data)
 main.add_command(build)
+main.add_command(import_group)
 main.add_command(inspect_cmd)
 main.add_command(verify)
 main.add_command(train)

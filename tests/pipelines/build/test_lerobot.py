@@ -1,0 +1,179 @@
+"""LeRobot in: a LeRobot v3.0 / v2.1 dataset (real AV1 and H.264 mp4s, real parquet) -> tar
+shards; keys, actions, states, tasks round-trip exactly; images equal an independent PyAV decode
+of the videos and stay within the codec's loss of the frames encoded; then a two-camera build
+whose per-camera layers equal a direct teacher forward on each camera's images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featurecache import open_cache
+from featurecache.cli import main
+from featurecache.errors import OptionError
+from featurecache.pipelines.build.importers.lerobot import (
+    LeRobotDataset,
+    LeRobotError,
+    camera_name,
+    field_name,
+    frame_key,
+    import_lerobot,
+)
+from featurecache.pipelines.build.precompute import BuildConfig, build_cache
+from featurecache.pipelines.build.teachers import load_teacher
+from featurecache.samples import decode_image, expand_frame_paths, iter_samples
+
+
+def _decode_all(path: Path) -> np.ndarray:
+    """Every frame of a video, in order (the oracle: PyAV, no seeking, no timestamps)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _read(out: Path) -> list:
+    return [s for tar in expand_frame_paths([str(out)]) for s in iter_samples(tar)]
+
+
+def _video_frames(fx, version: str, feature: str, episode: int) -> np.ndarray:
+    """The decoded frames of `episode` from its video file (v3: sliced out of a shared file)."""
+    if version == "v3.0":
+        file = 0 if episode < 2 else 1
+        clip = _decode_all(fx.root / f"videos/{feature}/chunk-000/file-{file:03d}.mp4")
+        start = sum(len(fx.actions[e]) for e in ([0] if episode == 1 else []))
+        return clip[start : start + len(fx.actions[episode])]
+    return _decode_all(fx.root / f"videos/chunk-000/{feature}/episode_{episode:06d}.mp4")
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_import_round_trip(version: str, lerobot_v3, lerobot_v21, tmp_path: Path) -> None:
+    fx = lerobot_v3 if version == "v3.0" else lerobot_v21
+    summary = import_lerobot(fx.root, tmp_path / "out", shard_size=6, progress=False)
+    assert summary.frames == 16 and summary.episodes == 3 and summary.version == version
+    assert summary.cameras == ("top", "wrist") and len(summary.shards) == 3
+    samples = _read(tmp_path / "out")
+    expected_keys = [frame_key(e, t) for e, a in enumerate(fx.actions) for t in range(len(a))]
+    assert [s.key for s in samples] == expected_keys
+    by_key = {s.key: s for s in samples}
+    for e, actions in enumerate(fx.actions):
+        decoded = {f: _video_frames(fx, version, f, e) for f in fx.frames}
+        for t in range(len(actions)):
+            s = by_key[frame_key(e, t)]
+            np.testing.assert_array_equal(s.array("action"), actions[t])
+            np.testing.assert_array_equal(s.array("state"), fx.states[e][t])
+            assert s.array("action").dtype == np.float32
+            meta = s.meta()
+            assert meta["instruction"] == fx.tasks[e] and meta["episode"] == e
+            assert meta["step"] == t and meta["next.done"] == (t == len(actions) - 1)
+            for feature, camera in (
+                ("observation.images.top", "top"),
+                ("observation.images.wrist", "wrist"),
+            ):
+                image = np.asarray(decode_image(*s.image(camera)))
+                np.testing.assert_array_equal(image, decoded[feature][t])  # the same decode
+                original = fx.frames[feature][e][t].astype(np.int16)
+                assert np.abs(image.astype(np.int16) - original).mean() < 6  # codec loss only
+
+
+def test_cameras_names_and_bad_inputs(lerobot_v3, tmp_path: Path) -> None:
+    dataset = LeRobotDataset(lerobot_v3.root)
+    assert dataset.cameras == {
+        "top": "observation.images.top",
+        "wrist": "observation.images.wrist",
+    }
+    assert camera_name("observation.images.cam_left_wrist") == "cam_left_wrist"
+    assert camera_name("observation.images.0") == "cam0"
+    assert field_name("observation.state") == "state" and field_name("action") == "action"
+    summary = import_lerobot(
+        lerobot_v3.root,
+        tmp_path / "top",
+        cameras=["observation.images.top"],
+        shard_size=100,
+        progress=False,
+    )
+    assert summary.cameras == ("top",)
+    assert _read(tmp_path / "top")[3].cameras == ("top",)
+    with pytest.raises(OptionError, match=r"among \['top', 'wrist'\].*'side'"):
+        import_lerobot(lerobot_v3.root, tmp_path / "x", cameras=["side"], progress=False)
+    with pytest.raises(LeRobotError, match=r"meta/info\.json"):
+        LeRobotDataset(tmp_path)
+    with pytest.raises(OptionError, match="new or empty folder"):
+        import_lerobot(lerobot_v3.root, tmp_path / "top", progress=False)
+
+
+def test_video_shorter_than_its_data_is_refused(lerobot_v21, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "cut"
+    shutil.copytree(lerobot_v21.root, root)
+    video = root / "videos/chunk-000/observation.images.wrist/episode_000001.mp4"
+    import av
+
+    with av.open(str(video)) as container:  # re-encode its first 3 of 7 frames only
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)][:3]
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(LeRobotError, match=r"0\.3000 s.*ep000001-f000003.*episode_000001\.mp4"):
+        import_lerobot(root, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").glob("*.tmp"))  # the shard being written was dropped
+
+
+def test_cli_import_then_two_camera_build(lerobot_v3, tmp_path: Path) -> None:
+    out = tmp_path / "frames"
+    result = CliRunner().invoke(
+        main, ["import", "lerobot", str(lerobot_v3.root), str(out), "--shard-size", "8", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "16 frames of 3 episodes" in result.output
+    config = BuildConfig(
+        frames=[str(out)],
+        teacher="efficientnet-lite0@64",
+        layers=["4"],
+        out=tmp_path / "cache",
+        codec="fp16",
+        cameras=["top", "wrist"],
+        batch_size=5,
+        shard_rows=8,
+        local=True,
+        progress=False,
+    )
+    summary = build_cache(config)
+    assert summary.frames == 16 and summary.blocks == 2
+    cache = open_cache(tmp_path / "cache")
+    assert cache.spec.layer_names == ("top/4", "wrist/4")
+    samples = _read(out)
+    keys = [s.key for s in samples]
+    teacher = load_teacher("efficientnet-lite0@64", ["4"])
+    for camera in ("top", "wrist"):
+        want = teacher([decode_image(*s.image(camera)) for s in samples])["4"]
+        got = cache.read(keys, f"{camera}/4").float()
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-3, rtol=2e-3)
+    # the plain-zarr view: one nested group per camera
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "cache"), mode="r")
+    assert sorted(group["features"].group_keys()) == ["top", "wrist"]
+    assert group["features/wrist/4"].shape[0] >= 16
+    # a build without --cameras names the cameras it found
+    with pytest.raises(Exception, match=r"cameras top, wrist.*--cameras"):
+        build_cache(
+            BuildConfig(
+                frames=[str(out)],
+                teacher="efficientnet-lite0@64",
+                layers=["4"],
+                out=tmp_path / "c2",
+                local=True,
+                progress=False,
+            )
+        )
