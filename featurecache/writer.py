@@ -31,6 +31,7 @@ from featurecache.errors import (
     BlockAlreadyDoneError,
     BlockCapacityError,
     FeatureCacheError,
+    FormatVersionError,
     InvalidFeaturesError,
     InvalidKeyError,
     NotACacheError,
@@ -43,7 +44,11 @@ from featurecache.format import (
     ATTRS_KEY,
     CHANNEL_SCALED_CODECS,
     CHECKSUM_PREFIX,
+    DIGEST_BYTES,
+    DIGEST_DTYPE,
+    DIGESTS_ARRAY,
     FEATURE_DTYPE,
+    FORMAT_VERSION,
     GROUP_METADATA,
     KEY_DTYPE,
     KEYS_ARRAY,
@@ -55,6 +60,7 @@ from featurecache.format import (
     CacheSpec,
     Manifest,
     acquire_build_lock,
+    array_ndim,
     channel_scale_arrays,
     channel_scales_path,
     checksum_arrays,
@@ -137,13 +143,19 @@ def _create_arrays(
         dtype=KEY_DTYPE, fill_value=0, dimension_names=("row", "byte"), **inner_codecs(),
         attributes={ATTRS_KEY: {"role": "keys", "encoding": "utf-8, NUL-padded"}},
     )  # fmt: skip
+    zarr.create_array(
+        store, name=DIGESTS_ARRAY, shape=(rows, DIGEST_BYTES), chunks=(sr, DIGEST_BYTES),
+        dtype=DIGEST_DTYPE, fill_value=0, dimension_names=("row", "byte"), **inner_codecs(),
+        attributes={ATTRS_KEY: {"role": "digests", "digest": "sample_digest (FORMAT.md)"}},
+    )  # fmt: skip
     for layer in spec.layers:
         t, d = layer.tokens, layer.dim
         zarr.create_array(
             store, name=features_path(layer.name), shape=(rows, t, d), chunks=(1, t, d),
             shards=(sr, t, d), dtype=FEATURE_DTYPE[spec.codec], fill_value=0,
             dimension_names=("row", "token", "dim"), **inner_codecs(),
-            attributes={ATTRS_KEY: {"role": "features", "layer": layer.name, "codec": spec.codec}},
+            attributes={ATTRS_KEY: {"role": "features", "layer": layer.name, "codec": spec.codec,
+                                    "grid": list(layer.grid) if layer.grid else None}},
         )  # fmt: skip
         if spec.codec in SCALED_CODECS:
             zarr.create_array(
@@ -359,6 +371,13 @@ class CacheWriter:
         self.path = Path(path)
         self._lock = lock
         self.manifest = read_manifest(self.path)
+        if self.manifest.version != FORMAT_VERSION:  # e.g. version 1: no digests array
+            self.close()
+            raise FormatVersionError(
+                f"Expected a cache of format version {FORMAT_VERSION} to write into, got version "
+                f"{self.manifest.version} at {str(self.path)!r} (it stays readable; rebuild it "
+                f"into a new folder, or with --overwrite, to resume or extend it)"
+            )
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (CacheWriter, (str(self.path),))
@@ -409,9 +428,8 @@ class CacheWriter:
     def _delete_block_files(self, block: Block) -> None:
         sr = self.spec.shard_rows
         for array in checksum_arrays(self.spec):
-            ndim = 2 if array == KEYS_ARRAY or array.startswith("scales/") else 3
             for s in range(block.row_start // sr, block.row_stop // sr):
-                (self.path / shard_file(array, ndim, s)).unlink(missing_ok=True)
+                (self.path / shard_file(array, array_ndim(array), s)).unlink(missing_ok=True)
 
     def mark_done(self, result: BlockResult) -> Block:
         """Mark a finished block done in the manifest (atomic, under the cross-process lock)."""
@@ -443,6 +461,26 @@ class CacheWriter:
 
         self.manifest = update_manifest(self.path, change)
         return self.manifest.block(result.index)
+
+
+def _digest_rows(digests: Any | None, n: int, where: str) -> np.ndarray:
+    """Digests as given to append -> uint8 (n, DIGEST_BYTES) (zeros for None)."""
+    if digests is None:
+        return np.zeros((n, DIGEST_BYTES), dtype=np.uint8)
+    if not isinstance(digests, np.ndarray):
+        digests = list(digests)
+        if not all(isinstance(d, bytes) and len(d) == DIGEST_BYTES for d in digests):
+            raise ShapeMismatchError(
+                f"Expected {n} digests of {DIGEST_BYTES} bytes (sample_digest){where}, got "
+                f"{[type(d).__name__ for d in digests[:3]]}..."
+            )
+        digests = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+    if digests.shape != (n, DIGEST_BYTES) or digests.dtype != np.uint8:
+        raise ShapeMismatchError(
+            f"Expected digests uint8 of shape {(n, DIGEST_BYTES)}{where}, got "
+            f"{digests.dtype} {tuple(digests.shape)}"
+        )
+    return digests
 
 
 class BlockWriter:
@@ -496,14 +534,19 @@ class BlockWriter:
         self._check_open()
         self._skipped.append(str(key))
 
-    def append(self, keys: Sequence[str], features: dict[str, Any]) -> None:
+    def append(
+        self, keys: Sequence[str], features: dict[str, Any], digests: Any | None = None
+    ) -> None:
         """Append rows: keys (n,) unique str; features {layer: (n, tokens, dim) float array or
-        tensor} for every layer of the spec. Validates everything before buffering anything."""
+        tensor} for every layer of the spec; digests: each row's `sample_digest` of its source
+        images, n bytes objects or uint8 (n, DIGEST_BYTES), None when the sources have no encoded
+        bytes (stored as zeros: "not recorded"). Validates everything before buffering anything."""
         self._check_open()
         keys = list(keys)
         n = len(keys)
         where = f" in block {self.block.index} ({self.block.source})"
         encoded = [encode_key(k, self.spec.key_bytes, where) for k in keys]
+        digest_rows = _digest_rows(digests, n, where)
         batch_seen: set[str] = set()
         for k in keys:
             if k in self._seen or k in batch_seen:
@@ -556,6 +599,7 @@ class BlockWriter:
         for i, raw in enumerate(encoded):
             key_rows[i, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         staged[KEYS_ARRAY] = key_rows
+        staged[DIGESTS_ARRAY] = digest_rows
         for name, value in staged.items():
             self._buffers[name].append(value)
         self._seen |= batch_seen
