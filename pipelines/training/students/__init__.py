@@ -1,4 +1,5 @@
-"""VLA students (`tiny-vla`, `hf-llava:PATH`) and the alignment projector."""
+"""VLA students (`tiny-vla`, `hf-vlm:PATH` alias `hf-llava:PATH`, `hf-pi0:PATH`), LoRA for the
+HF ones, and the alignment projector."""
 
 from featurecache.pipelines.training.students.base import (
     ACTION_DIM,
@@ -7,6 +8,11 @@ from featurecache.pipelines.training.students.base import (
     StudentOutput,
 )
 from featurecache.pipelines.training.students.loader import load_student, parse_student_spec
+from featurecache.pipelines.training.students.lora import (
+    LoraSettings,
+    ParameterCounts,
+    parameter_counts,
+)
 from featurecache.pipelines.training.students.projector import (
     DEFAULT_PROJECTOR_HIDDEN,
     AlignmentProjector,
@@ -18,9 +24,12 @@ __all__ = [
     "DEFAULT_PROJECTOR_HIDDEN",
     "AlignmentProjector",
     "ByteTokenizer",
+    "LoraSettings",
+    "ParameterCounts",
     "Student",
     "StudentOutput",
     "build_projector",
     "load_student",
+    "parameter_counts",
     "parse_student_spec",
 ]

@@ -15,10 +15,13 @@ ACTION_DIM = 7  # end-effector delta (xyz, rpy) + gripper, as in the paper's Wid
 class StudentOutput:
     """actions: (B, 7) float32 predicted actions.
     visual: (B, T, hidden) the language model's hidden states at the aligned layer, at the T
-    visual-token positions (image patches in grid order, row-major)."""
+    visual-token positions (image patches in grid order, row-major).
+    action_loss: () float32, the student's own action loss against the `actions` given to
+    forward (pi0: flow matching), or None: the loop then applies `--loss` to `actions`."""
 
     actions: torch.Tensor
     visual: torch.Tensor
+    action_loss: torch.Tensor | None = None
 
 
 class Student(nn.Module):
@@ -30,6 +33,12 @@ class Student(nn.Module):
     hidden_size: width of the language model's hidden states (the projector's input).
     num_layers: number of decoder layers; `align_layer` indexes hidden_states[0..num_layers].
     default_projector_hidden: the projector width that suits this student's size.
+
+    LoRA (students/lora.py), for students built on a pretrained model:
+    lora_base: the attribute holding the pretrained model adapters go into (None: no LoRA).
+    lora_language_prefixes: the language model's module prefixes inside it (`language-model`).
+    lora_full_train: modules inside it trained in full rather than adapted (new projections).
+    lora: the LoraSettings applied, or None (full fine-tuning).
     """
 
     spec: str
@@ -38,6 +47,10 @@ class Student(nn.Module):
     hidden_size: int
     num_layers: int
     default_projector_hidden: int
+    lora_base: str | None = None
+    lora_language_prefixes: tuple[str, ...] = ()
+    lora_full_train: tuple[str, ...] = ()
+    lora: Any = None
 
     @property
     def num_visual_tokens(self) -> int:
@@ -60,9 +73,19 @@ class Student(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, images: torch.Tensor, instructions: list[str], align_layer: int
+        self,
+        images: torch.Tensor,
+        instructions: list[str],
+        align_layer: int,
+        *,
+        actions: torch.Tensor | None = None,
+        meta: list[dict] | None = None,
     ) -> StudentOutput:
-        """images (B, 3, H, W) float in [0, 1] at `image_size`; instructions: B strings."""
+        """images (B, 3, H, W) float in [0, 1] at `image_size`; instructions: B strings.
+
+        actions (B, 7) float32 (or (B, H, 7) chunks) and meta (the B samples' json) are given in
+        training, for students that compute their own action loss or read the robot state
+        (pi0); the others ignore them."""
         raise NotImplementedError
 
 
@@ -96,8 +119,9 @@ class ByteTokenizer:
 
 
 def last_token_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """hidden (B, L, D), mask (B, L) with right padding -> (B, D) at each row's last real token."""
-    last = mask.sum(dim=1) - 1  # (B,)
+    """hidden (B, L, D), mask (B, L) (padding on either side) -> (B, D) at each row's last real
+    token."""
+    last = mask.shape[1] - 1 - mask.flip(1).long().argmax(dim=1)  # (B,) index of the last 1
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 

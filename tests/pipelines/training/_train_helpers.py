@@ -90,63 +90,6 @@ def all_keys(shards: Sequence[str | Path]) -> list[str]:
     return [s.key for shard in shards for s in iter_samples(shard)]
 
 
-def make_tiny_llava(path: str | Path, *, image_size: int = 64) -> Path:
-    """A tiny random LLaVA (CLIP vision tower, Llama text model) and a WordLevel tokenizer, saved
-    to `path` like a hub checkpoint (nothing downloaded)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        PreTrainedTokenizerFast,
-    )
-
-    words = [
-        "put",
-        "pick",
-        "place",
-        "the",
-        "a",
-        "on",
-        "in",
-        "red",
-        "green",
-        "blue",
-        "yellow",
-        "cube",
-        "sphere",
-        "plate",
-        "bowl",
-        "up",
-    ]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": 4}
-    vocab |= {w: i + 5 for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", additional_special_tokens=["<image>"],
-    )  # fmt: skip
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=image_size, patch_size=16, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=64, projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(vocab), hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=4, intermediate_size=96, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2,
-        ),
-        image_token_id=vocab["<image>"],
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    return Path(path)
-
-
 def one_thread():
     """A fixture body: torch on one intra-op thread while a test module runs. On this shared
     2-core machine, two OpenMP threads per process spin against other jobs' threads and slow

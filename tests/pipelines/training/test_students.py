@@ -1,4 +1,5 @@
-"""Students (tiny-vla, hf-llava:PATH) and the alignment projector."""
+"""Students (tiny-vla; the HF ones in test_students_hf.py / test_pi0.py) and the alignment
+projector."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from featurecache.pipelines.training.students import (
     parse_student_spec,
 )
 
-from ._train_helpers import TINY_OPTIONS, make_tiny_llava, one_thread
+from ._train_helpers import TINY_OPTIONS, one_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,8 +60,8 @@ def test_byte_tokenizer() -> None:
 
 
 def test_student_spec_errors() -> None:
-    assert parse_student_spec("hf-llava:/x") == ("hf-llava", "/x")
-    with pytest.raises(ValueError, match="tiny-vla, hf-llava:PATH"):
+    assert parse_student_spec("hf-pi0:/x") == ("hf-pi0", "/x")
+    with pytest.raises(ValueError, match="tiny-vla, hf-vlm:PATH, hf-llava:PATH, hf-pi0:PATH"):
         parse_student_spec("gpt")
 
 
@@ -97,32 +98,3 @@ def test_tiny_vla_visual_tokens_are_the_image_positions() -> None:
     # right padding: an instruction's action does not depend on the batch's other lengths
     solo = s(images[:1], ["put the red cube on the plate"], 2)
     assert torch.allclose(solo.actions, a.actions[:1], atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_llava(tmp_path_factory):
-    return make_tiny_llava(tmp_path_factory.mktemp("llava") / "ckpt")
-
-
-def test_hf_llava_finds_image_tokens_at_the_align_layer(tiny_llava) -> None:
-    s = load_student(f"hf-llava:{tiny_llava}").eval()
-    assert s.visual_grid == (4, 4) and s.hidden_size == 48 and s.num_layers == 4
-    assert s.image_token_id == 4
-    images = torch.rand(2, 3, 64, 64)
-    out = s(images, ["put the red cube on the plate", "pick up"], 2)
-    assert out.actions.shape == (2, 7) and out.visual.shape == (2, 16, 48)
-    ids, mask = s._prompt_ids(["put the red cube on the plate", "pick up"])
-    with torch.no_grad():
-        ref = s.llava(
-            input_ids=ids, pixel_values=(images - 0.5) / 0.5, attention_mask=mask,
-            output_hidden_states=True,
-        ).hidden_states[2]  # fmt: skip
-    assert ids[0, 0] == 1 and (ids[:, 1:17] == 4).all()  # BOS, then 16 image tokens
-    assert torch.allclose(out.visual, ref[:, 1:17], atol=1e-5)
-    out.actions.sum().backward()  # trainable end to end
-    assert s.head[0].weight.grad is not None
-
-
-def test_hf_llava_refuses_a_folder_without_config(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"config\.json"):
-        load_student(f"hf-llava:{tmp_path}")
