@@ -39,6 +39,7 @@ from featurecache.errors import (
 from featurecache.format import (
     ATTRS_KEY,
     CHECKSUM_PREFIX,
+    CODEC_SINCE_VERSION,
     FORMAT_VERSION,
     GROUP_METADATA,
     STATUS_DONE,
@@ -228,6 +229,13 @@ class BlockTable:
         if record.extra:
             self.extra[i] = dict(record.extra)
 
+    def unmark(self, index: int) -> None:
+        """Set a block pending again (in memory only)."""
+        i = self.check_index(index)
+        self.done[i], self.count[i], self.checksum[i] = False, self.planned[i], 0
+        self.skipped.pop(i, None)
+        self.extra.pop(i, None)
+
     def same_plan(self, other: BlockTable) -> bool:
         return (
             len(self) == len(other)
@@ -332,6 +340,18 @@ class CacheState:
         """ "records" (plan + done records) or "manifest" (version 1: blocks in zarr.json)."""
         return "manifest" if isinstance(self.header.get("blocks"), list) else "records"
 
+    def block(self, index: int) -> Block:
+        return self.table.block(index)
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        """Every block as a format.Block (built on each access: small caches, tools, tests)."""
+        return tuple(self.table.blocks())
+
+    @property
+    def done_blocks(self) -> tuple[Block, ...]:
+        return tuple(self.table.block(i) for i in self.table.done_indices().tolist())
+
     def manifest(self) -> Manifest:
         """The whole table as a format.Manifest of Block objects (small caches, tools, tests)."""
         blocks = tuple(self.table.blocks())
@@ -400,6 +420,11 @@ def load_state(store: Store) -> CacheState:
         raise NotACacheError(
             f"Expected a complete header in {store.url(GROUP_METADATA)!r}, missing {exc}"
         ) from exc
+    if version < CODEC_SINCE_VERSION.get(spec.codec, 1):
+        raise FormatVersionError(
+            f"Expected format version >= {CODEC_SINCE_VERSION[spec.codec]} for codec "
+            f"{spec.codec!r} in {store.url(GROUP_METADATA)!r}, got {version}"
+        )
     try:
         plan = _read_json(store, PLAN_OBJECT)
     except FileNotFoundError as exc:
@@ -432,9 +457,26 @@ def load_state(store: Store) -> CacheState:
     return CacheState(spec=spec, header=header, table=table, version=version, records_read=read)
 
 
+def header_json(spec: CacheSpec, table: BlockTable) -> dict[str, Any]:
+    """The `featurecache` attribute of a new cache's zarr.json (FORMAT.md "The header")."""
+    return {
+        "version": FORMAT_VERSION,
+        **spec.to_json(),
+        "rows": table.rows,
+        "block_count": len(table),
+        "plan": PLAN_OBJECT,
+        "done": DONE_PREFIX,
+        "snapshots": SNAPSHOT_PREFIX,
+    }
+
+
+def plan_bytes(table: BlockTable) -> bytes:
+    return json.dumps(table.plan_json(), separators=(",", ":")).encode()
+
+
 def write_plan(store: Store, table: BlockTable) -> None:
     """Write the plan object (at creation, before the group's zarr.json makes the cache exist)."""
-    store.put(PLAN_OBJECT, json.dumps(table.plan_json(), separators=(",", ":")).encode())
+    store.put(PLAN_OBJECT, plan_bytes(table))
 
 
 def read_record(store: Store, index: int) -> DoneRecord | None:

@@ -175,6 +175,11 @@ class Store(ABC):
     def zarr_store(self, *, read_only: bool) -> Any:
         """A zarr-python StoreLike for this location (a Store, or a StorePath into one)."""
 
+    @property
+    def local_root(self) -> Path | None:
+        """The folder, for a local store; None for an object store."""
+        return None
+
     def is_empty(self) -> bool:
         """Whether no object lives under the root."""
         return not self.list("")
@@ -190,6 +195,10 @@ class LocalStore(Store):
 
     def url(self, key: str) -> str:
         return str(self.root / key)
+
+    @property
+    def local_root(self) -> Path | None:
+        return self.root
 
     def read(self, key: str) -> bytes:
         self.requests += 1
@@ -329,15 +338,22 @@ class ObjectStore(Store):
         return int(self._obs.head(self.backend, self._key(key))["size"])
 
     def put(self, key: str, data: bytes) -> None:
-        self._obs.put(self.backend, self._key(key), data)
+        from obstore.exceptions import BaseError
+
+        try:
+            self._obs.put(self.backend, self._key(key), data)
+        except BaseError as exc:
+            raise StorageError(f"Expected to write {self.url(key)!r}, got {exc}") from exc
 
     def create(self, key: str, data: bytes) -> bool:
-        from obstore.exceptions import AlreadyExistsError, PreconditionError
+        from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
 
         try:
             self._obs.put(self.backend, self._key(key), data, mode="create")
         except (AlreadyExistsError, PreconditionError):
             return False
+        except BaseError as exc:
+            raise StorageError(f"Expected to create {self.url(key)!r}, got {exc}") from exc
         return True
 
     def list(self, prefix: str = "") -> list[tuple[str, int]]:

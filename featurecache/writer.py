@@ -6,14 +6,19 @@ streaming pass, from any number of processes.
     bw.append(keys, {"4": feats})        # (n, tokens, dim) float, numpy or torch
     writer.mark_done(bw.finish())        # finish() writes the last shard; mark_done commits it
 
-A block owns whole Zarr shards, so writers of different blocks never touch one file. Opening a
-block that is not done deletes whatever an earlier (crashed) attempt left, so a block is always
-written whole. The manifest is only changed under a file lock and replaced atomically.
+A block owns whole Zarr shards, so writers of different blocks never touch one object. Each shard
+is encoded in memory and written as one whole object (a local file replaced atomically, or one
+PUT), so a retried or concurrent writer of the same block only replaces objects whole; `finish`
+deletes the block's shards beyond the rows written (left by an earlier attempt). Completing a
+block is one small create-if-absent record (featurecache.completion): no lock, no rewrite, the
+same cost at 100 blocks or 100,000. The cache lives in any store (featurecache.store): a local
+folder, s3://, gs://, memory://.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -24,9 +29,22 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import MemoryStore
 
 from featurecache.codecs import check_channel_scale, inner_codecs, quantize_int8, to_numpy_float
+from featurecache.completion import (
+    PLAN_OBJECT,
+    BlockTable,
+    CacheState,
+    DoneRecord,
+    clear_record,
+    commit_record,
+    header_json,
+    is_done,
+    load_state,
+    plan_bytes,
+)
 from featurecache.errors import (
     BlockAlreadyDoneError,
     BlockCapacityError,
@@ -54,26 +72,18 @@ from featurecache.format import (
     KEYS_ARRAY,
     SCALE_DTYPE,
     SCALED_CODECS,
-    STATUS_DONE,
     STATUS_PENDING,
     Block,
     CacheSpec,
-    Manifest,
     acquire_build_lock,
-    array_ndim,
     channel_scale_arrays,
     channel_scales_path,
     checksum_arrays,
     features_path,
-    manifest_lock,
-    read_group_metadata,
-    read_manifest,
     scales_path,
     shard_file,
-    update_manifest,
-    write_group_metadata,
 )
-from featurecache.store import local_path
+from featurecache.store import Store, open_store
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -133,9 +143,8 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
 
 
 def _create_arrays(
-    path: Path, spec: CacheSpec, rows: int, channel_scales: dict[str, np.ndarray]
+    store: Any, spec: CacheSpec, rows: int, channel_scales: dict[str, np.ndarray]
 ) -> None:
-    store = LocalStore(path)
     zarr.create_group(store=store, zarr_format=3)
     sr = spec.shard_rows
     zarr.create_array(
@@ -202,16 +211,20 @@ def _check_channel_scales(
     }
 
 
-def read_channel_scales(path: Path, spec: CacheSpec) -> dict[str, np.ndarray]:
+def read_channel_scales(path: str | Path, spec: CacheSpec) -> dict[str, np.ndarray]:
     """{layer: float32 (dim,)} stored in an int8c cache ({} for other codecs)."""
-    store = LocalStore(path, read_only=True)
+    if not channel_scale_arrays(spec):
+        return {}
+    store = open_store(path).zarr_store(read_only=True)
     return {
         name.split("/", 1)[1]: np.asarray(zarr.open_array(store, path=name, mode="r")[:])
         for name in channel_scale_arrays(spec)
     }
 
 
-def _check_same_channel_scales(path: Path, spec: CacheSpec, wanted: dict[str, np.ndarray]) -> None:
+def _check_same_channel_scales(
+    path: str | Path, spec: CacheSpec, wanted: dict[str, np.ndarray]
+) -> None:
     """On resume: channel scales given for an existing int8c cache must equal the stored ones."""
     if not wanted:
         return
@@ -239,10 +252,12 @@ def create_cache(
     An existing cache with the same spec and plan is reopened (resume: done blocks stay done);
     a different spec, fingerprint or plan raises SpecMismatchError showing both, unless
     overwrite=True, which deletes the old cache first. A non-empty folder that is not a cache is
-    never deleted (NotACacheError). The cache appears atomically (built beside, then renamed),
-    with the permissions the umask gives new folders.
+    never deleted (NotACacheError). `path`: a local folder or a URL (s3://, gs://, memory://).
+    A local cache appears atomically (built beside, then renamed), with the permissions the
+    umask gives new folders; in an object store the group's zarr.json is written last, only if
+    absent, so of two creators one wins and the other compares its spec and plan with it.
 
-    exclusive=True (a build's driver): the writer holds the cache's build lock until
+    exclusive=True (a build's driver, local caches): the writer holds the build lock until
     `writer.close()`; another exclusive writer (a second build) gets CacheBusyError, checked
     before anything is compared or deleted, so `overwrite` never deletes a running build's work.
 
@@ -252,35 +267,57 @@ def create_cache(
     used); given, they must equal the stored ones (SpecMismatchError).
     """
     scales = _check_channel_scales(spec, channel_scales, required=False)
-    path = local_path(path, "the cache")
-    blocks = _validate_plan(spec, plan)
-    rows = blocks[-1].row_stop if blocks else 0
-    manifest = Manifest(spec=spec, blocks=blocks, rows=rows)
+    st = open_store(path)
+    table = BlockTable.from_blocks(_validate_plan(spec, plan))
+    root = st.local_root
+    if root is not None and root.exists() and not root.is_dir():
+        raise NotACacheError(f"Expected a folder (or nothing) at {st.location!r}, got a file")
     lock: int | None = None
-    if path.exists():
-        if not path.is_dir():
-            raise NotACacheError(f"Expected a folder (or nothing) at {str(path)!r}, got a file")
-        if any(path.iterdir()):
-            existing = read_manifest(path)  # NotACacheError for a non-empty non-cache folder
-            lock = acquire_build_lock(path, path) if exclusive else None
-            try:
-                if not overwrite:
-                    _check_same(path, existing, manifest)
-                    _check_same_channel_scales(path, spec, scales)
-                    return CacheWriter(path, lock=lock)
-                shutil.rmtree(path)
-            except BaseException:
-                if lock is not None:
-                    os.close(lock)
-                raise
+    if not st.is_empty():
+        existing = load_state(st)  # NotACacheError for a non-empty non-cache location
+        lock = acquire_build_lock(root, root) if exclusive and root is not None else None
+        try:
+            if not overwrite:
+                _check_same(st, existing, spec, table)
+                _check_same_channel_scales(st.location, spec, scales)
+                return CacheWriter(st.location, lock=lock)
+            if root is not None:
+                shutil.rmtree(root)
+            else:
+                st.delete_prefix("")
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
     scales = _check_channel_scales(spec, channel_scales, required=True)
-    return _create_new(path, spec, manifest, lock, exclusive, scales)
+    if root is None:
+        if not _write_new_cache(st, spec, table, scales):  # another creator won: same cache?
+            _check_same(st, load_state(st), spec, table)
+            _check_same_channel_scales(st.location, spec, scales)
+        return CacheWriter(st.location)
+    return _create_new(root, spec, table, lock, exclusive, scales)
+
+
+def _write_new_cache(
+    st: Store, spec: CacheSpec, table: BlockTable, channel_scales: dict[str, np.ndarray]
+) -> bool:
+    """Write a new cache's objects into `st`: the arrays' metadata (encoded in memory by zarr)
+    and the plan, then the group's zarr.json with the header, created only if absent (it makes
+    the cache exist). Returns whether this call created it."""
+    encoded: dict[str, Any] = {}
+    _create_arrays(MemoryStore(store_dict=encoded), spec, table.rows, channel_scales)
+    group = json.loads(encoded.pop(GROUP_METADATA).to_bytes())
+    for key in sorted(encoded):
+        st.put(key, encoded[key].to_bytes())
+    st.put(PLAN_OBJECT, plan_bytes(table))
+    group.setdefault("attributes", {})[ATTRS_KEY] = header_json(spec, table)
+    return st.create(GROUP_METADATA, json.dumps(group, indent=2).encode())
 
 
 def _create_new(
     path: Path,
     spec: CacheSpec,
-    manifest: Manifest,
+    table: BlockTable,
     lock: int | None,
     exclusive: bool,
     channel_scales: dict[str, np.ndarray],
@@ -299,10 +336,7 @@ def _create_new(
             f"(choose a writable location)"
         ) from exc
     try:
-        _create_arrays(tmp, spec, manifest.rows, channel_scales)
-        meta = read_group_metadata(tmp)
-        meta.setdefault("attributes", {})[ATTRS_KEY] = manifest.to_json()
-        write_group_metadata(tmp, meta)
+        _write_new_cache(open_store(tmp), spec, table, channel_scales)
         if exclusive:  # the new cache's lock, then the old one's (if any) is let go
             old, lock = lock, acquire_build_lock(tmp, path)
             if old is not None:
@@ -316,7 +350,8 @@ def _create_new(
                 os.close(lock)
                 lock = None
                 lock = acquire_build_lock(path, path)
-            _check_same(path, read_manifest(path), manifest)
+            st = open_store(path)
+            _check_same(st, load_state(st), spec, table)
             _check_same_channel_scales(path, spec, channel_scales)
         return CacheWriter(path, lock=lock)
     except BaseException as exc:
@@ -334,26 +369,25 @@ def _create_new(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_same(path: Path, existing: Manifest, wanted: Manifest) -> None:
-    if existing.spec != wanted.spec:
+def _check_same(st: Store, existing: CacheState, spec: CacheSpec, table: BlockTable) -> None:
+    if existing.spec != spec:
         raise SpecMismatchError(
-            f"Expected the cache at {str(path)!r} to match the requested spec, got "
-            f"{_diff(existing.spec.to_json(), wanted.spec.to_json())} (pass overwrite=True to "
+            f"Expected the cache at {st.location!r} to match the requested spec, got "
+            f"{_diff(existing.spec.to_json(), spec.to_json())} (pass overwrite=True to "
             f"start over)"
         )
-    same = len(existing.blocks) == len(wanted.blocks) and all(
-        a.same_plan(b) for a, b in zip(existing.blocks, wanted.blocks, strict=True)
-    )
-    if not same:
+    if not existing.table.same_plan(table):
 
-        def show(m: Manifest) -> str:
-            return ", ".join(f"{b.source}[{b.row_start}:{b.row_stop}]" for b in m.blocks[:4]) + (
-                f", ... ({len(m.blocks)} blocks)" if len(m.blocks) > 4 else ""
+        def show(t: BlockTable) -> str:
+            first = [t.block(i) for i in range(min(4, len(t)))]
+            return ", ".join(f"{b.source}[{b.row_start}:{b.row_stop}]" for b in first) + (
+                f", ... ({len(t)} blocks)" if len(t) > 4 else ""
             )
 
         raise SpecMismatchError(
-            f"Expected the cache at {str(path)!r} to have the requested block plan, got existing "
-            f"{show(existing)} vs requested {show(wanted)} (pass overwrite=True to start over)"
+            f"Expected the cache at {st.location!r} to have the requested block plan, got "
+            f"existing {show(existing.table)} vs requested {show(table)} (pass overwrite=True to "
+            f"start over)"
         )
 
 
@@ -369,8 +403,10 @@ class CacheWriter:
 
     def __init__(self, path: str | Path, *, lock: int | None = None) -> None:
         self.path = Path(path)
+        self.location = str(path)  # a local path or a URL
+        self.store = open_store(path)
         self._lock = lock
-        self.manifest = read_manifest(self.path)
+        self.manifest: CacheState = load_state(self.store)  # spec, version, block table
         if self.manifest.version != FORMAT_VERSION:  # e.g. version 1: no digests array
             self.close()
             raise FormatVersionError(
@@ -380,7 +416,7 @@ class CacheWriter:
             )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (CacheWriter, (str(self.path),))
+        return (CacheWriter, (self.location,))
 
     def close(self) -> None:
         """Release the build lock, if this writer holds it (idempotent)."""
@@ -401,66 +437,58 @@ class CacheWriter:
     def spec(self) -> CacheSpec:
         return self.manifest.spec
 
-    def refresh(self) -> Manifest:
-        """Re-read the manifest (other processes may have marked blocks done)."""
-        self.manifest = read_manifest(self.path)
+    def refresh(self) -> CacheState:
+        """Re-read the cache's state (other processes may have completed blocks)."""
+        self.manifest = load_state(self.store)
         return self.manifest
 
     def open_block(self, index: int, *, overwrite: bool = False) -> BlockWriter:
-        """A BlockWriter for block `index`. A done block raises BlockAlreadyDoneError unless
-        overwrite=True (then it is marked pending first). Whatever files the block's rows had
-        are deleted, so the block is written whole."""
-        with manifest_lock(self.path):
-            manifest = self.refresh()
-            block = manifest.block(index)
-            if block.done and not overwrite:
+        """A BlockWriter for block `index`. A done block (one with a completion record) raises
+        BlockAlreadyDoneError unless overwrite=True (then its record and the snapshots go first,
+        so readers see it pending). Nothing else is deleted here: the block's shard objects are
+        replaced whole as they are written, and `finish` deletes those past the rows written."""
+        block = self.manifest.table.block(index)
+        if is_done(self.store, block.index):
+            if not overwrite:
                 raise BlockAlreadyDoneError(
                     f"Expected a pending block, got block {index} ({block.source}) already done "
-                    f"in {str(self.path)!r} (pass overwrite=True to rewrite it)"
+                    f"in {self.location!r} (pass overwrite=True to rewrite it)"
                 )
-        if block.done:
-            pending = replace(block, status=STATUS_PENDING, checksum=None, skipped=())
-            self.manifest = update_manifest(self.path, lambda m: m.with_block(pending))
-            block = pending
-        self._delete_block_files(block)
-        return BlockWriter(self.path, self.spec, block)
-
-    def _delete_block_files(self, block: Block) -> None:
-        sr = self.spec.shard_rows
-        for array in checksum_arrays(self.spec):
-            for s in range(block.row_start // sr, block.row_stop // sr):
-                (self.path / shard_file(array, array_ndim(array), s)).unlink(missing_ok=True)
+            clear_record(self.store, block.index)
+            self.manifest.table.unmark(block.index)
+        planned = int(self.manifest.table.planned[block.index])
+        block = replace(block, status=STATUS_PENDING, count=planned, checksum=None, skipped=())
+        return BlockWriter(self.location, self.spec, block)
 
     def mark_done(self, result: BlockResult) -> Block:
-        """Mark a finished block done in the manifest (atomic, under the cross-process lock)."""
-        sr = self.spec.shard_rows
-
-        def change(m: Manifest) -> Manifest:
-            block = m.block(result.index)
-            if not 0 <= result.count <= block.capacity:
-                raise BlockCapacityError(
-                    f"Expected a count in [0, {block.capacity}] for block {result.index}, got "
-                    f"{result.count}"
-                )
-            if result.count:
-                last = shard_file(KEYS_ARRAY, 2, (block.row_start + result.count - 1) // sr)
-                if not (self.path / last).exists():
-                    raise FeatureCacheError(
-                        f"Expected block {result.index}'s data in {str(self.path / last)!r} "
-                        f"before marking it done, found no file"
-                    )
-            return m.with_block(
-                replace(
-                    block,
-                    status=STATUS_DONE,
-                    count=result.count,
-                    checksum=result.checksum,
-                    skipped=tuple(result.skipped),
-                )
+        """Commit a finished block: create its completion record (a few hundred bytes, created
+        only if absent; no lock, whatever the number of blocks), by whoever finished the block
+        (a build's worker). An identical record already there is accepted (a retried or second
+        writer of the same block); a different one raises BlockConflictError."""
+        table = self.manifest.table
+        block = table.block(result.index)
+        if not 0 <= result.count <= block.capacity:
+            raise BlockCapacityError(
+                f"Expected a count in [0, {block.capacity}] for block {result.index}, got "
+                f"{result.count}"
             )
-
-        self.manifest = update_manifest(self.path, change)
-        return self.manifest.block(result.index)
+        if result.count:
+            sr = self.spec.shard_rows
+            last = shard_file(KEYS_ARRAY, 2, (block.row_start + result.count - 1) // sr)
+            if not self.store.exists(last):
+                raise FeatureCacheError(
+                    f"Expected block {result.index}'s data in {self.store.url(last)!r} "
+                    f"before marking it done, found no object"
+                )
+        record = DoneRecord(
+            index=result.index,
+            count=result.count,
+            checksum=result.checksum,
+            skipped=tuple(result.skipped),
+        )
+        commit_record(self.store, record)
+        table.mark(record, self.location)
+        return table.block(result.index)
 
 
 def _digest_rows(digests: Any | None, n: int, where: str) -> np.ndarray:
@@ -489,13 +517,20 @@ class BlockWriter:
     written. The checksum covers the written rows' stored bytes
     (FORMAT.md "Block checksum")."""
 
-    def __init__(self, path: Path, spec: CacheSpec, block: Block) -> None:
-        self.path, self.spec, self.block = path, spec, block
-        store = LocalStore(path)
-        # write_empty_chunks: an all-zero written row is stored too, so every shard holding
-        # written rows has a file and a missing file always means a lost one.
+    def __init__(self, path: str | Path, spec: CacheSpec, block: Block) -> None:
+        self.path, self.spec, self.block = Path(path), spec, block
+        self.store = open_store(path)
+        # Shards are encoded by zarr into memory (arrays with the cache's own metadata), then each
+        # is written as one whole object. write_empty_chunks: an all-zero written row is stored
+        # too, so every shard holding written rows has an object and a missing one means a loss.
+        self._encoded: dict[str, Any] = {}
+        proto = default_buffer_prototype()
+        for name in checksum_arrays(spec):
+            meta = self.store.read(f"{name}/{GROUP_METADATA}")
+            self._encoded[f"{name}/{GROUP_METADATA}"] = proto.buffer.from_bytes(meta)
+        memory = MemoryStore(store_dict=self._encoded)
         self._arrays = {
-            name: zarr.open_array(store, path=name, mode="r+").with_config(
+            name: zarr.open_array(memory, path=name, mode="r+").with_config(
                 {"write_empty_chunks": True}
             )
             for name in checksum_arrays(spec)
@@ -620,13 +655,13 @@ class BlockWriter:
             head, rest = data[:take], data[take:]
             self._buffers[name] = [rest] if len(rest) else []
             self._hash.update(np.ascontiguousarray(head).tobytes())
+            self._arrays[name][start : start + take] = head  # encoded into memory
+            key = shard_file(name, self._arrays[name].ndim, start // sr)
             try:
-                self._arrays[name][start : start + take] = head
+                self.store.put(key, self._encoded.pop(key).to_bytes())
             except OSError as exc:  # disk full, read-only: the block stays pending
-                ndim = self._arrays[name].ndim
-                file = self.path / shard_file(name, ndim, start // sr)
                 raise StorageError(
-                    f"Expected to write {str(file)!r} (block {self.block.index}, "
+                    f"Expected to write {self.store.url(key)!r} (block {self.block.index}, "
                     f"{self.block.source}), got {exc.strerror or exc}; done blocks are kept and "
                     f"this one stays pending: free space or fix permissions, then rerun to resume"
                 ) from exc
@@ -634,10 +669,15 @@ class BlockWriter:
         self._written += take
 
     def finish(self) -> BlockResult:
-        """Write what is buffered and return the result for CacheWriter.mark_done."""
+        """Write what is buffered, delete the block's shard objects past the rows written (an
+        earlier attempt's), and return the result for CacheWriter.mark_done."""
         self._check_open()
         if self._buffered:
             self._flush_shard()
+        sr = self.spec.shard_rows
+        for s in range(-(-(self.block.row_start + self._written) // sr), self.block.row_stop // sr):
+            for name, arr in self._arrays.items():
+                self.store.delete(shard_file(name, arr.ndim, s))
         self._finished = True
         return BlockResult(
             index=self.block.index,

@@ -106,7 +106,7 @@ def test_block_already_done_and_overwrite(build_cache) -> None:
     assert fc.open_cache(path).read(["s01-0000"], "4").shape == (1, 16, 64)  # untouched
     bw = writer.open_block(1, overwrite=True)
     assert not writer.manifest.block(1).done  # pending while it is rewritten
-    with pytest.raises(fc.UnknownKeyError):  # the old rows are gone: a block is rewritten whole
+    with pytest.raises(fc.BlockNotDoneError):  # its old rows are no longer readable
         fc.open_cache(path).read(["s01-0000"], "4")
     layers = fc.open_cache(path).spec.layers
     bw.append(["new"], {x.name: np.zeros((1, x.tokens, x.dim), np.float32) for x in layers})

@@ -21,6 +21,18 @@ path, out = sys.argv[1], sys.argv[2]
 attrs = json.load(open(f"{path}/zarr.json"))["attributes"]["featurecache"]
 assert attrs["version"] in (1, 2)
 sr = attrs["shard_rows"]
+if "blocks" in attrs:  # version 1: the block table inside zarr.json
+    blocks = attrs["blocks"]
+else:  # version 2: the plan, and one small record per done block
+    plan = json.load(open(f"{path}/featurecache/plan.json"))
+    blocks = []
+    for i, (start, stop, n) in enumerate(zip(plan["row_start"], plan["row_stop"], plan["count"])):
+        try:
+            rec = json.load(open(f"{path}/featurecache/done/{i}.json"))
+        except FileNotFoundError:
+            rec = None
+        blocks.append({"row_start": start, "row_stop": stop, "count": rec["count"] if rec else n,
+                       "status": "done" if rec else "pending", "checksum": rec and rec["checksum"]})
 keys_arr = zarr.open_array(path, path="keys", mode="r")
 arrays = ["keys"] + (["digests"] if attrs["version"] >= 2 else [])  # FORMAT.md checksum order
 channel = {}  # int8c: (dim,) per layer; the checksum stream starts with them
@@ -33,7 +45,7 @@ for layer in attrs["layers"]:
 prefix = b"".join(np.ascontiguousarray(c).tobytes() for c in channel.values())
 opened = {name: zarr.open_array(path, path=name, mode="r") for name in arrays}
 result = {"keys": [], "checksums_ok": [], "features": {}}
-for b in attrs["blocks"]:
+for b in blocks:
     if b["status"] != "done" or b["count"] == 0:
         continue
     start, stop = b["row_start"], b["row_start"] + b["count"]
@@ -50,7 +62,7 @@ for b in attrs["blocks"]:
 for layer in attrs["layers"]:
     name = layer["name"]
     rows = []
-    for b in attrs["blocks"]:
+    for b in blocks:
         if b["status"] == "done":
             rows += range(b["row_start"], b["row_start"] + b["count"])
     x = opened["features/" + name].oindex[rows]

@@ -1,6 +1,7 @@
 """Crash safety and concurrency with real processes: SIGKILL a writer mid-block and rewrite the
 block (compare with an uninterrupted write, file for file); two processes writing different
-blocks at once; a process killed while it rewrites the manifest leaves it whole."""
+blocks at once; a process killed while it commits completion records leaves every record whole.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 import zarr
 
 import featurecache as fc
-from featurecache.format import read_manifest, update_manifest
+from featurecache.completion import load_state
+from featurecache.store import open_store
 
 SCRIPT = Path(__file__).with_name("writer_proc.py")
 PROC = runpy.run_path(str(SCRIPT))
@@ -32,6 +34,10 @@ def _spawn(path: Path, *args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def read_manifest(path: Path) -> fc.Manifest:
+    return load_state(open_store(path)).manifest()
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -103,17 +109,19 @@ def test_two_processes_write_different_blocks(tmp_path: Path) -> None:
     assert verify_cache(path).ok
 
 
-def test_kill_during_manifest_updates(tmp_path: Path) -> None:
+def test_kill_during_record_commits(tmp_path: Path) -> None:
+    """A process committing completion records as fast as it can is SIGKILLed: every record
+    there is whole (no partial JSON), and commits go on (there is no lock to leave held)."""
     path = tmp_path / "c.zarr"
-    fc.create_cache(path, SPEC, fc.plan_blocks(SIZES, 8))
+    fc.create_cache(path, SPEC, fc.plan_blocks([(f"s{i}", 1) for i in range(5000)], 8))
     code = (
-        "import sys, dataclasses\n"
-        "from featurecache.format import update_manifest\n"
-        "i = 0\n"
-        "while True:\n"
-        "    i += 1\n"
-        "    update_manifest(sys.argv[1], lambda m: m.with_block(dataclasses.replace(\n"
-        "        m.blocks[0], skipped=tuple(f'k{j}' for j in range(i % 50)))))\n"
+        "import sys\n"
+        "from featurecache.completion import DoneRecord, commit_record\n"
+        "from featurecache.store import open_store\n"
+        "st = open_store(sys.argv[1])\n"
+        "for i in range(5000):\n"
+        "    commit_record(st, DoneRecord(index=i, count=1, checksum='sha256:' + '%064x' % i,\n"
+        "                                 skipped=tuple(f'k{j}' for j in range(i % 50))))\n"
         "    if i == 3: print('running', flush=True)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
@@ -121,9 +129,14 @@ def test_kill_during_manifest_updates(tmp_path: Path) -> None:
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    manifest = read_manifest(path)  # parses: never torn
-    assert len(manifest.blocks) == 4
-    update_manifest(path, lambda m: m)  # the lock was released by the kill
+    state = load_state(open_store(path))  # parses every record: none is torn
+    done = state.table.done_indices().tolist()
+    assert done == list(range(len(done))) and 3 < len(done) < 5000
+    assert all(state.table.block(i).skipped == tuple(f"k{j}" for j in range(i % 50)) for i in done)
+    writer = fc.open_writer(path)
+    bw = writer.open_block(4999)
+    bw.append(["x"], {"a": np.ones((1, 6, 32)), "b": np.ones((1, 3, 16))})
+    assert writer.mark_done(bw.finish()).done
 
 
 @pytest.mark.slow
