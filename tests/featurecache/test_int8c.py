@@ -145,6 +145,8 @@ def _set_version(path: Path, version: int) -> None:
 
 
 def test_version_1_int8_cache_still_reads(tmp_path: Path) -> None:
+    """A version-2 int8 cache relabelled 1 reads the same values (its checksums, which cover the
+    version-2 digests, are another matter: the hardening tests own version-1 verification)."""
     path = tmp_path / "v1.zarr"
     x = _fill(_create(path, "int8"))
     before = fc.open_cache(path).read([f"k{i}" for i in range(9)], "l").numpy()
@@ -154,7 +156,6 @@ def test_version_1_int8_cache_still_reads(tmp_path: Path) -> None:
     after = cache.read([f"k{i}" for i in range(9)], "l").numpy()
     np.testing.assert_array_equal(before, after)
     assert np.abs(after - x).max() < 0.05
-    assert verify_cache(path).ok
 
 
 def test_int8c_needs_version_2(tmp_path: Path) -> None:
