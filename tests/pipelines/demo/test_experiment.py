@@ -1,48 +1,96 @@
-"""The demo path at tiny sizes: every step runs, and the report's numbers come from the runs."""
+"""The demo path at tiny sizes: every step runs, and the report's numbers come from the runs.
+
+The oracle re-derives the numbers independently of the demo's code path: actions from a direct
+forward of the saved student over the decoded frames (no stream, no evaluate_run), the baseline
+from the tar members, the probes from features collected by that direct forward.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from featurecache.pipelines.demo.experiment import DemoConfig, format_table, run_demo, tiny
-from featurecache.pipelines.training.evaluate import evaluate_run
+from featurecache.pipelines.demo.config import DemoConfig, tiny
+from featurecache.pipelines.demo.experiment import DemoReport, run_demo
+from featurecache.pipelines.demo.probes import ProbeFeatures, probe_scores
+from featurecache.pipelines.demo.report import HELDOUT, format_table
+from featurecache.pipelines.demo.sample_data import LIVE_ACTION_DIMS
+from featurecache.pipelines.training.checkpoint import load_run
+from featurecache.samples import decode_image, expand_frame_paths, iter_samples
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoReport]:
+    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("demo")
     report = run_demo(replace(tiny(DemoConfig()), out=str(out)), log=lambda _: None)
     return out, report
 
 
-def test_demo_writes_report_plot_and_table(demo_run: tuple[Path, object]) -> None:
+def _direct(run: Path, folder: Path) -> tuple[np.ndarray, np.ndarray, ProbeFeatures]:
+    """(predicted actions (N, 7), true actions (N, 7), aligned-layer tokens) by a plain loop."""
+    loaded = load_run(run)
+    size = loaded.student.image_size
+    preds, truth, tokens, meta, keys = [], [], [], [], []
+    with torch.inference_mode():
+        for tar in expand_frame_paths([str(folder)]):
+            for s in iter_samples(tar):
+                image = decode_image(*s.image()).convert("RGB").resize((size, size), Image.BILINEAR)
+                pixels = torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)
+                out = loaded.student(pixels[None], [s.meta()["instruction"]], loaded.align_layer)
+                preds.append(out.actions[0].numpy())
+                tokens.append(out.visual[0].float().numpy())
+                truth.append(s.array("action"))
+                meta.append(s.meta())
+                keys.append(s.key)
+    return np.stack(preds), np.stack(truth), ProbeFeatures(np.stack(tokens), meta, keys)
+
+
+def test_demo_writes_report_plot_and_table(demo_run: tuple[Path, DemoReport]) -> None:
     out, report = demo_run
     text = (out / "report.md").read_text()
     assert format_table(report) in text
     assert (out / "losses.png").stat().st_size > 1000
-    assert set(report.errors) == {"plain", "aligned"}
-    assert set(report.errors["plain"]) == {
-        "train (held-out episodes)",
-        "ood-vision",
-        "ood-semantic",
-        "ood-execution",
-    }
+    assert json.loads((out / "report.json").read_text())["errors"] == report.errors
+    splits = {HELDOUT, "ood-vision", "ood-semantic", "ood-execution"}
+    assert set(report.errors) == {"plain", "aligned"} and set(report.errors["plain"]) == splits
+    assert set(report.baseline) == splits and all(b > 0 for b in report.baseline.values())
+    assert set(report.probe) == {"plain", "aligned", "random init"}
     assert report.cache["codec"] == "int8" and report.cache["blocks_done"] >= 1
-    assert 0.0 <= report.probe["aligned"][0] <= 1.0
     assert -1.0 <= report.align_cosine["aligned"][0] <= 1.0
-    assert set(report.baseline) == set(report.errors["plain"])
-    assert all(b > 0 for b in report.baseline.values())
 
 
-def test_demo_numbers_come_from_the_runs(demo_run: tuple[Path, object]) -> None:
-    """Re-evaluate the saved runs independently: the report must hold exactly those numbers."""
+@pytest.mark.parametrize("name", ["plain", "aligned"])
+def test_demo_numbers_come_from_the_runs(demo_run: tuple[Path, DemoReport], name: str) -> None:
+    """A direct forward of the saved run gives the report's action errors and probe scores."""
     out, report = demo_run
-    for name in ("plain", "aligned"):
-        fresh = evaluate_run(out / "runs" / f"{name}-seed0", [str(out / "data" / "ood-vision")])
-        assert report.errors[name]["ood-vision"] == [pytest.approx(fresh["action_l1"], rel=1e-5)]
-        assert f"{fresh['action_l1']:.4f}" in (out / "report.md").read_text()
+    run = out / "runs" / f"{name}-seed0"
+    for split, folder in (("ood-vision", "ood-vision"), (HELDOUT, "train-heldout")):
+        pred, truth, features = _direct(run, out / "data" / folder)
+        err = np.abs(pred - truth)[:, LIVE_ACTION_DIMS].mean()
+        assert report.errors[name][split] == [pytest.approx(err, rel=1e-4)]
+        assert f"{report.errors[name][split][0]:.4f}" in (out / "report.md").read_text()
+    # The probes of the held-out split (the last one computed above), from the direct features.
+    want = probe_scores(features)
+    for probe, value in want.items():
+        assert report.probe[name][probe] == [pytest.approx(value, rel=1e-3, abs=1e-3)]
+
+
+def test_demo_baseline_is_the_train_median(demo_run: tuple[Path, DemoReport]) -> None:
+    out, report = demo_run
+
+    def actions(folder: str) -> np.ndarray:
+        tars = expand_frame_paths([str(out / "data" / folder)])
+        return np.stack([s.array("action") for t in tars for s in iter_samples(t)])
+
+    median = np.median(actions("train"), axis=0)
+    err = np.abs(actions("ood-semantic") - median)[:, LIVE_ACTION_DIMS].mean()
+    assert report.baseline["ood-semantic"] == pytest.approx(err, rel=1e-6)
     # The two runs differ (lambda 0 vs 0.2 on the same seed and data): not one copied number.
     assert report.errors["plain"]["ood-vision"] != report.errors["aligned"]["ood-vision"]

@@ -1,0 +1,66 @@
+"""`DemoConfig`: the sizes of the miniature experiment (`featurecache demo`, experiment.py).
+
+Light on purpose (no torch): the CLI reads its option defaults from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(kw_only=True, slots=True)
+class DemoConfig:
+    """Sizes of the miniature experiment. The defaults take about 10 minutes on 2 quiet CPU
+    cores (one seed); `full()` three seeds."""
+
+    out: str = "demo-out"
+    """The demo folder: data/, cache.zarr, runs/, report.md, losses.png, report.json."""
+    train_frames: int = 3072
+    """Frames of the train split (the cache covers them; training streams them)."""
+    eval_frames: int = 768
+    """Frames of each OOD split and of the held-out train-distribution split."""
+    frames_per_episode: int = 4
+    """Frames drawn from each 12-step episode: more, shorter-sampled episodes for the frames."""
+    shard_size: int = 512
+    """Frames per WebDataset tar shard (one build task and one cache block each)."""
+    image_size: int = 112
+    """Rendered frame size: the student's input and the teacher's (efficientnet-lite0@112)."""
+    steps: int = 1000
+    """Optimizer steps of each training run."""
+    batch_size: int = 16
+    """Samples per step."""
+    lr: float = 1e-3
+    """AdamW learning rate after the warm-up (MSE action loss)."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up."""
+    lambda_align: float = 0.2
+    """The aligned run's alignment weight (the paper's 0.2)."""
+    seeds: tuple[int, ...] = (0,)
+    """One pair of runs (plain, aligned) per seed; the data stay the same."""
+    workers: int = 1
+    """Ray teacher actors of the build."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "train_frames", "eval_frames", "frames_per_episode", "shard_size", "steps",
+            "batch_size", "workers",
+        ):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"The `{name}` should be >= 1. Found {getattr(self, name)}.")
+        if not self.seeds:
+            raise ValueError("The `seeds` should name at least one seed. Found none.")
+
+    @classmethod
+    def full(cls, out: str = "demo-out") -> DemoConfig:
+        """The default sizes with three seeds (about three times the default's time)."""
+        return cls(out=out, seeds=(0, 1, 2))
+
+
+def tiny(config: DemoConfig) -> DemoConfig:
+    """The smallest sizes that still exercise every step (tests)."""
+    return replace(
+        config, train_frames=64, eval_frames=64, shard_size=32, image_size=64, steps=6,
+        batch_size=8, warmup_steps=2, progress=False,
+    )  # fmt: skip

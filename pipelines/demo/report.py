@@ -1,0 +1,245 @@
+"""The demo's report: the two tables of the paper in miniature, the success criteria, the plot.
+
+Every figure is formatted from a `DemoReport` (experiment.py); nothing here measures anything.
+With several seeds a cell reads mean ± standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from featurecache.pipelines.demo.probes import CHANCE, PROBES
+from featurecache.pipelines.demo.sample_data import LIVE_ACTION_DIMS
+
+if TYPE_CHECKING:
+    from featurecache.pipelines.demo.experiment import DemoReport
+
+DIM_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "grip")
+HELDOUT = "train (held-out episodes)"
+LEARNED_BELOW_BASELINE = 0.20  # success: plain >= 20 % below the constant baseline (held-out)
+PROBE_MARGIN = 0.10  # success: presence probes >= chance + 0.10 balanced accuracy
+PROBE_LABELS = {
+    "objects": "objects on the table (balanced accuracy)",
+    "colours": "colours on the table (balanced accuracy)",
+    "positions": "gripper + plate xy (ridge R²)",
+}
+
+
+def format_table(report: DemoReport) -> str:
+    """(b) action L1 over the live dims per split, and (a) the probes, as markdown tables."""
+    plain, aligned = report.errors["plain"], report.errors["aligned"]
+    lines = [
+        "| action L1 (live dims), split | plain | aligned | aligned - plain "
+        "| constant baseline | plain vs baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split in plain:
+        p, a, b = plain[split], aligned[split], report.baseline[split]
+        gain = [1 - x / b for x in p]
+        lines.append(
+            f"| {split} | {mean(p)} | {mean(a)} | {mean(_diff(a, p), sign=True)} | {b:.4f} "
+            f"| {mean(gain, pct=True)} below |"
+        )
+    lines += [
+        "",
+        "| probe of the aligned layer (held-out episodes) | random init | plain | aligned "
+        "| aligned - plain | teacher layer | chance |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for probe in PROBES:
+        runs = {name: report.probe[name][probe] for name in ("random init", "plain", "aligned")}
+        diff = _diff(runs["aligned"], runs["plain"])
+        lines.append(
+            f"| {PROBE_LABELS[probe]} | {mean(runs['random init'])} | {mean(runs['plain'])} "
+            f"| {mean(runs['aligned'])} | {mean(diff, sign=True)} "
+            f"| {report.teacher_probe[probe]:.4f} | {CHANCE[probe]:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_per_dim(report: DemoReport) -> str:
+    """Held-out action L1 of each live dim: plain, aligned, the constant baseline."""
+    names = [DIM_NAMES[d] for d in LIVE_ACTION_DIMS]
+    lines = ["| held-out L1 | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for name in ("plain", "aligned"):
+        per_seed = report.per_dim[name][HELDOUT]  # seeds x dims
+        cells = [mean([seed[i] for seed in per_seed]) for i in range(len(names))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    base = report.per_dim_baseline[HELDOUT]
+    lines.append("| constant baseline | " + " | ".join(f"{v:.4f}" for v in base) + " |")
+    return "\n".join(lines)
+
+
+def criteria(report: DemoReport) -> list[tuple[str, bool, str]]:
+    """(criterion, met, the numbers) for the success criteria stated in the report."""
+    base = report.baseline[HELDOUT]
+    gains = [1 - x / base for x in report.errors["plain"][HELDOUT]]
+    per_dim_ok = all(
+        all(seed[i] < b for seed in report.per_dim["plain"][HELDOUT])
+        for i, b in enumerate(report.per_dim_baseline[HELDOUT])
+    )
+    presence = [v for p in ("objects", "colours") for v in report.probe["plain"][p]]
+    out = [
+        (
+            f"plain beats the constant baseline by >= {LEARNED_BELOW_BASELINE:.0%} on held-out "
+            "episodes (mean of the live dims), every seed",
+            min(gains) >= LEARNED_BELOW_BASELINE,
+            f"{', '.join(f'{g:.0%}' for g in gains)} below {base:.4f}",
+        ),
+        (
+            "plain is below the baseline on every live dim (not only the gripper), every seed",
+            per_dim_ok,
+            "see the per-dimension table",
+        ),
+        (
+            f"presence probes of the plain run beat chance by >= {PROBE_MARGIN} (balanced acc.)",
+            min(presence) >= CHANCE["objects"] + PROBE_MARGIN,
+            f"lowest {min(presence):.3f} vs chance {CHANCE['objects']}",
+        ),
+    ]
+    return out
+
+
+def alignment_effect(report: DemoReport) -> str:
+    """One sentence per measure family: is aligned - plain larger than the seed spread?"""
+    seeds = len(report.config["seeds"])
+    lines = []
+    for split in report.errors["plain"]:
+        d = _diff(report.errors["aligned"][split], report.errors["plain"][split])
+        lines.append(f"- action L1, {split}: aligned - plain {_verdict(d, seeds, lower=True)}")
+    for probe in PROBES:
+        d = _diff(report.probe["aligned"][probe], report.probe["plain"][probe])
+        lines.append(f"- probe {probe}: aligned - plain {_verdict(d, seeds, lower=False)}")
+    return "\n".join(lines)
+
+
+def _verdict(diff: list[float], seeds: int, *, lower: bool) -> str:
+    m = statistics.mean(diff)
+    if seeds < 2:
+        return f"{m:+.4f} (one seed: no spread to compare with; run `--full`)"
+    sd = statistics.stdev(diff)
+    better = (m < 0) if lower else (m > 0)
+    beyond = abs(m) > sd
+    what = ("aligned better" if better else "aligned worse") if beyond else "within the spread"
+    return f"{m:+.4f} ± {sd:.4f} over {seeds} seeds: {what}"
+
+
+def format_report(report: DemoReport, *, teacher: str) -> str:
+    """OUT/report.md: set-up, success criteria, tables, alignment effect, cache, timings."""
+    cfg, cache, machine = report.config, report.cache, report.machine
+    cos = report.align_cosine.get("aligned", [])
+    checks = "\n".join(
+        f"- [{'x' if ok else ' '}] {text}: {numbers}" for text, ok, numbers in criteria(report)
+    )
+    timings = "\n".join(f"| {k} | {v:.1f} |" for k, v in report.timings.items())
+    total = sum(report.timings.values())
+    load = f"{machine['load_before'][0]:.1f} before, {machine['load_after'][0]:.1f} after"
+    return f"""# featurecache demo report
+
+Miniature of "Don't Blind Your VLA" (PAPER.md). tiny-vla (conv stem, 2-layer 128-wide Llama
+decoder) fine-tuned on {cfg["train_frames"]} frames ({cfg["frames_per_episode"]} per episode) of
+procedural pick-and-place on plain tables for {cfg["steps"]} steps (batch {cfg["batch_size"]}, MSE,
+lr {cfg["lr"]} after {cfg["warmup_steps"]} warm-up steps), plain (lambda 0) against aligned
+(lambda {cfg["lambda_align"]}: the middle layer's visual tokens pulled towards the cached
+{teacher} features), seeds {list(cfg["seeds"])}. With several seeds: mean ± standard deviation.
+
+The constant baseline predicts the train split's median action for every frame. Errors are over
+the five live action dims (dx, dy, dz, dyaw, gripper; roll and pitch are always 0).
+OOD splits: ood-vision = textured tables and walls never seen in training; ood-semantic = unseen
+colours/shapes named; ood-execution = the named object in an unseen part of the table. Nothing
+was tuned on them.
+
+## Success criteria (stated before the run)
+
+{checks}
+
+## (b) Actions, and (a) the representation after fine-tuning
+
+{format_table(report)}
+
+Probes: logistic regression (presence) on mean-pooled tokens and ridge (positions) on the token
+grid, fitted on 70 % of the held-out episodes and scored on the rest. "random init" is the same
+student before any training; "teacher layer" probes the cached teacher tokens of the train split
+(does the target carry what alignment should keep?).
+
+Held-out error per live dimension:
+
+{format_per_dim(report)}
+
+## The alignment effect, as measured
+
+{alignment_effect(report)}
+
+Alignment cosine reached by the aligned run(s) on the train split: {mean(cos) if cos else "n/a"}.
+
+## Cache
+
+| codec | rows | blocks done | size on disk | compression vs fp16 | build frames/s |
+|---|---|---|---|---|---|
+| {cache["codec"]} | {cache["rows_written"]} | {cache["blocks_done"]}/{cache["blocks_total"]} \
+| {_mib(cache["size_on_disk_bytes"])} | {_num(cache["layers"][0]["ratio_vs_fp16"])} \
+| {_num(cache["build_frames_per_s"])} |
+
+## Losses
+
+![losses](losses.png)
+
+## Timings (seconds; {machine["cpus"]} CPUs, 1-minute load average {load})
+
+| step | seconds |
+|---|---|
+{timings}
+| total | {total:.1f} |
+"""
+
+
+def plot_losses(runs: dict[str, list[Path]], path: Path) -> None:
+    """Action loss of every run and the aligned runs' alignment loss per step (metrics.jsonl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from featurecache.pipelines.training.metrics import read_metrics
+
+    fig, (ax_action, ax_align) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, run_list in runs.items():
+        for run in run_list:
+            rows = read_metrics(run / "metrics.jsonl")
+            steps = [r["step"] for r in rows]
+            ax_action.plot(steps, [r["action_loss"] for r in rows], label=run.name, alpha=0.8)
+            if name == "aligned":
+                ax_align.plot(steps, [r["align_loss"] for r in rows], label=run.name, alpha=0.8)
+    ax_action.set(title="action loss (MSE)", xlabel="step", yscale="log")
+    ax_align.set(title="alignment loss (1 - cos)", xlabel="step")
+    for ax in (ax_action, ax_align):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def mean(values: Sequence[float], *, sign: bool = False, pct: bool = False) -> str:
+    """'0.1234' for one value, '0.1234 ± 0.0056' (standard deviation) for several."""
+    fmt = "{:+.4f}" if sign else "{:.0%}" if pct else "{:.4f}"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    spread = statistics.stdev(values)
+    return (
+        fmt.format(statistics.mean(values)) + " ± " + ("{:.0%}" if pct else "{:.4f}").format(spread)
+    )
+
+
+def _diff(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    return [x - y for x, y in zip(a, b, strict=True)]
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, int | float) else "n/a"
+
+
+def _mib(value: Any) -> str:
+    return f"{value / 2**20:.1f} MiB" if isinstance(value, int | float) else "n/a"
