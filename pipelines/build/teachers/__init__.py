@@ -1,19 +1,45 @@
-"""Frozen teachers: one loader per spec (`hf:`, `hf-vlm:`, `efficientnet-lite0`).
+"""Frozen teachers: one loader per spec (`efficientnet-lite0`, `hf:`, `hf-vlm:`, `py:`).
 
 teacher = load_teacher("efficientnet-lite0", ["4"])
 feats = teacher(images)              # {"4": (B, 784, 40) float32}
 teacher.layer_specs(), teacher.fingerprint()
+
+Every teacher follows `TeacherProtocol` (base.py); `py:MODULE:FACTORY` plugs a user's own in
+(plugin.py). Models are loaded honestly (featurecache.pipelines.model_loading): a teacher whose
+weights do not all load is refused unless `allow_random_weights=True`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from featurecache.pipelines.build.teachers.base import Teacher, UnknownTeacherError, resample_tokens
+from featurecache.pipelines.build.teachers.base import (
+    Teacher,
+    TeacherProtocol,
+    UnknownTeacherError,
+    resample_tokens,
+)
+from featurecache.pipelines.build.teachers.efficientnet import EfficientNetLiteTeacher
+from featurecache.pipelines.build.teachers.hf import HFVisionTeacher
+from featurecache.pipelines.build.teachers.hf_vlm import HFVLMTeacher
+from featurecache.pipelines.build.teachers.plugin import PluginTeacher
+from featurecache.pipelines.model_loading import LoadOptions
 
-__all__ = ["TEACHER_SPECS", "Teacher", "UnknownTeacherError", "load_teacher", "resample_tokens"]
+__all__ = [
+    "TEACHER_SPECS",
+    "Teacher",
+    "TeacherProtocol",
+    "UnknownTeacherError",
+    "load_teacher",
+    "resample_tokens",
+]
 
-TEACHER_SPECS = ("efficientnet-lite0[@R]", "hf:PATH_OR_ID", "hf-vlm:PATH_OR_ID")
+TEACHER_SPECS = (
+    "efficientnet-lite0[@R]",
+    "hf:PATH_OR_ID",
+    "hf-vlm:PATH_OR_ID",
+    "py:MODULE:FACTORY",
+)
 
 
 def load_teacher(
@@ -22,36 +48,30 @@ def load_teacher(
     *,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    allow_random_weights: bool = False,
     grid: tuple[int, int] | None = None,
     prompt: str | None = None,
 ) -> Teacher:
     """The teacher named by `spec`, frozen (eval, no grad) on `device`, returning `layers`.
 
     spec: "efficientnet-lite0" (or "efficientnet-lite0@R" for R px input), "hf:PATH_OR_ID" (a
-    transformers vision backbone), "hf-vlm:PATH_OR_ID" (a LLaVA VLM; `prompt` sets its prompt).
-    layers: layer names as strings ("4", "16", "head"...). grid: (H, W) to resample patch grids to.
-    Raises UnknownTeacherError for an unknown spec, UnknownLayerError for a layer it lacks.
+    transformers vision backbone), "hf-vlm:PATH_OR_ID" (a VLM; `prompt` sets its instruction or
+    whole prompt), "py:MODULE:FACTORY" (a user's teacher; runs their code).
+    layers: layer names as strings ("4", "16", "final", "head"...). grid: (H, W) to resample
+    patch grids to. trust_remote_code / allow_random_weights: see model_loading.LoadOptions.
+    Raises UnknownTeacherError for an unknown spec, UnknownLayerError for a layer it lacks,
+    IncompleteWeightsError for a checkpoint that does not cover the model.
     """
     spec = str(spec).strip()
+    options = LoadOptions(
+        allow_random_weights=allow_random_weights, trust_remote_code=trust_remote_code
+    )
     if spec.startswith("efficientnet-lite0"):
-        from featurecache.pipelines.build.teachers.efficientnet import EfficientNetLiteTeacher
-
         return EfficientNetLiteTeacher(spec, layers, device=device, grid=grid)
     if spec.startswith("hf:") and len(spec) > 3:
-        from featurecache.pipelines.build.teachers.hf import HFVisionTeacher
-
-        return HFVisionTeacher(
-            spec, layers, device=device, trust_remote_code=trust_remote_code, grid=grid
-        )
+        return HFVisionTeacher(spec, layers, device=device, options=options, grid=grid)
     if spec.startswith("hf-vlm:") and len(spec) > 7:
-        from featurecache.pipelines.build.teachers.hf_vlm import HFVLMTeacher
-
-        return HFVLMTeacher(
-            spec,
-            layers,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            grid=grid,
-            prompt=prompt,
-        )
+        return HFVLMTeacher(spec, layers, device=device, options=options, grid=grid, prompt=prompt)
+    if spec.startswith("py:") and len(spec) > 3:
+        return PluginTeacher(spec, layers, device=device, grid=grid)
     raise UnknownTeacherError(f"Expected a teacher spec in {list(TEACHER_SPECS)}, got {spec!r}.")

@@ -1,58 +1,71 @@
 """The teacher protocol: a frozen model that maps images to per-layer token features.
 
-Every teacher turns a list of PIL images into `{layer: (B, tokens, dim) float32}` in two steps,
-`preprocess` (PIL -> one input tensor, CPU, deterministic) and `forward` (tensor -> features, on
-the teacher's device); `__call__` runs both under `torch.inference_mode()`. The build job calls
-them separately so decoding and preprocessing overlap the forward.
+Every teacher, built in or a user's plug-in (`py:package.module:factory`, see plugin.py), is
+used through the same four members (`TeacherProtocol`):
 
-A teacher's `fingerprint()` names what it computes: identity (kind, architecture), the sha256 of
-its weights (state_dict tensors, name-sorted: name, dtype, shape, bytes), preprocessing, layers,
-output grid and dtype. The cache stores it and refuses to mix features of different teachers.
+    layers: tuple[str, ...]                       the layer names it returns, in order
+    preprocess(images: list[PIL.Image]) -> batch  CPU, deterministic: a tensor, or an object
+                                                  with `.to(device)` (a VLM's token batch)
+    forward(batch) -> {layer: (B, tokens, dim)}   on the teacher's device, float32
+    fingerprint() -> dict                         JSON-able: what the features depend on
+
+The build calls `preprocess` in decode threads and `forward` on the model's device (the batch
+moved there with `.to(teacher.device)`), so decoding overlaps the forward; `__call__` runs both
+under `torch.inference_mode()`.
+
+`Teacher` is the base class of the built-in teachers. Its `fingerprint()` holds the identity
+(kind, architecture), `weights`: the sha256 of every tensor the model runs with after loading
+(`model_loading.tensors_sha256`: two different models never share it), the preprocessing as
+applied, layers, output grid and dtype. The cache stores it and refuses to mix features of
+different teachers; workers of one build must agree on it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 
 from featurecache.errors import FeatureCacheError, UnknownLayerError
 from featurecache.format import LayerSpec
+from featurecache.pipelines.model_loading import tensors_sha256
 from featurecache.pipelines.resample import resample_tokens
 
 __all__ = [
     "FINGERPRINT_VERSION",
+    "PROBE_SIZE",
     "Teacher",
+    "TeacherProtocol",
     "UnknownTeacherError",
+    "check_layers",
     "resample_tokens",
-    "weights_sha256",
 ]
 
-FINGERPRINT_VERSION = 1  # bump when a teacher's features change for the same weights/options
+FINGERPRINT_VERSION = 2  # 2: weights hash over every tensor run; preprocessing as applied
+PROBE_SIZE = 64  # px of the blank image that measures layer specs when no frame is given
 
 
 class UnknownTeacherError(FeatureCacheError):
     """A teacher spec that names no known teacher, or a model that cannot serve as one."""
 
 
-def weights_sha256(module: torch.nn.Module, *, skip: Iterable[str] = ()) -> str:
-    """sha256 over the state_dict (parameters and buffers), tensors in name order: for each, the
-    name, dtype, shape and raw bytes of the contiguous CPU copy. Same weights -> same hash, on any
-    device; "sha256:<hex>". `skip`: names left out (e.g. heads a checkpoint lacks, which loading
-    initializes at random and the features never use)."""
-    digest = hashlib.sha256()
-    state = module.state_dict()
-    skipped = set(skip)
-    for name in sorted(set(state) - skipped):
-        tensor = state[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
+@runtime_checkable
+class TeacherProtocol(Protocol):
+    """What the build needs of a teacher (built in or a `py:` plug-in)."""
+
+    layers: tuple[str, ...]
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Any:
+        """RGB PIL images -> the model's input batch on the CPU."""
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The batch (on the teacher's device) -> {layer: (B, tokens, dim)} for every layer."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON-able description of everything the features depend on."""
 
 
 class Teacher(ABC):
@@ -70,19 +83,19 @@ class Teacher(ABC):
     grid: tuple[int, int] | None
     dtype: torch.dtype = torch.float32
 
-    _hash_skip: tuple[str, ...] = ()  # state_dict names left out of the weights hash
     _layer_specs: tuple[LayerSpec, ...] | None = None
     _fingerprint: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images (any size, RGB) -> the model input, (B, 3, H, W) float32 on the CPU."""
+    def preprocess(self, images: Sequence[Image.Image]) -> Any:
+        """PIL images (any size, RGB) -> the model input on the CPU: (B, 3, H, W) float32, or a
+        batch object with `.to(device)`."""
 
     @abstractmethod
-    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Model input (B, 3, H, W) -> {layer: (B, tokens, dim) float32} on the teacher's device.
-        Callers wrap it in torch.inference_mode() (`__call__` does)."""
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Model input (on the teacher's device) -> {layer: (B, tokens, dim) float32}. Callers
+        wrap it in torch.inference_mode() (`__call__` does)."""
 
     @abstractmethod
     def _identity(self) -> dict[str, Any]:
@@ -90,14 +103,15 @@ class Teacher(ABC):
 
     @abstractmethod
     def _preprocessing(self) -> dict[str, Any]:
-        """The preprocessing, JSON-able (sizes, resample, mean, std, prompt...)."""
+        """The preprocessing as applied, JSON-able (sizes, resample, mean, std, prompt...)."""
 
     @abstractmethod
     def _module(self) -> torch.nn.Module:
-        """The torch module whose weights define the teacher (for the weights hash)."""
+        """The torch module the features are computed with (hashed whole)."""
 
     def native_grid(self, layer: str) -> tuple[int, int] | None:
-        """The layer's patch grid (h, w) before any resampling; None if not a grid."""
+        """The layer's patch grid (h, w) before any resampling, as of the last forward (or a
+        probe); None if its tokens are not one grid."""
         return None
 
     # ------------------------------------------------------------------ shared behaviour
@@ -106,10 +120,13 @@ class Teacher(ABC):
         with torch.inference_mode():
             return self.forward(self.preprocess(images).to(self.device))
 
-    def layer_specs(self) -> tuple[LayerSpec, ...]:
-        """(name, tokens, dim, grid) per layer, measured once by a forward of one blank image."""
+    def layer_specs(self, probe: Image.Image | None = None) -> tuple[LayerSpec, ...]:
+        """(name, tokens, dim, grid) per layer, measured once by a forward of `probe` (a real
+        frame: token counts of some families depend on the frame size) or of a blank
+        PROBE_SIZE image."""
         if self._layer_specs is None:
-            out = self([Image.new("RGB", (64, 64), (128, 128, 128))])
+            image = probe or Image.new("RGB", (PROBE_SIZE, PROBE_SIZE), (128, 128, 128))
+            out = self([image])
             specs = []
             for name in self.layers:
                 _, tokens, dim = out[name].shape
@@ -126,7 +143,7 @@ class Teacher(ABC):
             self._fingerprint = {
                 "fingerprint_version": FINGERPRINT_VERSION,
                 **self._identity(),
-                "weights": weights_sha256(self._module(), skip=self._hash_skip),
+                "weights": tensors_sha256(self._module()),
                 "preprocess": self._preprocessing(),
                 "layers": list(self.layers),
                 "grid": list(self.grid) if self.grid else None,
@@ -169,9 +186,11 @@ def check_layers(spec: str, layers: Sequence[str], known: Sequence[str]) -> tupl
 
 
 def _compact(names: Sequence[str]) -> str:
-    """'0..12' for a run of integer names, else the list."""
-    if names and all(n.isdigit() for n in names):
-        ints = [int(n) for n in names]
-        if ints == list(range(ints[0], ints[-1] + 1)):
-            return f"{ints[0]}..{ints[-1]}"
+    """'0..12' for a run of integer names (plus any named ones), else the list."""
+    ints = [n for n in names if n.isdigit()]
+    named = [n for n in names if not n.isdigit()]
+    values = [int(n) for n in ints]
+    if values and values == list(range(values[0], values[-1] + 1)):
+        run = f"{values[0]}..{values[-1]}"
+        return run if not named else f"{run} or {named}"
     return str(list(names))

