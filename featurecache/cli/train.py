@@ -33,6 +33,7 @@ OPTION_TO_FIELD = {
     "projector_hidden": "projector_hidden",
     "resample": "resample",
     "on_missing": "on_missing",
+    "on_mismatch": "on_mismatch",
     "resident_teacher": "resident_teacher",
     "checkpoint_every": "checkpoint_every",
     "resume": "resume",
@@ -150,6 +151,14 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     default="error",
     show_default=True,
     help="A frame the cache lacks: fail naming it, or skip it (counted and reported).",
+)
+@click.option(
+    "--on-mismatch",
+    type=click.Choice(["error", "skip"]),
+    default="error",
+    show_default=True,
+    help="A frame whose image bytes are not those its cache row was built from (same key, "
+    "other image: the stored digest differs): fail naming key and both sources, or skip it.",
 )
 @click.option(
     "--resident-teacher",

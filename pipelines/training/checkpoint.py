@@ -1,7 +1,7 @@
 """Run checkpoints: write them atomically, resume from them, rebuild a trained run for inference.
 
 RUN/checkpoint/ holds
-    model.safetensors   student.* and projector.* weights (safetensors: no pickle)
+    model.safetensors   student.* and head.projector.* weights (safetensors: no pickle)
     optimizer.pt        the optimizer state (tensors and numbers only; loaded weights_only)
     state.json          step, samples, missing, data position per rank, seed, the target spec
     rng-<rank>.pt       each rank's RNG state (weights_only)
@@ -22,32 +22,62 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from featurecache.errors import SpecMismatchError
+from featurecache.pipelines.training.alignment import AlignmentHead, AlignmentTargets
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.distributed import barrier
-from featurecache.pipelines.training.students import Student, build_projector, load_student
+from featurecache.pipelines.training.students import Student, load_student
 from featurecache.pipelines.training.targets import TargetSpec
 
 CHECKPOINT_DIR = "checkpoint"
-MODEL_FILE = "model.safetensors"  # student.* and projector.* weights
+MODEL_FILE = "model.safetensors"  # student.* and head.projector.* weights
 OPTIMIZER_FILE = "optimizer.pt"  # torch.save of the optimizer state (tensors and numbers only)
 STATE_FILE = "state.json"  # step, data position per rank, seed, counters
 CONFIG_FILE = "config.json"  # the run's TrainConfig
 
 
 class AlignedModel(nn.Module):
-    """Student + projector as one module (what DDP wraps; its state dict is the checkpoint's).
+    """Student + alignment head as one module (what DDP wraps; its state dict is the
+    checkpoint's: student.* and head.projector.*).
 
-    forward -> actions (B, A), projected visual tokens (B, T, D) or None."""
+    forward(images (B, 3, S, S), instructions, targets or None)
+    -> actions (B, A), lambda * (1 - cos) (a 0-d tensor) or None without targets."""
 
-    def __init__(self, student: Student, projector: nn.Module, align_layer: int) -> None:
+    def __init__(self, student: Student, head: AlignmentHead | None, align_layer: int) -> None:
         super().__init__()
-        self.student, self.projector, self.align_layer = student, projector, align_layer
+        self.student, self.head, self.align_layer = student, head, align_layer
 
     def forward(
-        self, images: torch.Tensor, instructions: list[str], project: bool
+        self, images: torch.Tensor, instructions: list[str], targets: AlignmentTargets | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.student(images, instructions, self.align_layer)
-        return out.actions, (self.projector(out.visual) if project else None)
+        if targets is None or self.head is None:
+            return out.actions, None
+        return out.actions, self.head(out.visual, targets)
+
+
+def build_aligned_model(
+    student: Student,
+    target: TargetSpec | None,
+    *,
+    align_layer: int,
+    config: TrainConfig,
+    hidden: int,
+) -> AlignedModel:
+    """The run's model: the student and, with a target, its AlignmentHead (projector seeded with
+    seed + 1, so the student's init does not shift it)."""
+    head = None
+    if target is not None:
+        head = AlignmentHead(
+            student.hidden_size,
+            target,
+            student_grid=student.visual_grid,
+            weight=config.lambda_align,
+            hidden=hidden,
+            seed=config.seed + 1,
+            trainable=config.train_projector,
+            resample=config.resample,
+        )
+    return AlignedModel(student, head, align_layer)
 
 
 def save_checkpoint(
@@ -149,17 +179,18 @@ def _shape(target: dict[str, Any] | None) -> Any:
 
 @dataclass(slots=True)
 class LoadedRun:
-    """A trained run, ready for inference: student + projector in eval mode."""
+    """A trained run, ready for inference: the student and its alignment head (None for a run
+    trained without targets) in eval mode."""
 
     config: TrainConfig
     student: Student
-    projector: nn.Module
+    head: AlignmentHead | None
     align_layer: int
     target: TargetSpec | None
 
 
 def load_run(run: str | Path, device: str = "cpu") -> LoadedRun:
-    """Rebuild a run's student and projector from RUN/config.json and RUN/checkpoint."""
+    """Rebuild a run's student and alignment head from RUN/config.json and RUN/checkpoint."""
     run = Path(run)
     if not has_checkpoint(run):
         raise FileNotFoundError(
@@ -174,13 +205,13 @@ def load_run(run: str | Path, device: str = "cpu") -> LoadedRun:
         **config.student_options,
     )
     target = TargetSpec(**state["target"]) if state.get("target") else None
-    projector = build_projector(
-        student.hidden_size,
-        target.dim if target else 1,
+    model = build_aligned_model(
+        student,
+        target,
+        align_layer=state["align_layer"],
+        config=config,
         hidden=state["projector_hidden"],
-        seed=config.seed + 1,
     )
-    model = AlignedModel(student, projector, state["align_layer"])
     load_weights(model, run / CHECKPOINT_DIR / MODEL_FILE)
     model.to(device).eval()
-    return LoadedRun(config, student, projector, state["align_layer"], target)
+    return LoadedRun(config, student, model.head, state["align_layer"], target)

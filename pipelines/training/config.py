@@ -12,7 +12,7 @@ class TrainConfig:
     """Everything a training run depends on; saved as RUN/config.json."""
 
     frames: tuple[str, ...]
-    """Frame shards: tar files, globs, brace patterns or folders (featurecache.samples.expand_frame_paths)."""
+    """Frame shards: tar files, globs, brace patterns or folders (samples.expand_frame_paths)."""
     out: str
     """The run folder (config.json, metrics.jsonl, checkpoint/, losses.png, summary.json)."""
     cache: str | None = None
@@ -52,6 +52,9 @@ class TrainConfig:
     """Bilinearly resize the target token grid to the student's when they differ."""
     on_missing: Literal["error", "skip"] = "error"
     """A frame whose key the cache lacks: raise naming it, or skip it (counted, reported)."""
+    on_mismatch: Literal["error", "skip"] = "error"
+    """A frame whose image bytes differ from those its cache row was built from (the stored
+    digest): raise naming the key and both sources, or skip it (counted with the missing)."""
     resident_teacher: str | None = None
     """Compute targets online with this teacher SPEC instead of the cache (comparison mode)."""
     checkpoint_every: int = 0
@@ -89,6 +92,7 @@ class TrainConfig:
             ("shuffle_buffer", self.shuffle_buffer >= 1, ">= 1"),
             ("loss", self.loss in ("l1", "mse"), "l1|mse"),
             ("on_missing", self.on_missing in ("error", "skip"), "error|skip"),
+            ("on_mismatch", self.on_mismatch in ("error", "skip"), "error|skip"),
         ]
         for name, ok, wanted in checks:
             if not ok:

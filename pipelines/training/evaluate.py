@@ -16,16 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from featurecache.pipelines.resample import resample_tokens
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.stream import StreamConfig, iter_batches
-from featurecache.pipelines.training.targets import (
-    cache_target_spec,
-    check_targets_fit,
-    dequantize,
-)
+from featurecache.pipelines.training.targets import cache_target_spec
 
 
 def evaluate_run(
@@ -42,24 +36,19 @@ def evaluate_run(
     from featurecache.samples import expand_frame_paths
 
     loaded = load_run(run, device)
-    student, projector = loaded.student, loaded.projector
+    student, head = loaded.student, loaded.head
     shards = expand_frame_paths(list(frames))
     target = None
     if cache is not None:
         from featurecache.reader import open_cache
 
-        if loaded.target is None:
+        if loaded.target is None or head is None:
             raise ValueError(
                 f"Expected a run trained with alignment targets to compare against cache "
                 f"{cache}, got run {run} trained without (lambda 0 and no cache)."
             )
         target = cache_target_spec(open_cache(cache), loaded.target.layer)
-        check_targets_fit(target, student, loaded.config.resample)
-        if target.dim != loaded.target.dim:
-            raise ValueError(
-                f"Expected cache {cache} layer {target.layer!r} of width {loaded.target.dim} "
-                f"(the run's projector output), got width {target.dim}."
-            )
+        head.retarget(target)  # this cache's grid; refuses another width
     stream = StreamConfig(
         shards=shards,
         image_size=student.image_size,
@@ -82,15 +71,9 @@ def evaluate_run(
             abs_sum += err.abs().sum(0)
             sq_sum += err.square().sum(0)
             samples += len(batch)
-            if target is not None:
-                assert batch.target is not None
-                goal = batch.target.to(device)
-                scales = None if batch.scales is None else batch.scales.to(device)
-                goal = dequantize(goal, scales)  # (B, T, D) float32
-                if target.tokens != student.num_visual_tokens:
-                    assert target.grid is not None
-                    goal = resample_tokens(goal, target.grid, student.visual_grid)
-                cos = F.cosine_similarity(projector(out.visual).float(), goal, dim=-1)  # (B, T)
+            goal = batch.alignment_targets()
+            if head is not None and goal is not None:
+                cos = head.cosines(out.visual, goal)  # (B, T)
                 cos_sum += float(cos.sum())
                 cos_count += cos.numel()
     if samples == 0:

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featurecache.pipelines.training.alignment import AlignmentTargets
 from featurecache.pipelines.training.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     AlignedModel,
+    build_aligned_model,
     check_resumable,
     has_checkpoint,
     read_state,
@@ -46,16 +48,15 @@ from featurecache.pipelines.training.metrics import (
     plot_losses,
     progress_bar,
 )
-from featurecache.pipelines.training.stream import StreamConfig, check_shards_per_rank, iter_batches
-from featurecache.pipelines.training.students import build_projector, load_student
-from featurecache.pipelines.training.students.tiny_vla import TinyVLA
-from featurecache.pipelines.training.targets import (
-    alignment_loss,
-    batch_targets,
-    cache_target_spec,
-    check_targets_fit,
-    teacher_target_spec,
+from featurecache.pipelines.training.stream import (
+    Batch,
+    StreamConfig,
+    check_shards_per_rank,
+    iter_batches,
 )
+from featurecache.pipelines.training.students import load_student
+from featurecache.pipelines.training.students.tiny_vla import TinyVLA
+from featurecache.pipelines.training.targets import cache_target_spec, teacher_target_spec
 from featurecache.reader import open_cache
 from featurecache.samples import expand_frame_paths
 
@@ -75,6 +76,13 @@ class TrainSummary:
     align_layer: int
     target_grid: tuple[int, int] | None
     student_grid: tuple[int, int]
+
+
+def _teacher(teacher: Any, batch: Batch) -> AlignmentTargets:
+    """A resident teacher's targets for the batch: (B, T, D) float32 from its forward."""
+    with torch.inference_mode():
+        values = teacher(batch.images_pil)[teacher.layers[0]]  # (B, T, D) float32
+    return AlignmentTargets(values=values.clone(), keys=batch.keys)
 
 
 def train(config: TrainConfig) -> TrainSummary:
@@ -123,19 +131,14 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             trust_remote_code=config.trust_remote_code,
         )
         target = teacher_target_spec(teacher)
-    if target is not None:
-        check_targets_fit(target, student, config.resample)  # refuse before the first step
 
-    # The projector: student width -> teacher width, frozen at a seeded init unless trained.
+    # The alignment head (featurecache's public AlignmentHead): projector (student width ->
+    # teacher width, frozen at a seeded init unless trained), target resampling, fused loss.
+    # It refuses a target grid that cannot meet the student's before the first step.
     hidden = config.projector_hidden or student.default_projector_hidden
-    projector = build_projector(
-        student.hidden_size,
-        target.dim if target else 1,
-        hidden=hidden,
-        seed=config.seed + 1,
-        trainable=config.train_projector,
-    )
-    model = AlignedModel(student, projector, align_layer).to(device)
+    model = build_aligned_model(
+        student, target, align_layer=align_layer, config=config, hidden=hidden
+    ).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
@@ -190,6 +193,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             epoch=position["epoch"],
             shuffle_buffer=config.shuffle_buffer,
             on_missing=config.on_missing,
+            on_mismatch=config.on_mismatch,
             keep_images=teacher is not None,
             skip_batches=position["batches"],
             num_workers=config.num_workers,
@@ -205,18 +209,16 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             images = batch.images.to(device, non_blocking=True)  # (B, 3, S, S)
             actions = batch.actions.to(device, non_blocking=True)  # (B, 7)
 
-            # forward: actions (B, 7), projected visual tokens (B, T, D)
             lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            pred, projected = model(images, batch.instructions, project)
+            goal = None
+            if project:  # as stored (int8 + scales, fp16), or the resident teacher's forward
+                goal = batch.alignment_targets() if teacher is None else _teacher(teacher, batch)
+            # forward: actions (B, 7) and lambda * (1 - cos) from the AlignmentHead
+            pred, weighted = model(images, batch.instructions, goal)
             action_loss = action_loss_fn(pred, actions)
-            if project:
-                assert projected is not None and target is not None
-                goal = batch_targets(batch, teacher, target, core.student, config.resample, device)
-                # lambda goes into the kernel as its weight: dS comes out already scaled, so the
-                # backward hands it on without another pass over (B, T, D)
-                weighted = alignment_loss(projected, goal, config.lambda_align)
+            if weighted is not None:
                 loss = action_loss + weighted
                 align_loss = weighted.detach() / config.lambda_align  # 1 - cos, for the logs
             else:

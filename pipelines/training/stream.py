@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from featurecache.errors import OptionError
+from featurecache.format import cache_cameras, sample_digest
+from featurecache.pipelines.training.alignment import AlignmentTargets, OnMissing, lookup_targets
+from featurecache.reader import FeatureCache, open_cache
 from featurecache.samples import BadFrameError, decode_image, iter_samples
 
 JOIN_CHUNK = 32  # keys per cache read: amortises the per-call cost, stays within a Zarr shard
@@ -49,6 +54,9 @@ class StreamConfig:
     shuffle: False reads shards and samples in order (evaluation).
     shuffle_buffer: samples held by the shuffle buffer (after the join).
     on_missing: "error" (a key not in the cache raises, naming it) or "skip" (counted).
+    on_mismatch: "error" (a frame whose image bytes differ from those the cache row was built
+        from raises DigestMismatchError naming the key and both sources) or "skip" (counted
+        with the missing ones). Caches without digests (format version 1) cannot be checked.
     keep_images: also return the decoded PIL images (for a resident teacher).
     require_actions: raise when a sample has no `action.npy` (training, evaluation).
     skip_batches: batches of this epoch already consumed (resume): dropped before decoding.
@@ -65,6 +73,7 @@ class StreamConfig:
     shuffle: bool = True
     shuffle_buffer: int = 256
     on_missing: Literal["error", "skip"] = "error"
+    on_mismatch: Literal["error", "skip"] = "error"
     keep_images: bool = False
     require_actions: bool = True
     skip_batches: int = 0
@@ -81,6 +90,8 @@ class StreamConfig:
             raise ValueError("A `layer` should be given with a `cache`. Found layer=None.")
         if self.on_missing not in ("error", "skip"):
             raise ValueError(f"The `on_missing` should be error|skip. Found {self.on_missing!r}.")
+        if self.on_mismatch not in ("error", "skip"):
+            raise OptionError(f"Expected on_mismatch error|skip, got {self.on_mismatch!r}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"The `shuffle_buffer` should be >= 1. Found {self.shuffle_buffer}.")
 
@@ -94,6 +105,7 @@ class Batch:
         require_actions is False; A = 0 when no frame of the batch has one).
     target: (B, T, D) as stored (int8 or float16), or None without a cache.
     scales: (B, T) float32 per-token absmax scales of an int8 cache, else None.
+    channel_scale: (D,) float32 per-channel scale of an int8c cache, else None.
     meta: B parsed json dicts. images_pil: B PIL images when keep_images, else None.
     missing: keys skipped since the previous batch because the cache lacks them.
     """
@@ -107,9 +119,22 @@ class Batch:
     meta: list[dict]
     images_pil: list | None = None
     missing: list[str] = field(default_factory=list)
+    channel_scale: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def alignment_targets(self) -> AlignmentTargets | None:
+        """The batch's targets for AlignmentHead, or None without a cache."""
+        if self.target is None:
+            return None
+        return AlignmentTargets(
+            values=self.target,
+            scales=self.scales,
+            channel_scale=self.channel_scale,
+            keys=self.keys,
+            missing=self.missing,
+        )
 
 
 def _worker() -> tuple[int, int]:
@@ -135,51 +160,104 @@ def _select(shards: Iterable[dict]) -> Iterator[dict]:
                 "source": url,
                 "image": image,
                 "ext": ext,
+                "encoded": {c: s.image(c)[0] for c in s.cameras},  # for the join's digest
                 "json": s.members.get("json"),
                 "npy": s.members.get("action.npy"),
             }
 
 
 class _Join:
-    """Attach each sample's cached target, reading `JOIN_CHUNK` keys per cache call, in order."""
+    """Attach each sample's cached target, reading `JOIN_CHUNK` keys per cache call, in order,
+    through `alignment.lookup_targets` (the join of the public API: one missing-key rule), after
+    checking that each frame's image bytes are those its cache row was built from (the stored
+    `format.sample_digest`; `on_mismatch`)."""
 
-    def __init__(self, cache: str | Path, layer: str, on_missing: str) -> None:
+    def __init__(
+        self, cache: str | Path, layer: str, on_missing: OnMissing, on_mismatch: str = "error"
+    ) -> None:
         self.cache_path, self.layer, self.on_missing = cache, layer, on_missing
+        self.on_mismatch = on_mismatch
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        from featurecache.reader import open_cache
-
         cache = open_cache(self.cache_path)  # opened here: once per worker process
-        missing: list[str] = []
         chunk: list[dict] = []
         for s in samples:
-            if s["key"] not in cache:
-                if self.on_missing == "error":
-                    from featurecache.errors import UnknownKeyError
-
-                    raise UnknownKeyError(
-                        f"Expected sample {s['key']!r} of {s['source']} in cache "
-                        f"{self.cache_path}, got no such key (pass --on-missing skip to skip "
-                        f"frames the cache lacks)."
-                    )
-                missing.append(s["key"])
-                continue
             chunk.append(s)
             if len(chunk) == JOIN_CHUNK:
-                yield from self._read(cache, chunk, missing)
-                chunk, missing = [], []
+                yield from self._read(cache, chunk)
+                chunk = []
         if chunk:
-            yield from self._read(cache, chunk, missing)
-        elif missing:  # report skips that no later sample can carry
-            yield {"key": None, "missing": missing}
+            yield from self._read(cache, chunk)
 
-    def _read(self, cache: Any, chunk: list[dict], missing: list[str]) -> Iterator[dict]:
-        values, scales = cache.read_raw([s["key"] for s in chunk], self.layer)
-        for i, s in enumerate(chunk):
-            s["target"] = values[i]
-            s["scales"] = None if scales is None else scales[i]
-            s["missing"] = missing if i == 0 else []
+    def _check_digests(self, cache: FeatureCache, chunk: list[dict]) -> tuple[list[dict], list]:
+        """(the samples to join, the keys left out because their images are not the cache's).
+        One digest per frame (SHA-256 of its encoded image bytes), one stored-digest lookup per
+        chunk; a cache without digests is joined unchecked, with one warning per process."""
+        encoded = [s.pop("encoded") for s in chunk]
+        if not cache.has_digests:
+            _warn_unchecked(cache)
+            return chunk, []
+        at = [i for i, s in enumerate(chunk) if s["key"] in cache]
+        if not at:
+            return chunk, []
+        cameras = cache_cameras(cache.spec)
+        digests = []
+        for i in at:
+            have = encoded[i]
+            lacking = [c or "(plain image)" for c in cameras if c not in have]
+            if lacking:
+                raise BadFrameError(
+                    f"Expected the cameras {list(cameras)} that cache {cache.location} was built "
+                    f"from in sample {chunk[i]['key']!r} of {chunk[i]['source']}, got no image "
+                    f"for {lacking}"
+                )
+            digests.append(sample_digest({c: have[c] for c in cameras}))
+        bad = cache.digest_mismatches([chunk[i]["key"] for i in at], digests)
+        if not bad:
+            return chunk, []
+        if self.on_mismatch == "error":
+            s = chunk[at[bad[0]]]
+            raise cache.digest_mismatch_error(s["key"], digests[bad[0]], s["source"])
+        drop = {at[j] for j in bad}
+        return [s for i, s in enumerate(chunk) if i not in drop], [chunk[i]["key"] for i in drop]
+
+    def _read(self, cache: FeatureCache, chunk: list[dict]) -> Iterator[dict]:
+        chunk, mismatched = self._check_digests(cache, chunk)
+        if not chunk:
+            yield {"key": None, "missing": mismatched}
+            return
+        sources = {s["key"]: s["source"] for s in chunk}
+        targets, present = lookup_targets(
+            cache,
+            [s["key"] for s in chunk],
+            self.layer,
+            on_missing=self.on_missing,
+            where=lambda key: f"of {sources[key]}",
+        )
+        if targets is None:  # report skips that no sample of this chunk can carry
+            yield {"key": None, "missing": [s["key"] for s in chunk] + mismatched}
+            return
+        for i, at in enumerate(present):
+            s = chunk[at]
+            s["target"] = targets.values[i]
+            s["scales"] = None if targets.scales is None else targets.scales[i]
+            s["channel_scale"] = targets.channel_scale
+            s["missing"] = targets.missing + mismatched if i == 0 else []
             yield s
+
+
+_WARNED: set[str] = set()  # caches already reported as joined without a digest check
+
+
+def _warn_unchecked(cache: FeatureCache) -> None:
+    if cache.location not in _WARNED:
+        _WARNED.add(cache.location)
+        warnings.warn(
+            f"cache {cache.location} (format version {cache.state.version}) stores no digests "
+            f"of its source images: the join cannot check that these frames are the ones it was "
+            f"built from (rebuild it with this featurecache to get the check)",
+            stacklevel=2,
+        )
 
 
 class _Shuffle:
@@ -285,6 +363,7 @@ class _DecodeBatch:
             meta=metas,
             images_pil=pil if self.keep_images else None,
             missing=missing,
+            channel_scale=group[0].get("channel_scale") if has_target else None,
         )
 
 
@@ -305,7 +384,7 @@ def build_pipeline(config: StreamConfig) -> Any:
     stages.append(_select)
     if config.cache is not None:
         assert config.layer is not None
-        stages.append(_Join(config.cache, config.layer, config.on_missing))
+        stages.append(_Join(config.cache, config.layer, config.on_missing, config.on_mismatch))
     if config.shuffle:
         stages.append(_Shuffle(config.shuffle_buffer, config.seed * 1009 + config.epoch))
     if config.skip_batches:

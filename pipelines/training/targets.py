@@ -1,10 +1,8 @@
-"""Where the teacher's tokens come from, and how they meet the student's.
+"""Which teacher layer a run aligns to, and whether it can meet the student's visual tokens.
 
 A `TargetSpec` names the teacher layer the projector maps to (from an open cache or a resident
 teacher); `check_targets_fit` refuses a layer whose token grid cannot meet the student's before
-the first step; `batch_targets` gives one batch's targets shaped like the projected student
-tokens, as stored where possible (int8, whose per-token scales cancel in the cosine, or fp16);
-`alignment_loss` is the fused loss with lambda passed as its weight.
+the first step. What is done with the targets per batch lives in alignment.py (AlignmentHead).
 """
 
 from __future__ import annotations
@@ -12,13 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from featurecache.errors import ShapeMismatchError, UnknownLayerError
-from featurecache.kernels import cosine_alignment_loss
-from featurecache.pipelines.resample import resample_tokens
-from featurecache.pipelines.training.stream import Batch
-from featurecache.pipelines.training.students import Student
 
 
 @dataclass(slots=True)
@@ -30,6 +22,10 @@ class TargetSpec:
     dim: int
     grid: tuple[int, int] | None
     fingerprint: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.grid is not None:  # a list when read back from JSON
+            self.grid = (int(self.grid[0]), int(self.grid[1]))
 
 
 def cache_target_spec(cache: Any, layer: str | None) -> TargetSpec:
@@ -57,12 +53,13 @@ def teacher_target_spec(teacher: Any) -> TargetSpec:
     return TargetSpec(spec.name, spec.tokens, spec.dim, grid, teacher.fingerprint())
 
 
-def check_targets_fit(target: TargetSpec, student: Student, resample: bool) -> None:
-    """Refuse (before the first step) a target layer whose tokens cannot meet the student's."""
-    want = student.num_visual_tokens
+def check_targets_fit(target: TargetSpec, student_grid: tuple[int, int], resample: bool) -> None:
+    """Refuse (before the first step) a target layer whose tokens cannot meet the student's
+    visual grid (rows, cols): a different token count needs `resample` and a target grid."""
+    rows, cols = student_grid
+    want = rows * cols
     if target.tokens == want:
         return
-    rows, cols = student.visual_grid
     if not resample:
         raise ShapeMismatchError(
             f"Expected teacher layer {target.layer!r} with {want} tokens (the student's "
@@ -75,45 +72,3 @@ def check_targets_fit(target: TargetSpec, student: Student, resample: bool) -> N
             f"Expected teacher layer {target.layer!r} to have a token grid for --resample, got "
             f"grid {target.grid} for {target.tokens} tokens."
         )
-
-
-def dequantize(values: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """Stored targets -> float32 (B, T, D): int8 * per-token scale (B, T), or fp16 upcast."""
-    if scales is None:
-        return values.float()
-    return values.float() * scales.float().unsqueeze(-1)
-
-
-def batch_targets(
-    batch: Batch,
-    teacher: Any,
-    target: TargetSpec,
-    student: Student,
-    resample: bool,
-    device: torch.device,
-) -> torch.Tensor:
-    """The batch's teacher tokens on `device`, shaped like the projected student tokens.
-
-    Cached: as stored (int8, whose per-token scales cancel in the cosine, or fp16), unless the
-    grid must be resampled (then dequantized to float32 first). Resident: the teacher's forward.
-    """
-    if teacher is not None:
-        with torch.inference_mode():
-            values = teacher(batch.images_pil)[target.layer]  # (B, T, D) float32
-        values, scales = values.clone().to(device), None
-    else:
-        assert batch.target is not None
-        values = batch.target.to(device, non_blocking=True)  # (B, T, D) int8 | float16
-        scales = None if batch.scales is None else batch.scales.to(device)
-    if target.tokens != student.num_visual_tokens and resample:
-        assert target.grid is not None
-        return resample_tokens(dequantize(values, scales), target.grid, student.visual_grid)
-    return values
-
-
-def alignment_loss(projected: torch.Tensor, goal: torch.Tensor, weight: float) -> torch.Tensor:
-    """weight * (1 - cos), averaged over tokens: featurecache.kernels (Triton on GPU, torch on
-    CPU). projected (B, T, D) float; goal (B, T, D) int8 | float16 | float32, as stored."""
-    if goal.dtype != torch.int8 and goal.dtype != projected.dtype:
-        goal = goal.to(projected.dtype)
-    return cosine_alignment_loss(projected, goal, weight=weight)

@@ -10,8 +10,9 @@ from PIL import Image
 
 from featurecache.pipelines import resample
 from featurecache.pipelines.build.teachers import base as teacher_base
-from featurecache.pipelines.training import evaluate, targets
-from featurecache.pipelines.training.targets import TargetSpec, batch_targets
+from featurecache.pipelines.training import alignment
+from featurecache.pipelines.training.alignment import AlignmentHead, AlignmentTargets
+from featurecache.pipelines.training.targets import TargetSpec
 
 GRIDS = [
     ((16, 16), (7, 7)),  # shrink: a 224-px ViT-B/16 grid onto tiny-vla's 7x7
@@ -80,27 +81,17 @@ def test_identity_and_constant() -> None:
 
 
 def test_build_and_training_use_the_one_function() -> None:
-    """`--grid` (teachers) and `--resample` (train targets, evaluate) call this very function."""
+    """`--grid` (teachers) and `--resample` (AlignmentHead: train, evaluate) call this function."""
     assert teacher_base.resample_tokens is resample.resample_tokens
-    assert targets.resample_tokens is resample.resample_tokens
-    assert evaluate.resample_tokens is resample.resample_tokens
-
-
-class _Student:
-    num_visual_tokens = 4
-    visual_grid = (2, 2)
-
-
-class _Batch:
-    def __init__(self, values: torch.Tensor, scales: torch.Tensor | None) -> None:
-        self.target, self.scales = values, scales
+    assert alignment.resample_tokens is resample.resample_tokens
 
 
 def test_train_time_resample_of_int8_targets() -> None:
-    """int8 targets are dequantized (values x per-token scale) and then resampled."""
+    """AlignmentHead dequantizes int8 targets (values x per-token scale), then resamples."""
     values = torch.randint(-127, 128, (2, 16, 3), dtype=torch.int8)
     scales = torch.rand(2, 16) + 0.5
     spec = TargetSpec("l", 16, 3, (4, 4), {})
-    got = batch_targets(_Batch(values, scales), None, spec, _Student(), True, torch.device("cpu"))
+    head = AlignmentHead(8, spec, student_grid=(2, 2), hidden=4, resample=True)
+    got = head.goal(AlignmentTargets(values=values, scales=scales))
     floats = values.double().numpy() * scales.double().numpy()[..., None]
     np.testing.assert_allclose(got.numpy(), _oracle(floats, (4, 4), (2, 2)), rtol=0, atol=1e-4)

@@ -109,7 +109,7 @@ def test_resume_matches_an_uninterrupted_run(shards, caches, tmp_path) -> None:
         )
     full, cut = load_run(tmp_path / "full"), load_run(tmp_path / "cut2")
     for (name, a), b in zip(
-        full.projector.state_dict().items(), cut.projector.state_dict().values(), strict=True
+        full.head.state_dict().items(), cut.head.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
     # epochs 0 and 1 are 4 batches each; step 9 is epoch 2

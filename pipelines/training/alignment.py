@@ -1,0 +1,345 @@
+"""The drop-in alignment API: add visual representation alignment to any PyTorch training loop.
+
+    from featurecache.pipelines.training import AlignmentHead, CachedTargets
+
+    collate = CachedTargets("cache.zarr", layer="16")            # batches gain .teacher targets
+    loader = DataLoader(my_dataset, batch_size=8, num_workers=4, collate_fn=collate)
+    head = AlignmentHead.for_cache(collate.cache, "16", student_dim=4096, student_grid=(16, 16),
+                                   weight=0.2)                   # lambda, as in the paper
+    for batch in loader:
+        out = model(**inputs, output_hidden_states=True)
+        loss = out.loss + head(out.hidden_states[16], batch["teacher"], positions=image_mask)
+
+`CachedTargets` is a `collate_fn`: samples are whatever the user's dataset yields (dicts with a
+key field, or any object with a `key=` function), collated by `collate` (default_collate), and
+the batch gains `TARGETS_FIELD` ("teacher"): an `AlignmentTargets` holding the stored values
+(int8 + per-token scales, or fp16: read raw, never dequantized on the way) in the batch's order.
+It is worker-safe: it carries only the cache's path into DataLoader workers, each of which opens
+the cache itself. A key the cache lacks raises `UnknownKeyError` naming it (on_missing="error"),
+or is dropped from the batch and listed in `AlignmentTargets.missing` (on_missing="skip"; a batch
+whose every key is missing comes out as None).
+
+`AlignmentHead` holds the paper's projector (frozen at a seeded init, or trainable), resamples
+the target grid to the student's when asked, and returns `weight * mean(1 - cos)` from the fused
+kernel (`featurecache.kernels.cosine_alignment_loss`, lambda passed as its weight, int8 targets
+read as stored). `featurecache train` runs on exactly these two pieces (its stream joins with
+`lookup_targets`, the function behind `CachedTargets`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+from featurecache.errors import OptionError, ShapeMismatchError, UnknownKeyError
+from featurecache.kernels import cosine_alignment_loss
+from featurecache.pipelines.resample import resample_tokens
+from featurecache.pipelines.training.students.projector import (
+    DEFAULT_PROJECTOR_HIDDEN,
+    build_projector,
+)
+from featurecache.pipelines.training.targets import (
+    TargetSpec,
+    cache_target_spec,
+    check_targets_fit,
+)
+from featurecache.reader import FeatureCache, open_cache
+
+TARGETS_FIELD = "teacher"  # the batch field CachedTargets adds to dict batches
+OnMissing = Literal["error", "skip"]
+
+
+@dataclass(slots=True)
+class AlignmentTargets:
+    """One batch's teacher tokens, as stored in the cache.
+
+    values: (B, T, D) int8 (int8/int8c caches) or float16 (fp16) - or float32 from a resident
+        teacher. scales: (B, T) float32 per-token scales of int8 values, else None (they cancel in
+        the cosine, so the loss never needs them unless the grid is resampled).
+    channel_scale: (D,) float32 per-channel scale of an int8c cache, else None (does not cancel).
+    keys: the B keys, in batch order. missing: keys dropped from the batch (on_missing="skip").
+    """
+
+    values: torch.Tensor
+    scales: torch.Tensor | None = None
+    channel_scale: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> AlignmentTargets:
+        """The same targets on `device` (dtypes kept)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        return replace(
+            self,
+            values=move(self.values),
+            scales=move(self.scales),
+            channel_scale=move(self.channel_scale),
+        )
+
+    def pin_memory(self) -> AlignmentTargets:
+        """Called by DataLoader(pin_memory=True)."""
+        pin = lambda t: None if t is None else t.pin_memory()
+        return replace(
+            self,
+            values=pin(self.values),
+            scales=pin(self.scales),
+            channel_scale=pin(self.channel_scale),
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """(B, T, D) float32: values x scales (x channel_scale), or the float values upcast."""
+        out = self.values.float()
+        if self.scales is not None:
+            out = out * self.scales.float().unsqueeze(-1)
+        if self.channel_scale is not None:
+            out = out * self.channel_scale.float()
+        return out
+
+
+def lookup_targets(
+    cache: FeatureCache,
+    keys: Sequence[str],
+    layer: str,
+    *,
+    on_missing: OnMissing = "error",
+    where: Callable[[str], str] = lambda key: "",
+) -> tuple[AlignmentTargets | None, list[int]]:
+    """Read the stored targets of `keys` (one reader call) -> (targets of the present keys in
+    order, or None when none is present; the indices of `keys` that were present).
+
+    A key the cache lacks raises UnknownKeyError naming it, the cache and `where(key)` (e.g. "of
+    frames-000003.tar"), or is left out and listed in `.missing` with on_missing="skip".
+    """
+    present: list[int] = []
+    missing: list[str] = []
+    for i, key in enumerate(keys):
+        if key in cache:
+            present.append(i)
+        elif on_missing == "error":
+            source = where(key)
+            raise UnknownKeyError(
+                f"Expected sample {key!r}{' ' + source if source else ''} in cache "
+                f"{cache.location}, got no such key (pass --on-missing skip / "
+                f"on_missing='skip' to skip frames the cache lacks)."
+            )
+        else:
+            missing.append(key)
+    if not present:
+        return None, present
+    found = [keys[i] for i in present]
+    values, scales = cache.read_raw(found, layer)
+    channel = cache.channel_scale(layer)
+    targets = AlignmentTargets(
+        values=values,
+        scales=scales,
+        channel_scale=None if channel is None else torch.from_numpy(channel),
+        keys=found,
+        missing=missing,
+    )
+    return targets, present
+
+
+class CachedTargets:
+    """A DataLoader `collate_fn` that adds each batch's cached teacher targets (see the module
+    docstring).
+
+    cache: a cache path or an open FeatureCache. layer: the cache layer (default: its only one).
+    key: the sample field holding the key (dict samples) or a function sample -> key.
+    on_missing: "error" (raise naming the key) or "skip" (drop the sample, list it in .missing).
+    collate: collates the kept samples (default_collate; HF: default_data_collator).
+    Returns dict batches with batch[TARGETS_FIELD] = AlignmentTargets, or for non-dict samples
+    the pair (collated, AlignmentTargets); None when every key of the batch was missing.
+    """
+
+    def __init__(
+        self,
+        cache: str | Path | FeatureCache,
+        layer: str | None = None,
+        *,
+        key: str | Callable[[Any], str] = "key",
+        on_missing: OnMissing = "error",
+        collate: Callable[[list[Any]], Any] = default_collate,
+    ) -> None:
+        if on_missing not in ("error", "skip"):
+            raise OptionError(f"Expected on_missing 'error' or 'skip', got {on_missing!r}.")
+        self.cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
+        self.layer = cache_target_spec(self.cache, layer).layer  # checks the name now
+        self.key, self.on_missing, self.collate = key, on_missing, collate
+
+    def key_of(self, sample: Any) -> str:
+        """The cache key of one sample."""
+        if callable(self.key):
+            return str(self.key(sample))
+        if isinstance(sample, Mapping) and self.key in sample:
+            return str(sample[self.key])
+        found = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
+        raise OptionError(
+            f"Expected samples with a {self.key!r} field holding the cache key, got {found}; "
+            f"pass key='field' or key=lambda sample: ... to CachedTargets."
+        )
+
+    def __call__(self, samples: list[Any]) -> Any:
+        keys = [self.key_of(s) for s in samples]
+        targets, present = lookup_targets(self.cache, keys, self.layer, on_missing=self.on_missing)
+        if targets is None:
+            return None
+        batch = self.collate([samples[i] for i in present])
+        if isinstance(batch, dict):
+            batch[TARGETS_FIELD] = targets
+            return batch
+        return batch, targets
+
+
+def gather_tokens(hidden: torch.Tensor, positions: torch.Tensor | slice | None) -> torch.Tensor:
+    """The visual tokens of hidden states (B, L, d) -> (B, T, d).
+
+    positions: None (hidden already holds the T visual tokens), a slice (e.g. slice(1, 257):
+    OpenVLA's patches after BOS), a (T,) or (B, T) index tensor, or a (B, L) bool mask with the
+    same number T of True per row (e.g. `input_ids == image_token_id`), in grid order.
+    """
+    if positions is None:
+        return hidden
+    if isinstance(positions, slice):
+        return hidden[:, positions]
+    positions = positions.to(hidden.device)
+    if positions.dtype == torch.bool:
+        if positions.shape != hidden.shape[:2]:
+            raise ShapeMismatchError(
+                f"Expected a visual-token mask of shape {tuple(hidden.shape[:2])} (the hidden "
+                f"states' batch and length), got {tuple(positions.shape)}."
+            )
+        counts = positions.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise ShapeMismatchError(
+                f"Expected the same number of visual tokens in every row of the mask, got "
+                f"{counts.tolist()}."
+            )
+        return hidden[positions].reshape(hidden.shape[0], int(counts[0]), hidden.shape[-1])
+    if positions.dim() == 1:
+        return hidden[:, positions]
+    index = positions.long().unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, T, d)
+    return torch.gather(hidden, 1, index)
+
+
+class AlignmentHead(nn.Module):
+    """Projector + target resampling + the fused cosine loss with lambda as its weight.
+
+    student_dim: width d of the student's hidden states at the aligned layer.
+    target: the teacher layer (name, tokens T_t, width D, grid) - `for_cache` reads it.
+    student_grid: (rows, cols) of the student's visual tokens (T = rows * cols).
+    weight: lambda; forward returns weight * mean over tokens of (1 - cos).
+    hidden: projector width (default: the paper's 2048). seed: the projector's init.
+    trainable: train the projector (REPA) or keep it frozen at its init (the released code).
+    resample: resize the target grid to the student's when they differ (else refused here).
+    """
+
+    def __init__(
+        self,
+        student_dim: int,
+        target: TargetSpec,
+        *,
+        student_grid: tuple[int, int],
+        weight: float = 0.2,
+        hidden: int = DEFAULT_PROJECTOR_HIDDEN,
+        seed: int = 0,
+        trainable: bool = False,
+        resample: bool = False,
+    ) -> None:
+        super().__init__()
+        check_targets_fit(target, (student_grid[0], student_grid[1]), resample)
+        self.target, self.student_grid = target, (int(student_grid[0]), int(student_grid[1]))
+        self.weight, self.resample = float(weight), resample
+        self.projector = build_projector(
+            student_dim, target.dim, hidden=hidden, seed=seed, trainable=trainable
+        )
+
+    @classmethod
+    def for_cache(
+        cls,
+        cache: str | Path | FeatureCache,
+        layer: str | None = None,
+        **options: Any,
+    ) -> AlignmentHead:
+        """A head for a cache layer (its only layer when None); options as for __init__."""
+        cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
+        return cls(target=cache_target_spec(cache, layer), **options)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.student_grid[0] * self.student_grid[1]
+
+    def retarget(self, target: TargetSpec) -> None:
+        """Compare against another cache's copy of the same teacher layer (e.g. evaluation on
+        another split): same width, its own grid (resampled when this head resamples)."""
+        if target.dim != self.target.dim:
+            raise ShapeMismatchError(
+                f"Expected teacher layer {target.layer!r} of width {self.target.dim} (the "
+                f"projector's output), got width {target.dim}."
+            )
+        check_targets_fit(target, self.student_grid, self.resample)
+        self.target = target
+
+    def goal(self, targets: AlignmentTargets | torch.Tensor) -> torch.Tensor:
+        """Targets shaped like the projected tokens (B, T, D): as stored when possible (int8 or
+        fp16), dequantized to float32 when the grid is resampled or an int8c channel scale must
+        be applied (a per-channel scale does not cancel in the cosine)."""
+        if isinstance(targets, torch.Tensor):
+            targets = AlignmentTargets(values=targets)
+        grid = self.target.grid
+        if self.target.tokens != self.num_tokens:
+            assert grid is not None  # check_targets_fit saw to it
+            return resample_tokens(targets.dequantize(), grid, self.student_grid)
+        if targets.channel_scale is not None:
+            return targets.dequantize()
+        return targets.values
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        targets: AlignmentTargets | torch.Tensor,
+        *,
+        positions: torch.Tensor | slice | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """weight * mean (1 - cos(projector(h), target)) over tokens: a 0-d float32 tensor.
+
+        hidden: (B, L, d) hidden states of the aligned layer (or (B, T, d) visual tokens with
+        positions=None); positions: see gather_tokens; mask: optional (B, T) bool/float row
+        weights (e.g. padded images). The gradient flows into `hidden` (and the projector when
+        trainable); the targets are constants.
+        """
+        projected = self.projector(gather_tokens(hidden, positions))  # (B, T, D)
+        goal = self.goal(targets).to(projected.device, non_blocking=True).detach()
+        if goal.shape != projected.shape:
+            raise ShapeMismatchError(
+                f"Expected targets of shape {tuple(projected.shape)} (the projected visual "
+                f"tokens), got {tuple(goal.shape)}."
+            )
+        if goal.dtype != torch.int8 and goal.dtype != projected.dtype:
+            goal = goal.to(projected.dtype)
+        # lambda goes into the kernel as its weight: dS comes out already scaled, so the backward
+        # hands it on without another pass over (B, T, D)
+        return cosine_alignment_loss(projected, goal, mask=mask, weight=self.weight)
+
+    @torch.no_grad()
+    def cosines(
+        self,
+        hidden: torch.Tensor,
+        targets: AlignmentTargets | torch.Tensor,
+        *,
+        positions: torch.Tensor | slice | None = None,
+    ) -> torch.Tensor:
+        """(B, T) float32 cos(projector(h), target) per token (evaluation)."""
+        projected = self.projector(gather_tokens(hidden, positions)).float()
+        goal = self.goal(targets).to(projected.device).float()
+        return F.cosine_similarity(projected, goal, dim=-1)

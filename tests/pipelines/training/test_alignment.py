@@ -1,0 +1,181 @@
+"""The drop-in alignment API: CachedTargets (collate_fn) and AlignmentHead, and the README example
+that shows them (run here exactly as written in README.md)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import re
+from operator import itemgetter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from featurecache.errors import ShapeMismatchError, UnknownKeyError
+from featurecache.format import LayerSpec
+from featurecache.pipelines.training import (
+    AlignmentHead,
+    AlignmentTargets,
+    CachedTargets,
+    gather_tokens,
+    load_run,
+)
+from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.loop import train
+from featurecache.pipelines.training.targets import TargetSpec
+from featurecache.reader import open_cache
+from featurecache.samples import expand_frame_paths
+
+from ._train_helpers import TINY_OPTIONS, all_keys, key_features, one_thread, write_cache
+
+README = Path(__file__).resolve().parents[3] / "README.md"
+LAYER = LayerSpec("10", 16, 24, (4, 4))
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+@pytest.fixture(scope="module")
+def shards(sample_data_dir: Path) -> list[Path]:
+    return expand_frame_paths([str(sample_data_dir)])
+
+
+@pytest.fixture(scope="module", params=["int8", "fp16"])
+def cache(request, shards, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp(f"align-{request.param}") / "cache.zarr"
+    return write_cache(path, shards, [LAYER], key_features("10", 16, 24), codec=request.param)
+
+
+class _Frames(torch.utils.data.Dataset):
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"key": self.keys[i], "x": torch.full((2,), float(i))}
+
+
+def test_collate_adds_the_stored_targets_in_batch_order(cache) -> None:
+    """Through 2 DataLoader workers (the cache is pickled into them): raw values and scales
+    equal the reader's own read_raw of the batch's keys, in order."""
+    reader = open_cache(cache)
+    keys = reader.keys[::-1][:20]
+    loader = DataLoader(
+        _Frames(keys), batch_size=6, num_workers=2, collate_fn=CachedTargets(cache, "10")
+    )
+    seen = []
+    for batch in loader:
+        targets = batch["teacher"]
+        assert isinstance(targets, AlignmentTargets) and targets.keys == batch["key"]
+        want, want_scales = reader.read_raw(batch["key"], "10")
+        assert targets.values.dtype == want.dtype  # int8 stays int8: read raw
+        torch.testing.assert_close(targets.values, want, rtol=0, atol=0)
+        if want_scales is None:
+            assert targets.scales is None
+        else:
+            torch.testing.assert_close(targets.scales, want_scales, rtol=0, atol=0)
+        seen += batch["key"]
+    assert seen == keys
+
+
+def test_missing_keys_error_or_skip(cache) -> None:
+    keys = open_cache(cache).keys[:4]
+    samples = [{"key": k, "x": torch.zeros(1)} for k in [keys[0], "nope-1", keys[1], "nope-2"]]
+    with pytest.raises(UnknownKeyError, match="'nope-1'"):
+        CachedTargets(cache)(samples)
+    batch = CachedTargets(cache, on_missing="skip")(samples)
+    assert batch["key"] == keys[:2] and batch["teacher"].missing == ["nope-1", "nope-2"]
+    assert len(batch["teacher"]) == 2
+    assert CachedTargets(cache, on_missing="skip")(samples[1::2]) is None
+
+
+def test_tuple_samples_with_a_key_function_and_pickling(cache) -> None:
+    keys = open_cache(cache).keys[:3]
+    collate = pickle.loads(pickle.dumps(CachedTargets(cache, key=itemgetter(0))))
+    data, targets = collate([(k, torch.ones(2)) for k in keys])
+    assert list(data[0]) == keys and targets.values.shape == (3, 16, 24)
+
+
+def _reference_loss(projector, hidden, goal, weight) -> torch.Tensor:
+    """fp64 autograd: weight * mean over tokens of 1 - cos(P(h), z)."""
+    p = copy.deepcopy(projector).double()(hidden)
+    cos = F.cosine_similarity(p, goal.double(), dim=-1)
+    return weight * (1 - cos).mean()
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp16"])
+def test_head_loss_and_gradient_match_fp64(codec, shards, tmp_path) -> None:
+    cache = write_cache(
+        tmp_path / "c", shards[:1], [LAYER], key_features("10", 16, 24), codec=codec
+    )
+    reader = open_cache(cache)
+    keys = reader.keys[:5]
+    targets = CachedTargets(cache)([{"key": k} for k in keys])["teacher"]
+    head = AlignmentHead.for_cache(cache, student_dim=32, student_grid=(4, 4), hidden=48, seed=3)
+    head.eval()  # no dropout: the oracle below has none
+    # hidden states (B, L=20, 32) with the 16 visual tokens at positions 2..17
+    hidden = torch.randn(5, 20, 32, requires_grad=True)
+    loss = head(hidden, targets, positions=slice(2, 18))
+    loss.backward()
+    ref_hidden = hidden.detach().double().requires_grad_(True)
+    ref = _reference_loss(head.projector, ref_hidden[:, 2:18], reader.read(keys, "10"), weight=0.2)
+    ref.backward()
+    assert math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-4, abs_tol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), ref_hidden.grad, rtol=1e-3, atol=1e-6)
+    assert not any(p.requires_grad for p in head.parameters())  # frozen by default
+
+
+def test_positions_as_mask_indices_and_slice() -> None:
+    hidden = torch.randn(2, 6, 3)
+    mask = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    index = torch.tensor([[1, 2], [3, 4]])
+    want = torch.stack([hidden[0, 1:3], hidden[1, 3:5]])
+    torch.testing.assert_close(gather_tokens(hidden, mask), want)
+    torch.testing.assert_close(gather_tokens(hidden, index), want)
+    torch.testing.assert_close(gather_tokens(hidden, slice(1, 3)), hidden[:, 1:3])
+    with pytest.raises(ShapeMismatchError, match=r"\[2, 1\]"):
+        gather_tokens(hidden, torch.tensor([[0, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0]]).bool())
+
+
+def test_head_refuses_a_grid_it_cannot_meet() -> None:
+    spec = TargetSpec("10", 16, 24, (4, 4), {})
+    with pytest.raises(ShapeMismatchError, match="--resample"):
+        AlignmentHead(8, spec, student_grid=(2, 2))
+    head = AlignmentHead(8, spec, student_grid=(2, 2), resample=True, hidden=4)
+    assert head(torch.randn(3, 4, 8), torch.randn(3, 16, 24)).shape == ()
+
+
+def test_featurecache_train_uses_the_head(shards, cache, tmp_path) -> None:
+    run = tmp_path / "run"
+    train(
+        TrainConfig(
+            frames=tuple(map(str, shards)), out=str(run), cache=str(cache), steps=2, batch_size=4,
+            student_options=TINY_OPTIONS, projector_hidden=16, progress=False, plot=False,
+        )
+    )  # fmt: skip
+    loaded = load_run(run)
+    assert isinstance(loaded.head, AlignmentHead) and loaded.head.target.layer == "10"
+
+
+def test_readme_example_runs(shards, tmp_path, monkeypatch) -> None:
+    """The README's example, extracted and run as written, against a 4x4-grid cache."""
+    text = README.read_text()
+    found = re.search(r"<!-- alignment-example -->\n```python\n(.*?)```", text, re.S)
+    assert found, "README.md lost its alignment example"
+    source = found.group(1)
+    assert 20 <= len(source.strip().splitlines()) <= 45
+    write_cache(
+        tmp_path / "cache.zarr", shards[:2], [LAYER], key_features("10", 16, 24), codec="int8"
+    )
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "readme_example"}
+    exec(compile(source, str(README), "exec"), scope)
+    assert torch.isfinite(scope["loss"]) and 0 < float(scope["align_loss"]) < 0.4
+    assert len(all_keys(shards[:2])) == len(scope["cache"].keys)
+    assert os.getcwd() == str(tmp_path)
