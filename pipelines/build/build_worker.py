@@ -23,7 +23,7 @@ from featurecache.pipelines.build.frames import FrameShard
 from featurecache.pipelines.build.plan import BuildConfig, load_build_teacher
 from featurecache.samples import BadFrameError
 
-__all__ = ["BuildWorker", "Progress", "RemoteProgress"]
+__all__ = ["BuildWorker", "Progress", "RemoteProgress", "calibration_features"]
 
 Report = Callable[[int, int], None]  # (block index, frames processed since the last call)
 
@@ -165,6 +165,37 @@ class BuildWorker:
         if marker and index == 1 and not os.path.exists(marker):
             Path(marker).write_text(str(os.getpid()))
             os._exit(1)  # fault injection: the actor process dies mid-block
+
+
+def calibration_features(config: BuildConfig, teacher: Any, shard: FrameShard) -> dict[str, Any]:
+    """The teacher's features of the first `config.calibration_frames` decodable frames of
+    `shard`, per cache layer: {layer: float32 tensor (n, tokens, dim)}, {} when none decodes.
+    The sample an int8c cache's channel scales are calibrated on, before any block is written
+    (one vector per layer, fixed at creation: docs/FORMAT.md). Frames that do not decode are
+    passed over here; their block decides what to do with them."""
+    import torch
+
+    cameras = config.camera_names
+    images: list[Any] = []
+    frames = 0
+    for key, raw in shard.iter_frames():
+        if frames == config.calibration_frames:
+            break
+        try:
+            images += shard.images(raw, key, cameras)
+        except BadFrameError:
+            continue
+        frames += 1
+    parts: dict[str, list[Any]] = {}
+    step = config.batch_size * len(cameras)
+    for start in range(0, len(images), step):
+        batch = images[start : start + step]
+        with torch.inference_mode():
+            out = teacher.forward(teacher.preprocess(batch).to(teacher.device))
+        out = {k: v.float().cpu() for k, v in out.items()}
+        for layer, value in _per_camera(out, cameras, len(batch) // len(cameras)).items():
+            parts.setdefault(layer, []).append(value)
+    return {layer: torch.cat(values) for layer, values in parts.items()}
 
 
 def _per_camera(out: dict[str, Any], cameras: Sequence[str], frames: int) -> dict[str, Any]:

@@ -60,7 +60,10 @@ class BuildConfig:
     layers: the teacher's layer names to cache ("4", "16", "head"...).
     out: the cache folder (created; an existing cache of the same spec resumes). On a cluster,
         `frames` and `out` must be paths that every node sees (a shared filesystem).
-    codec: "int8" (per-token absmax, ~4x smaller than fp16) or "fp16" (lossless).
+    codec: "int8c" (int8 with per-token and per-layer per-channel scales, ~2x smaller than
+        fp16), "int8" (per-token absmax only, ~2x smaller) or "fp16" (lossless). See FORMAT.md.
+    calibration_frames: int8c: frames of the first shard whose teacher features calibrate each
+        layer's channel scale (run by the driver, before any block is written).
     batch_size: frames per teacher forward.
     shard_rows: rows per Zarr shard (the unit a reader decodes and a block is aligned to).
     cameras: camera names to cache, each image `key.<camera>.<ext>` (layers become
@@ -92,6 +95,7 @@ class BuildConfig:
     layers: Sequence[str]
     out: str | Path
     codec: str = "int8"
+    calibration_frames: int = 16
     batch_size: int = 32
     shard_rows: int = DEFAULT_SHARD_ROWS
     cameras: Sequence[str] | None = None
@@ -135,7 +139,7 @@ class BuildConfig:
             raise BuildError(f"Expected --codec in {CODECS}, got {self.codec!r}.")
         if self.on_bad_frame not in ("fail", "skip"):
             raise BuildError(f"Expected --on-bad-frame fail or skip, got {self.on_bad_frame!r}.")
-        for name in ("batch_size", "shard_rows", "decode_threads"):
+        for name in ("batch_size", "shard_rows", "decode_threads", "calibration_frames"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise BuildError(f"Expected {name} to be an integer >= 1, got {value!r}.")

@@ -35,8 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from featurecache.format import Block
-from featurecache.pipelines.build.build_worker import BuildWorker, Progress, RemoteProgress
+from featurecache.codecs import calibrate_channel_scale
+from featurecache.format import CHANNEL_SCALED_CODECS, GROUP_METADATA, Block
+from featurecache.pipelines.build.build_worker import (
+    BuildWorker,
+    Progress,
+    RemoteProgress,
+    calibration_features,
+)
 from featurecache.pipelines.build.frames import FrameShard, IterableShard, TarShard
 from featurecache.pipelines.build.plan import BuildConfig, BuildError, BuildPlan, prepare_build
 
@@ -120,9 +126,15 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     start = time.perf_counter()
     local = use_local(config)
     plan, teacher = prepare_build(config)
+    channel_scales = _calibrate(config, plan, teacher)
     # exclusive: while this build runs, a second one into the same cache gets CacheBusyError
     writer = create_cache(
-        config.out, plan.spec, list(plan.blocks), overwrite=config.overwrite, exclusive=True
+        config.out,
+        plan.spec,
+        list(plan.blocks),
+        overwrite=config.overwrite,
+        exclusive=True,
+        channel_scales=channel_scales,
     )
     try:
         manifest = writer.refresh()
@@ -153,6 +165,25 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         retries,
         local,
     )
+
+
+def _calibrate(config: BuildConfig, plan: BuildPlan, teacher: Any) -> dict[str, Any] | None:
+    """int8c: each layer's channel scale from the driver's teacher (on the CPU, where
+    prepare_build loaded it) over the first `calibration_frames` frames of the first shard, or
+    None: another codec, or an existing cache that is resumed (it keeps its stored scales)."""
+    if plan.spec.codec not in CHANNEL_SCALED_CODECS:
+        return None
+    if not config.overwrite and (Path(config.out) / GROUP_METADATA).exists():
+        return None
+    shard = plan.shards[0][0]
+    feats = calibration_features(config, teacher, shard)
+    missing = [layer for layer in plan.spec.layer_names if layer not in feats]
+    if missing:
+        raise BuildError(
+            f"Expected decodable frames in the first shard {shard} to calibrate the int8c "
+            f"channel scales of layers {missing}, got none (or use --codec int8)."
+        )
+    return {layer: calibrate_channel_scale(feats[layer]) for layer in plan.spec.layer_names}
 
 
 def _run_local(
