@@ -34,6 +34,7 @@ from featurecache.errors import (
     FormatVersionError,
     ManifestError,
     NotACacheError,
+    SpecError,
     UnknownBlockError,
 )
 from featurecache.format import (
@@ -411,7 +412,7 @@ def load_state(store: Store) -> CacheState:
     header = read_header(store)
     version = int(header["version"])
     if isinstance(header.get("blocks"), list):  # version 1 layout: the table in zarr.json
-        m = Manifest.from_json(header, where=store.location)
+        m = Manifest.from_json(header, where=store.url(GROUP_METADATA))
         return CacheState(spec=m.spec, header=header, table=BlockTable.from_blocks(m.blocks),
                           version=version)  # fmt: skip
     try:
@@ -419,6 +420,11 @@ def load_state(store: Store) -> CacheState:
     except (KeyError, TypeError) as exc:
         raise NotACacheError(
             f"Expected a complete header in {store.url(GROUP_METADATA)!r}, missing {exc}"
+        ) from exc
+    except SpecError as exc:  # an impossible layer, codec, shard_rows...: name the file
+        raise ManifestError(
+            f"{exc} in {store.url(GROUP_METADATA)!r} (edited or corrupt: restore it or rebuild "
+            f"the cache)"
         ) from exc
     if version < CODEC_SINCE_VERSION.get(spec.codec, 1):
         raise FormatVersionError(

@@ -39,6 +39,7 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from featurecache.errors import FeatureCacheError, InvalidKeyError
+from featurecache.store import local_path
 
 __all__ = [
     "DEFAULT_CAMERA",
@@ -310,6 +311,23 @@ def _open(tar: str | Path | IO[bytes], stream: bool) -> tarfile.TarFile:
         ) from err
 
 
+def _check_complete(tar: str | Path | IO[bytes], offset: int, source: str) -> None:
+    """tarfile ends quietly where a file is cut inside or right after a member header; a complete
+    tar has its end-of-archive marker (a zero block) after the last member. FramesNotFoundError
+    naming the shard when it is missing. Streams (pipes) cannot be checked."""
+    if not isinstance(tar, str | Path):
+        return
+    with tarfile.open(tar, "r:*") as whole:  # offsets count uncompressed bytes, as here
+        assert whole.fileobj is not None
+        whole.fileobj.seek(offset)
+        end = whole.fileobj.read(tarfile.BLOCKSIZE)
+    if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+        raise FramesNotFoundError(
+            f"Expected a complete tar shard ending with its end-of-archive marker, got {source} "
+            f"cut short after {offset} bytes of members (an interrupted copy? copy it again)"
+        )
+
+
 def iter_keys(tar_path: str | Path) -> Iterator[str]:
     """The sample keys of a tar shard in order, layout rules checked; reads headers only."""
     source = str(tar_path)
@@ -321,6 +339,7 @@ def iter_keys(tar_path: str | Path) -> Iterator[str]:
             raise FramesNotFoundError(
                 f"Expected a complete tar shard, got {source}: {err}"
             ) from err
+        _check_complete(tar_path, tar.offset, source)
 
 
 def count_samples(tar_path: str | Path) -> int:
@@ -355,6 +374,7 @@ def iter_samples(tar: str | Path | IO[bytes], source: str | None = None) -> Iter
             raise FramesNotFoundError(
                 f"Expected a complete tar shard, got {source}: {err}"
             ) from err
+        _check_complete(tar, handle.offset, source)
 
 
 def expand_frame_paths(patterns: Sequence[str | Path] | str | Path) -> list[Path]:
@@ -373,7 +393,7 @@ def expand_frame_paths(patterns: Sequence[str | Path] | str | Path) -> list[Path
     for pattern in patterns:
         matches: list[Path] = []
         for expanded in braceexpand(str(pattern)):
-            path = Path(expanded).expanduser()
+            path = local_path(expanded, f"FRAMES ({pattern!r})").expanduser()
             if path.is_dir():
                 matches += sorted(p for p in path.glob("*.tar") if p.is_file())
             elif glob.has_magic(expanded):

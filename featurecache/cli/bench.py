@@ -7,6 +7,7 @@ quick=False) -> list[Result]`; it is imported only when asked for (they import t
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 import click
@@ -42,6 +43,8 @@ def bench(what: str, json_path: str | None, quick: bool) -> None:
     every benchmark in turn, prints one summary table and writes one JSON file; a benchmark that
     is missing or fails is reported and the others still run.
     """
+    if json_path:  # a missing folder is made now: never fail after the work
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     if what != "all":
         module = load_benchmark(what)
         module.run(json_path=json_path, quick=quick)
