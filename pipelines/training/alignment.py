@@ -319,6 +319,14 @@ class AlignmentHead(nn.Module):
         trainable); the targets are constants.
         """
         projected = self.projector(gather_tokens(hidden, positions))  # (B, T, D)
+        channel_scale = None
+        if (
+            isinstance(targets, AlignmentTargets)
+            and targets.channel_scale is not None
+            and self.target.tokens == self.num_tokens  # (resampled targets come dequantized)
+        ):  # int8c: the kernel applies the (D,) scale in its pass, no dequantized copy
+            channel_scale = targets.channel_scale.to(projected.device, non_blocking=True)
+            targets = replace(targets, channel_scale=None)
         goal = self.goal(targets).to(projected.device, non_blocking=True).detach()
         if goal.shape != projected.shape:
             raise ShapeMismatchError(
@@ -329,7 +337,9 @@ class AlignmentHead(nn.Module):
             goal = goal.to(projected.dtype)
         # lambda goes into the kernel as its weight: dS comes out already scaled, so the backward
         # hands it on without another pass over (B, T, D)
-        return cosine_alignment_loss(projected, goal, mask=mask, weight=self.weight)
+        return cosine_alignment_loss(
+            projected, goal, channel_scale=channel_scale, mask=mask, weight=self.weight
+        )
 
     @torch.no_grad()
     def cosines(

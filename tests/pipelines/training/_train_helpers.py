@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.codecs import calibrate_channel_scale
 from featurecache.format import CacheSpec, LayerSpec, plan_blocks
 from featurecache.samples import decode_image, iter_samples
 from featurecache.writer import create_cache
@@ -75,7 +76,12 @@ def write_cache(
         fingerprint=fingerprint or {"model": "test"},
     )
     plan = plan_blocks([(src, len(s)) for src, s in per_shard], shard_rows)
-    writer = create_cache(path, spec, plan, overwrite=True)
+    channel_scales = None
+    if codec == "int8c":  # calibrated on the first batch, as a build does on the first frames
+        first = per_shard[0][1][:batch]
+        feats = features([s.key for s in first], [decode_image(*s.image()) for s in first])
+        channel_scales = {name: calibrate_channel_scale(v) for name, v in feats.items()}
+    writer = create_cache(path, spec, plan, overwrite=True, channel_scales=channel_scales)
     for block, (_src, samples) in zip(plan, per_shard, strict=True):
         bw = writer.open_block(block.index)
         for i in range(0, len(samples), batch):

@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader
 
 from featurecache.errors import ShapeMismatchError, UnknownKeyError
 from featurecache.format import LayerSpec
+from featurecache.kernels import cosine_alignment_loss
 from featurecache.pipelines.training import (
     AlignmentHead,
     AlignmentTargets,
     CachedTargets,
+    alignment,
     gather_tokens,
     load_run,
 )
@@ -109,7 +111,7 @@ def _reference_loss(projector, hidden, goal, weight) -> torch.Tensor:
     return weight * (1 - cos).mean()
 
 
-@pytest.mark.parametrize("codec", ["int8", "fp16"])
+@pytest.mark.parametrize("codec", ["int8", "int8c", "fp16"])
 def test_head_loss_and_gradient_match_fp64(codec, shards, tmp_path) -> None:
     cache = write_cache(
         tmp_path / "c", shards[:1], [LAYER], key_features("10", 16, 24), codec=codec
@@ -129,6 +131,34 @@ def test_head_loss_and_gradient_match_fp64(codec, shards, tmp_path) -> None:
     assert math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-4, abs_tol=1e-6)
     torch.testing.assert_close(hidden.grad.double(), ref_hidden.grad, rtol=1e-3, atol=1e-6)
     assert not any(p.requires_grad for p in head.parameters())  # frozen by default
+
+
+def test_head_passes_the_int8c_channel_scale_to_the_kernel(monkeypatch) -> None:
+    """int8c targets reach the kernel as stored int8 plus the (D,) channel scale (no
+    dequantized copy), and the loss equals the fp64 loss against the dequantized targets."""
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randint(-127, 128, (3, 16, 24), dtype=torch.int8, generator=gen)
+    scales = torch.rand(3, 16, generator=gen) + 0.1
+    cscale = torch.rand(24, generator=gen) * 20 + 1
+    targets = AlignmentTargets(values=values, scales=scales, channel_scale=cscale)
+    spec = TargetSpec(layer="10", tokens=16, dim=24, grid=(4, 4), fingerprint={})
+    head = AlignmentHead(32, spec, student_grid=(4, 4), hidden=48, seed=3).eval()
+    seen = {}
+
+    def spy(student, target, **kw):
+        seen.update(dtype=target.dtype, channel_scale=kw["channel_scale"])
+        return cosine_alignment_loss(student, target, **kw)
+
+    monkeypatch.setattr(alignment, "cosine_alignment_loss", spy)
+    hidden = torch.randn(3, 16, 32, requires_grad=True)
+    loss = head(hidden, targets)
+    loss.backward()
+    assert seen["dtype"] == torch.int8 and torch.equal(seen["channel_scale"], cscale)
+    ref_hidden = hidden.detach().double().requires_grad_(True)
+    ref = _reference_loss(head.projector, ref_hidden, targets.dequantize(), weight=0.2)
+    ref.backward()
+    assert math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-4, abs_tol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), ref_hidden.grad, rtol=1e-3, atol=1e-6)
 
 
 def test_positions_as_mask_indices_and_slice() -> None:
