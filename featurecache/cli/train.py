@@ -18,6 +18,10 @@ OPTION_TO_FIELD = {
     "cache": "cache",
     "student": "student",
     "student_option": "student_options",
+    "lora_rank": "lora_rank",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "lora_targets": "lora_targets",
     "teacher_layer": "teacher_layer",
     "align_layer": "align_layer",
     "lambda_align": "lambda_align",
@@ -73,6 +77,11 @@ Examples:
   # the same loop with the teacher resident in memory (what the cache replaces)
   featurecache train data/train --resident-teacher efficientnet-lite0@112 --teacher-layer 10 \\
       --out runs/resident
+  # a pretrained VLM with the paper's LoRA (rank 32 on every linear layer), or pi0
+  featurecache train data/train --cache cache.zarr --student hf-vlm:ckpt/llava \\
+      --lora-rank 32 --out runs/llava
+  featurecache train data/train --cache cache.zarr --student hf-pi0:ckpt/pi0 \\
+      --student-option state_key=state --lora-rank 32 --out runs/pi0
   # two processes (DDP; gloo on CPU, nccl on GPU), each reading its own shards
   torchrun --nproc-per-node 2 -m featurecache train data/train --cache cache.zarr --out runs/ddp
 
@@ -93,14 +102,36 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     "--student",
     default="tiny-vla",
     show_default=True,
-    help="`tiny-vla` (built in, random init) or `hf-llava:PATH` (a local Llava checkpoint).",
+    help="`tiny-vla` (built in, random init); `hf-vlm:PATH` (a local LLaVA, Qwen2/2.5-VL, "
+    "PaliGemma, Idefics3 or SmolVLM checkpoint + an action head; `hf-llava:PATH` is its alias); "
+    "`hf-pi0:PATH` (transformers' pi0: its own flow-matching loss, state from the sample json).",
 )
 @click.option(
     "--student-option",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Architecture option of the student, repeatable (tiny-vla: image_size, hidden_size, "
-    "num_layers, stem_width, ...; hf-llava: dtype).",
+    help="Option of the student, repeatable (tiny-vla: image_size, hidden_size, num_layers, "
+    "stem_width, ...; hf-vlm: dtype, image_size, allow_random_weights; hf-pi0: dtype, "
+    "chunk_size, state_key, num_inference_steps, allow_random_weights).",
+)
+@click.option(
+    "--lora-rank",
+    type=int,
+    help="LoRA adapters of this rank (peft) on an HF student; its pretrained weights stay frozen "
+    "and checkpoints hold only adapters + heads (the paper: 32). Default: full fine-tuning.",
+)
+@click.option(
+    "--lora-alpha",
+    type=float,
+    help="LoRA scale numerator (update = alpha / rank x B A x). Default: min(rank, 16), as "
+    "released.",
+)
+@click.option("--lora-dropout", type=float, help="Dropout on the adapters' input. Default: 0.")
+@click.option(
+    "--lora-targets",
+    metavar="all-linear|language-model|NAMES",
+    help="Linear layers that get adapters: all-linear (vision tower, connector, language model, "
+    "as released; the default), language-model, or names such as q_proj,v_proj.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The run folder.")
 @click.option(
@@ -186,6 +217,8 @@ def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: A
     from featurecache.pipelines.training.config import TrainConfig
     from featurecache.pipelines.training.loop import train as run_training
 
+    # LoRA options left out take TrainConfig's defaults (one place for them)
+    options = {k: v for k, v in options.items() if not (k.startswith("lora_") and v is None)}
     try:
         config = TrainConfig(
             frames=frames, student_options=_student_options(student_option), **options
@@ -197,7 +230,9 @@ def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: A
         parts = "  ".join(f"{k} {v:.4f}" for k, v in summary.losses.items())
         click.echo(
             f"{summary.steps} steps, {summary.samples} samples in {summary.seconds:.1f}s "
-            f"({summary.samples_per_s:.1f} samples/s); last: {parts}; run: {summary.run}"
+            f"({summary.samples_per_s:.1f} samples/s); last: {parts}; trained "
+            f"{summary.trainable_parameters:,} of {summary.total_parameters:,} parameters; "
+            f"run: {summary.run}"
         )
 
 

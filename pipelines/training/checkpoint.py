@@ -1,7 +1,9 @@
 """Run checkpoints: write them atomically, resume from them, rebuild a trained run for inference.
 
 RUN/checkpoint/ holds
-    model.safetensors   student.* and head.projector.* weights (safetensors: no pickle)
+    model.safetensors   student.* and head.projector.* weights (safetensors: no pickle); for a
+                        LoRA run only the trainable ones (adapters, action head, trainable
+                        projector): the frozen rest comes from the student's PATH and the seed
     optimizer.pt        the optimizer state (tensors and numbers only; loaded weights_only)
     state.json          step, samples, missing, data position per rank, seed, the target spec
     rng-<rank>.pt       each rank's RNG state (weights_only)
@@ -25,7 +27,11 @@ from featurecache.errors import SpecMismatchError
 from featurecache.pipelines.training.alignment import AlignmentHead, AlignmentTargets
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.distributed import barrier
-from featurecache.pipelines.training.students import Student, load_student
+from featurecache.pipelines.training.students import Student, StudentOutput, load_student
+from featurecache.pipelines.training.students.lora import (
+    checkpoint_tensors,
+    expected_checkpoint_names,
+)
 from featurecache.pipelines.training.targets import TargetSpec
 
 CHECKPOINT_DIR = "checkpoint"
@@ -39,20 +45,32 @@ class AlignedModel(nn.Module):
     """Student + alignment head as one module (what DDP wraps; its state dict is the
     checkpoint's: student.* and head.projector.*).
 
-    forward(images (B, 3, S, S), instructions, targets or None)
-    -> actions (B, A), lambda * (1 - cos) (a 0-d tensor) or None without targets."""
+    forward(images (B, 3, S, S), instructions, targets or None, actions=, meta=)
+    -> the student's output (actions (B, A), its own action_loss or None), lambda * (1 - cos)
+    (a 0-d tensor) or None without targets. actions/meta go to students that use them (pi0)."""
 
     def __init__(self, student: Student, head: AlignmentHead | None, align_layer: int) -> None:
         super().__init__()
         self.student, self.head, self.align_layer = student, head, align_layer
 
+    @property
+    def adapters_only(self) -> bool:
+        """Whether checkpoints hold the trainable tensors only (a LoRA student)."""
+        return self.student.lora is not None
+
     def forward(
-        self, images: torch.Tensor, instructions: list[str], targets: AlignmentTargets | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.student(images, instructions, self.align_layer)
+        self,
+        images: torch.Tensor,
+        instructions: list[str],
+        targets: AlignmentTargets | None,
+        *,
+        actions: torch.Tensor | None = None,
+        meta: list[dict] | None = None,
+    ) -> tuple[StudentOutput, torch.Tensor | None]:
+        out = self.student(images, instructions, self.align_layer, actions=actions, meta=meta)
         if targets is None or self.head is None:
-            return out.actions, None
-        return out.actions, self.head(out.visual, targets)
+            return out, None
+        return out, self.head(out.visual, targets)
 
 
 def build_aligned_model(
@@ -99,7 +117,7 @@ def save_checkpoint(
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / f"rng-{rank}.pt")
     if rank == 0:
-        weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        weights = checkpoint_tensors(model, adapters_only=model.adapters_only)
         save_file(weights, str(tmp / MODEL_FILE))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -124,17 +142,21 @@ def read_state(run: Path) -> dict[str, Any]:
     return json.loads((run / CHECKPOINT_DIR / STATE_FILE).read_text())
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a model.safetensors into `model`, refusing missing or unexpected names."""
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+def load_weights(model: AlignedModel, path: Path) -> None:
+    """Load a model.safetensors into `model`, refusing missing or unexpected names (a LoRA run's
+    checkpoint must hold exactly its trainable tensors)."""
+    tensors = load_file(str(path))
+    wanted = expected_checkpoint_names(model, adapters_only=model.adapters_only)
+    missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or unexpected:
-        raise ValueError(
+        raise SpecMismatchError(
             f"Expected checkpoint {path} to hold this model's weights, got missing "
             f"{missing[:5]} and unexpected {unexpected[:5]}."
         )
+    model.load_state_dict(tensors, strict=False)
 
 
-def restore(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+def restore(run: Path, model: AlignedModel, optimizer: torch.optim.Optimizer, rank: int) -> None:
     """Load RUN/checkpoint's weights, optimizer state and this rank's RNG state."""
     ckpt = run / CHECKPOINT_DIR
     load_weights(model, ckpt / MODEL_FILE)
@@ -202,6 +224,7 @@ def load_run(run: str | Path, device: str = "cpu") -> LoadedRun:
         config.student,
         seed=config.seed,
         trust_remote_code=config.trust_remote_code,
+        lora=config.lora_settings(),
         **config.student_options,
     )
     target = TargetSpec(**state["target"]) if state.get("target") else None

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from featurecache.pipelines.training.students.lora import DEFAULT_LORA_TARGETS, LoraSettings
+
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
@@ -19,9 +21,17 @@ class TrainConfig:
     """The feature cache of the teacher targets. Needed when lambda_align > 0 unless
     resident_teacher is given."""
     student: str = "tiny-vla"
-    """`tiny-vla` or `hf-llava:PATH`."""
+    """`tiny-vla`, `hf-vlm:PATH` (alias `hf-llava:PATH`) or `hf-pi0:PATH`."""
     student_options: dict[str, Any] = field(default_factory=dict)
     """Architecture options for load_student (tiny-vla: image_size, hidden_size, ...)."""
+    lora_rank: int = 0
+    """LoRA adapter rank for an HF student (peft); 0 = full fine-tuning. The paper: 32."""
+    lora_alpha: float | None = None
+    """LoRA scale numerator (update = alpha / rank * B A x); None: min(rank, 16), as released."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA adapters' input."""
+    lora_targets: str = DEFAULT_LORA_TARGETS
+    """Layers that get adapters: all-linear (as released), language-model, or names (q_proj,...)."""
     teacher_layer: str | None = None
     """The cache (or resident teacher) layer to align to; default: the cache's only layer."""
     align_layer: int | None = None
@@ -117,6 +127,20 @@ class TrainConfig:
             raise ValueError("A `resident_teacher` needs a `teacher_layer`. Found None.")
         if self.train_projector and self.lambda_align == 0:
             raise ValueError("`train_projector` needs lambda_align > 0. Found lambda_align 0.")
+        if self.lora_rank < 0:
+            raise ValueError(f"The `lora_rank` should be >= 0. Found {self.lora_rank}.")
+        self.lora_settings()  # validates the LoRA fields
+
+    def lora_settings(self) -> LoraSettings | None:
+        """The LoRA adapters asked for (lora_rank > 0), or None for full fine-tuning."""
+        if self.lora_rank == 0:
+            return None
+        return LoraSettings(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            targets=self.lora_targets,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

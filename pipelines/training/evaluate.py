@@ -66,7 +66,9 @@ def evaluate_run(
             missing += len(batch.missing)
             if not len(batch):
                 continue
-            out = student(batch.images.to(device), batch.instructions, loaded.align_layer)
+            out = student(
+                batch.images.to(device), batch.instructions, loaded.align_layer, meta=batch.meta
+            )
             err = out.actions.cpu().double() - batch.actions.double()  # (B, 7)
             abs_sum += err.abs().sum(0)
             sq_sum += err.square().sum(0)

@@ -54,7 +54,7 @@ from featurecache.pipelines.training.stream import (
     check_shards_per_rank,
     iter_batches,
 )
-from featurecache.pipelines.training.students import load_student
+from featurecache.pipelines.training.students import load_student, parameter_counts
 from featurecache.pipelines.training.students.tiny_vla import TinyVLA
 from featurecache.pipelines.training.targets import cache_target_spec, teacher_target_spec
 from featurecache.reader import open_cache
@@ -63,7 +63,8 @@ from featurecache.samples import expand_frame_paths
 
 @dataclass(slots=True)
 class TrainSummary:
-    """What a run did. losses: the last step's {loss, action_loss, align_loss}."""
+    """What a run did. losses: the last step's {loss, action_loss, align_loss}.
+    trainable/total_parameters: of the student + alignment head (LoRA: adapters + head)."""
 
     run: str
     steps: int
@@ -76,6 +77,8 @@ class TrainSummary:
     align_layer: int
     target_grid: tuple[int, int] | None
     student_grid: tuple[int, int]
+    trainable_parameters: int
+    total_parameters: int
 
 
 def _teacher(teacher: Any, batch: Batch) -> AlignmentTargets:
@@ -109,6 +112,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
         config.student,
         seed=config.seed,
         trust_remote_code=config.trust_remote_code,
+        lora=config.lora_settings(),
         **config.student_options,
     )
     align_layer = student.default_align_layer if config.align_layer is None else config.align_layer
@@ -140,6 +144,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
         student, target, align_layer=align_layer, config=config, hidden=hidden
     ).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    counts = parameter_counts(model)  # LoRA: adapters + action head (+ trainable projector)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
     # Resume: weights, optimizer, step, data position, RNG; otherwise a fresh run folder.
@@ -215,9 +220,14 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             goal = None
             if project:  # as stored (int8 + scales, fp16), or the resident teacher's forward
                 goal = batch.alignment_targets() if teacher is None else _teacher(teacher, batch)
-            # forward: actions (B, 7) and lambda * (1 - cos) from the AlignmentHead
-            pred, weighted = model(images, batch.instructions, goal)
-            action_loss = action_loss_fn(pred, actions)
+            # forward: actions (B, 7) (or the student's own action loss: pi0's flow matching)
+            # and lambda * (1 - cos) from the AlignmentHead
+            out, weighted = model(
+                images, batch.instructions, goal, actions=actions, meta=batch.meta
+            )
+            action_loss = out.action_loss
+            if action_loss is None:
+                action_loss = action_loss_fn(out.actions, actions)
             if weighted is not None:
                 loss = action_loss + weighted
                 align_loss = weighted.detach() / config.lambda_align  # 1 - cos, for the logs
@@ -280,6 +290,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
         align_layer=align_layer,
         target_grid=target.grid if target else None,
         student_grid=student.visual_grid,
+        trainable_parameters=counts.trainable,
+        total_parameters=counts.total,
     )
     if rank == 0:
         if config.plot:

@@ -34,11 +34,13 @@ from torch import nn
 from featurecache.errors import FeatureCacheError, OptionError
 
 __all__ = [
+    "DEFAULT_LORA_TARGETS",
     "LORA_TARGET_PRESETS",
     "LoraSettings",
     "ParameterCounts",
     "apply_lora",
     "checkpoint_tensors",
+    "expected_checkpoint_names",
     "lora_target_names",
     "parameter_counts",
 ]
