@@ -46,6 +46,9 @@ OPTION_TO_FIELD = {
     "device": "device",
     "progress": "progress",
     "plot": "plot",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "wandb_project": "wandb_project",
     "trust_remote_code": "trust_remote_code",
 }
 
@@ -205,6 +208,18 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 @click.option("--plot/--no-plot", default=True, help="Write RUN/losses.png at the end.")
+@click.option(
+    "--tensorboard/--no-tensorboard",
+    default=True,
+    help="Write TensorBoard event files to RUN/tensorboard/ (`tensorboard --logdir RUN`): "
+    "action/alignment loss, alignment cosine, lr, steps/s, data wait.",
+)
+@click.option(
+    "--wandb",
+    is_flag=True,
+    help="Also log the same scalars to Weights & Biases (needs `pip install wandb`).",
+)
+@click.option("--wandb-project", default="featurecache", show_default=True, help="The W&B project.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow remote code of hf checkpoints.")
 def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: Any) -> None:
     """Fine-tune a VLA student with visual representation alignment against a feature cache.

@@ -81,6 +81,13 @@ class TrainConfig:
     """Show a progress bar (rank 0)."""
     plot: bool = True
     """Write RUN/losses.png at the end."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN/tensorboard/ (beside metrics.jsonl)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the `wandb` package; refused before the work
+    without it)."""
+    wandb_project: str = "featurecache"
+    """The W&B project of --wandb runs."""
     trust_remote_code: bool = False
     """Allow remote code for hf students/teachers (never by default)."""
 

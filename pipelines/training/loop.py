@@ -45,6 +45,7 @@ from featurecache.pipelines.training.metrics import (
     METRICS_FILE,
     PLOT_FILE,
     MetricsLog,
+    check_wandb,
     plot_losses,
     progress_bar,
 )
@@ -98,6 +99,8 @@ def train(config: TrainConfig) -> TrainSummary:
 
 def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
     rank, world, device = dist.rank, dist.world, dist.device
+    if config.wandb and rank == 0:
+        check_wandb()  # before any work
     run = Path(config.out)
     shards = expand_frame_paths(config.frames)
     check_shards_per_rank(shards, world, config.num_workers)
@@ -161,7 +164,14 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         (run / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2))
-        metrics = MetricsLog(run, step)
+        metrics = MetricsLog(
+            run,
+            step,
+            tensorboard=config.tensorboard,
+            wandb=config.wandb,
+            wandb_project=config.wandb_project,
+            config=config.to_json(),
+        )
     if world > 1:
         model = nn.parallel.DistributedDataParallel(  # type: ignore[assignment]
             model, find_unused_parameters=not isinstance(student, TinyVLA)
@@ -210,6 +220,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             if not len(batch):
                 continue
             got_any = True
+            data_wait = time.perf_counter() - tick  # the loader's share of this step
             position["batches"] += 1
             images = batch.images.to(device, non_blocking=True)  # (B, 3, S, S)
             actions = batch.actions.to(device, non_blocking=True)  # (B, 7)
@@ -251,8 +262,11 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             elapsed = time.perf_counter() - started
             rate = (step - start_step) * config.batch_size * world / max(elapsed, 1e-9)
             if metrics is not None:
-                row = {"step": step, **last, "lr": lr, "epoch": position["epoch"]}
+                cosine = 1.0 - parts[2] if weighted is not None else None  # mean cos
+                row = {"step": step, **last, "align_cosine": cosine, "lr": lr}
+                row |= {"epoch": position["epoch"], "data_wait_s": data_wait}
                 row |= {"step_s": time.perf_counter() - tick}  # data wait + compute
+                row |= {"steps_per_s": (step - start_step) / max(elapsed, 1e-9)}
                 row |= {"samples": samples, "samples_per_s": rate, "missing": missing}
                 metrics.write(row)
             if bar is not None:

@@ -1,8 +1,12 @@
-"""What a run reports while it trains: RUN/metrics.jsonl (one JSON line per step), the progress
-bar, and RUN/losses.png at the end.
+"""What a run reports while it trains: RUN/metrics.jsonl (one JSON line per step), TensorBoard
+event files in RUN/tensorboard/ (on by default), a W&B run when asked for (`--wandb`, with the
+`wandb` package installed), the progress bar, and RUN/losses.png at the end.
 
-A metrics row: step, loss, action_loss, align_loss (1 - cos, unweighted), lr, epoch, step_s (data
-wait + compute), samples, samples_per_s, missing.
+A metrics row: step, loss, action_loss, align_loss (1 - cos, unweighted), align_cosine (mean cos
+over the aligned tokens; null without alignment), lr, epoch, step_s (data wait + compute),
+data_wait_s (waiting for the batch), steps_per_s and samples_per_s (since this process started
+the run), samples, missing. TensorBoard and W&B get the scalars of `LOGGED` under "train/<name>",
+at the row's step.
 """
 
 from __future__ import annotations
@@ -12,28 +16,104 @@ import math
 from pathlib import Path
 from typing import Any
 
+from featurecache.errors import OptionError
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "losses.png"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb-id.txt"  # the W&B run id, so a resumed run logs into the same W&B run
+LOGGED = (  # the row fields sent to TensorBoard and W&B
+    "loss",
+    "action_loss",
+    "align_loss",
+    "align_cosine",
+    "lr",
+    "steps_per_s",
+    "samples_per_s",
+    "data_wait_s",
+    "step_s",
+)
 
 
 class MetricsLog:
-    """Appends one JSON line per step to RUN/metrics.jsonl (rank 0 only), flushed every row.
+    """Appends one JSON line per step to RUN/metrics.jsonl (rank 0 only), flushed every row, and
+    the same scalars to TensorBoard (`tensorboard`) and W&B (`wandb`).
 
     Opening it drops the rows after `step` (left by a run that stopped after its last
-    checkpoint), so a resumed run's file reads as one uninterrupted run.
+    checkpoint), and TensorBoard's events from step + 1 on, so a resumed run reads as one
+    uninterrupted run. `config`: the run's config, recorded by W&B.
     """
 
-    def __init__(self, run: Path, step: int) -> None:
+    def __init__(
+        self,
+        run: Path,
+        step: int,
+        *,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str = "featurecache",
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.path = run / METRICS_FILE
         truncate_metrics(self.path, step)
         self._file = self.path.open("a")
+        self._tb: Any = None
+        self._wandb: Any = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events a stopped run logged after its last checkpoint are dropped
+            self._tb = SummaryWriter(str(run / TENSORBOARD_DIR), purge_step=step + 1)
+        if wandb:
+            self._wandb = start_wandb(run, wandb_project, config or {})
 
     def write(self, row: dict[str, Any]) -> None:
+        """One step's row (`step` and the fields of the module docstring)."""
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        scalars = {f"train/{k}": row[k] for k in LOGGED if row.get(k) is not None}
+        if self._tb is not None:
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, global_step=row["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=row["step"])
 
     def close(self) -> None:
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def check_wandb() -> None:
+    """Refuse --wandb before any work when the `wandb` package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise OptionError(
+            "Expected the `wandb` package for --wandb, got none installed: pip install wandb "
+            "(or pip install 'featurecache[wandb]'), or drop --wandb (TensorBoard and "
+            "metrics.jsonl are always written)."
+        )
+
+
+def start_wandb(run: Path, project: str, config: dict[str, Any]) -> Any:
+    """A W&B run for RUN (resumed under the same id when RUN was logged to W&B before)."""
+    check_wandb()
+    import wandb
+
+    id_file = run / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=project,
+        id=run_id,
+        name=run.name,
+        dir=str(run),
+        config=config,
+        resume="allow",
+    )
 
 
 def truncate_metrics(path: Path, step: int) -> None:
