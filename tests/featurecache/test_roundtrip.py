@@ -26,7 +26,7 @@ def _int8_oracle(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, s
 
 
-@pytest.mark.parametrize("codec", ["fp16", "int8"])
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int8c"])
 def test_round_trip(build_cache, codec: str) -> None:
     path, data = build_cache((20, 5, 13, 0), codec=codec)
     cache = fc.open_cache(path)
@@ -40,15 +40,18 @@ def test_round_trip(build_cache, codec: str) -> None:
         if codec == "fp16":
             assert got.dtype == torch.float16 and scales is None
             np.testing.assert_array_equal(got.numpy(), ref.astype(np.float16))
-        else:
-            q, s = _int8_oracle(ref)
+        else:  # int8: c = 1; int8c: int8 of the channel-equalised x / c (float32 division)
+            c = cache.channel_scale(layer)
+            c = np.ones(ref.shape[-1], np.float32) if c is None else c
+            assert (codec == "int8c") == (cache.channel_scale(layer) is not None)
+            q, s = _int8_oracle((ref / c).astype(np.float32))
             assert raw.dtype == torch.int8 and scales.dtype == torch.float32
             np.testing.assert_array_equal(raw.numpy(), q)
             np.testing.assert_array_equal(scales.numpy(), s)
             assert got.dtype == torch.float32
-            np.testing.assert_allclose(got.numpy(), q * s[..., None], rtol=0, atol=0)
-            # |x - q * s| <= s / 2 elementwise (+ float32 rounding)
-            assert (np.abs(got.numpy() - ref) <= s[..., None] * 0.5 + 1e-6).all()
+            np.testing.assert_allclose(got.numpy(), q * s[..., None] * c, rtol=0, atol=0)
+            # |x - q * s * c| <= s * c / 2 elementwise (+ float32 rounding)
+            assert (np.abs(got.numpy() - ref) <= s[..., None] * c * 0.5 + 1e-6).all()
 
 
 def test_key_index_and_blocks(build_cache) -> None:
@@ -76,7 +79,7 @@ def test_each_row_decoded_once(build_cache, direct: bool) -> None:
     assert cache.rows_decoded == 40
 
 
-@pytest.mark.parametrize("codec", ["fp16", "int8"])
+@pytest.mark.parametrize("codec", ["fp16", "int8", "int8c"])
 def test_direct_path_matches_zarr(build_cache, codec: str) -> None:
     path, data = build_cache((20, 5, 13), codec=codec)
     keys = list(np.random.default_rng(0).permutation(list(data)))
@@ -85,7 +88,7 @@ def test_direct_path_matches_zarr(build_cache, codec: str) -> None:
         a, sa = direct.read_raw(keys, layer)
         b, sb = via_zarr.read_raw(keys, layer)
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-        if codec == "int8":
+        if codec != "fp16":
             np.testing.assert_array_equal(sa.numpy(), sb.numpy())
 
 
