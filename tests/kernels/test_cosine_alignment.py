@@ -570,11 +570,15 @@ def test_cuda_torch_compile_fullgraph() -> None:
     torch._dynamo.reset()
     module = _Aligner().cuda()
     h = torch.randn(4, 256, 12, device="cuda")
-    target = torch.randn(4, 256, 8, device="cuda").bfloat16()
+    target = torch.randint(-127, 128, (4, 256, 8), device="cuda", dtype=torch.int8)
     mask = torch.rand(4, 256, device="cuda") > 0.1
-    loss = torch.compile(module, fullgraph=True)(h, target, mask)
+    cscale = torch.rand(8, device="cuda") * 4 + 1  # an int8c target
+    loss = torch.compile(module, fullgraph=True)(h, target, mask, cscale)
     loss.backward()
     got = module.proj.weight.grad.clone()
     module.zero_grad()
-    cosine_alignment_loss_reference(module.proj(h), target, mask=mask, weight=0.2).backward()
+    ref = cosine_alignment_loss_reference(
+        module.proj(h), target, channel_scale=cscale, mask=mask, weight=0.2
+    )
+    ref.backward()
     torch.testing.assert_close(got, module.proj.weight.grad, rtol=1e-4, atol=1e-6)
