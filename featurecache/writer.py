@@ -44,6 +44,7 @@ from featurecache.completion import (
     is_done,
     load_state,
     plan_bytes,
+    write_snapshot,
 )
 from featurecache.errors import (
     BlockAlreadyDoneError,
@@ -459,6 +460,20 @@ class CacheWriter:
         planned = int(self.manifest.table.planned[block.index])
         block = replace(block, status=STATUS_PENDING, count=planned, checksum=None, skipped=())
         return BlockWriter(self.location, self.spec, block)
+
+    def note_done(self, result: BlockResult) -> None:
+        """Note in this writer's table a block that another process (a worker) committed, without
+        any I/O: the build driver's view, from which it writes snapshots."""
+        self.manifest.table.mark(
+            DoneRecord(index=result.index, count=result.count, checksum=result.checksum,
+                       skipped=tuple(result.skipped)),
+            self.location,
+        )  # fmt: skip
+
+    def snapshot(self) -> bool:
+        """Write a snapshot of the done blocks this writer knows, as a new object (readers then
+        read it instead of one record per block); False if one of that coverage exists."""
+        return write_snapshot(self.store, self.manifest.table)
 
     def mark_done(self, result: BlockResult) -> Block:
         """Commit a finished block: create its completion record (a few hundred bytes, created

@@ -95,7 +95,9 @@ class BuildWorker:
                 self._forward(block, inputs.popleft().result(), index, write, outputs)
             while outputs:
                 outputs.popleft().result()
-            return block.finish()
+            result = block.finish()
+            self.writer.mark_done(result)  # this worker commits its block: one small record
+            return result
         finally:
             decode.shutdown(wait=False, cancel_futures=True)
             write.shutdown(wait=True, cancel_futures=True)

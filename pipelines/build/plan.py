@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from featurecache.completion import load_state
 from featurecache.errors import FeatureCacheError, NotACacheError
 from featurecache.format import (
     CODECS,
@@ -26,10 +27,10 @@ from featurecache.format import (
     LayerSpec,
     camera_layer,
     plan_blocks,
-    read_manifest,
 )
 from featurecache.pipelines.build.frames import FrameShard, shards_from_frames
 from featurecache.samples import DEFAULT_CAMERA, check_camera
+from featurecache.store import open_store
 
 __all__ = [
     "BuildConfig",
@@ -208,7 +209,7 @@ def check_output(out: Path) -> None:
                 f"Expected --out to be a cache, an empty folder or a new path, got a non-empty "
                 f"folder that is not a cache: {out}"
             )
-        read_manifest(out)  # NotACacheError / FormatVersionError for a foreign Zarr group
+        load_state(open_store(out))  # NotACacheError / FormatVersionError: a foreign group
 
 
 def load_build_teacher(config: BuildConfig, device: str) -> Any:

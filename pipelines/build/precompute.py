@@ -15,15 +15,17 @@ another fingerprint is refused). Workers (`BuildWorker`, build_worker.py) hold t
 (on a GPU where there is one) and take one pending block at a time: a worker reads the shard
 sequentially, decodes and preprocesses batches on a small thread pool that runs ahead of the
 model, runs the teacher under inference mode, and hands the features to a write thread that
-streams them through a BlockWriter (quantize, compress, write whole Zarr shards). It returns the
-BlockResult; the driver marks the block done. A local build runs one such worker in this process,
+streams them through a BlockWriter (quantize, compress, write whole Zarr shards), then commits
+the block itself (one small completion record: no lock, so dispatch never waits on bookkeeping)
+and returns the BlockResult; the driver only takes note, writes a snapshot of the records every
+SNAPSHOT_EVERY blocks and at the end. A local build runs one such worker in this process,
 with no Ray start-up, block after block: the same code writes the same arrays.
 
 Faults: a Ray worker that dies (RayActorError) is replaced and its block retried from scratch
-(the writer deletes what the dead attempt left) up to `max_retries` times. A driver killed
-mid-build (local or Ray) leaves done blocks done; rerunning the same command writes only the rest,
-and each block is written whole by one worker, so the result equals an uninterrupted build array
-for array.
+(shards are replaced whole; shards past the new rows are deleted) up to `max_retries` times. A
+driver killed mid-build (local or Ray) leaves done blocks done; rerunning the same command writes
+only the rest, and each block is written whole by one worker, so the result equals an
+uninterrupted build array for array.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ __all__ = [
     "use_local",
 ]
 
+SNAPSHOT_EVERY = 1000  # driver: blocks between snapshots of the completion records
 _POLL_S = 0.25  # driver: how often the progress bar is refreshed while blocks run
 
 
@@ -150,6 +153,9 @@ def build_cache(config: BuildConfig) -> BuildSummary:
             workers, retries, run_seconds, cpu_seconds = _run_ray(
                 config, plan, todo, fingerprint, writer
             )
+        if todo:  # every record, then one snapshot covering them: readers open in 3 reads
+            writer.refresh()
+            writer.snapshot()
     finally:
         writer.close()
     return _summarize(
@@ -204,8 +210,10 @@ def _run_local(
     )
     run_start, cpu_start = time.perf_counter(), time.process_time()
     try:
-        for block in todo:
-            writer.mark_done(worker.run_block(block.index, plan.shards[block.index][0]))
+        for n, block in enumerate(todo, 1):
+            writer.note_done(worker.run_block(block.index, plan.shards[block.index][0]))
+            if n % SNAPSHOT_EVERY == 0:
+                writer.snapshot()
     finally:
         if bar is not None:
             bar.close()
@@ -282,7 +290,7 @@ def _run_blocks(
     queue = collections.deque(todo)
     inflight: dict[Any, tuple[int, Block]] = {}
     attempts: collections.Counter[int] = collections.Counter()
-    retries = 0
+    retries = done_here = 0
     total = plan.frames
     finished = sum(b.count + len(b.skipped) for b in writer.refresh().blocks if b.done)
     bar = _progress_bar(config.progress, total, finished, n)
@@ -312,9 +320,12 @@ def _run_blocks(
                     queue.appendleft(block)
                 except RayTaskError as err:
                     raise _cause(err) from None
-                else:
-                    writer.mark_done(result)
+                else:  # the worker committed its record; the driver only takes note
+                    writer.note_done(result)
                     finished += result.count + len(result.skipped)
+                    done_here += 1
+                    if done_here % SNAPSHOT_EVERY == 0:
+                        writer.snapshot()  # a few ms, once per SNAPSHOT_EVERY blocks
                     ray.get(progress.reset.remote(block.index))
                 idle.append(slot)
             if bar is not None:

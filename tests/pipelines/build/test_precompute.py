@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import signal
 import subprocess
@@ -26,13 +25,13 @@ import torch
 import zarr
 
 from featurecache import open_cache
+from featurecache.completion import CacheState, load_state
 from featurecache.errors import (
     FeatureCacheError,
     NotACacheError,
     SpecMismatchError,
     UnknownLayerError,
 )
-from featurecache.format import read_manifest
 from featurecache.pipelines.build.precompute import (
     BuildConfig,
     BuildError,
@@ -41,8 +40,14 @@ from featurecache.pipelines.build.precompute import (
 )
 from featurecache.pipelines.build.teachers import UnknownTeacherError, load_teacher
 from featurecache.samples import BadFrameError, FramesNotFoundError, decode_image, iter_samples
+from featurecache.store import open_store
 
 VENV_BIN = Path(sys.executable).parent
+
+
+def read_manifest(path) -> CacheState:
+    """The cache's state: spec, version and every block (plan + completion records)."""
+    return load_state(open_store(path))
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +164,7 @@ def test_build_efficientnet_equals_direct_forward_and_resumes(
     assert again.blocks_resumed == 3 and again.new_frames == 0 and again.frames == 48
     after = _arrays(eff_cache)
     assert all(np.array_equal(before[k], after[k]) for k in before)
-    # the manifest is plain JSON in the group's zarr.json, readable without this package
-    meta = json.loads((eff_cache / "zarr.json").read_text())
-    blocks = meta["attributes"]["featurecache"]["blocks"]
-    assert [b["status"] for b in blocks] == ["done"] * 3
+    assert [b.done for b in read_manifest(eff_cache).blocks] == [True] * 3
 
 
 def test_local_and_iterable_builds_equal_the_ray_build(
