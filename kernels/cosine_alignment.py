@@ -18,7 +18,7 @@ Only the three row sums <s,t>, |s|^2, |t|^2 are needed, so the forward reads S a
 accumulates in fp32 and writes dS (student dtype) in the same pass; the backward only multiplies
 the saved dS by grad_output (a 0-d device tensor: no host sync), in place; the Triton scaling
 kernel skips even that on the device when grad_output == 1, so put lambda in `weight` (not
-outside the call) and the backward moves no data. `c_i` needs the count: with a mask it is a
+outside the call) and the backward moves no data. `k_i` needs the count: with a mask it is a
 device reduction done before the launch and read by the kernel through a pointer.
 A per-row scale on the target cancels in cos, so int8 targets are read as stored (no dequantized
 copy); a per-channel scale does not cancel, so with `channel_scale` each program loads the (D,)
@@ -28,7 +28,7 @@ two passes over D tiles: pass 1 accumulates the sums, pass 2 re-reads the row (m
 and writes dS.
 
 Determinism: each program writes its rows' losses m_i (1 - cos_i); the loss is a torch.sum of
-that vector (a fixed-order reduction on CPU and CUDA) times c. No atomics.
+that vector (a fixed-order reduction on CPU and CUDA) times k. No atomics.
 
 Layout: the last dim must have stride 1; other strides are kept when the leading dims flatten to
 one row stride, otherwise (and when the last dim is strided) the input is copied to contiguous.
@@ -36,7 +36,8 @@ dS is always contiguous.
 
 Gradients: only the student gets one. A target that requires grad is an error (ValueError): the
 fused op never computes dT; use `cosine_alignment_loss_reference` to differentiate the target.
-The mask is a constant (no gradient).
+The mask and the channel scale are constants (a channel scale that requires grad is an
+error too).
 
 Registration: `featurecache::cosine_alignment_fwd` is an opaque `torch.library.custom_op` with a
 fake (meta) implementation and `register_autograd`, so torch.compile traces a module that uses it
