@@ -1,4 +1,4 @@
-"""Benchmark: the build's pipeline overhead and its scaling with workers.
+"""Benchmark: the build's pipeline overhead, its scaling with workers, and local vs Ray.
 
 Claim (issue 4): the whole build runs at >= 90 % of the teacher's bare forward throughput with
 efficientnet-lite0 (decoding, preprocessing, quantizing, writing and Ray are hidden behind the
@@ -16,6 +16,12 @@ On one set of procedural frames (sample_data, PNG in tar shards), in one run:
   steady state that the >= 90 % claim is about) and `end-to-end` (the whole call: input scan,
   teacher load on driver and workers, plan, build, summary).
 
+Claim (issue 13): a local (in-process) build beats a Ray build end to end on one machine, where
+Ray's start-up is not paid back; figures for 64 and 2,048 frames decide `--local` as default:
+- local vs Ray, end-to-end: `build_cache` with `local=True` / `local=False` from a cold start
+  (no Ray running: the Ray build starts and stops its own instance, as `featurecache build`
+  does), same frames, teacher, batch; rounds interleaved; frames / seconds of the whole call.
+
     python -m featurecache.benchmarks.build [--json FILE] [--quick]
     featurecache bench build [--json FILE]
 """
@@ -30,7 +36,7 @@ from pathlib import Path
 
 from featurecache.benchmarks import harness
 
-TITLE = "Build: pipeline overhead vs bare teacher forward, 1 vs 2 workers"
+TITLE = "Build: pipeline overhead vs bare teacher forward, 1 vs 2 workers, local vs Ray"
 
 
 class BareForward:
@@ -42,14 +48,14 @@ class BareForward:
 
         import torch
 
-        from featurecache.pipelines.build.frames import decode_image, iter_samples
         from featurecache.pipelines.build.teachers import load_teacher
+        from featurecache.samples import decode_image, iter_samples
 
         if os.environ.get("OMP_NUM_THREADS"):  # as BuildWorker does
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         self.teacher = load_teacher(spec, [layer])
         images = [
-            decode_image(s.image_bytes, s.image_ext)
+            decode_image(*s.image())
             for p in sorted(Path(frames_dir).glob("*.tar"))
             for s in iter_samples(p)
         ]
@@ -114,6 +120,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                 out=out,
                 batch_size=batch,
                 workers=workers,
+                local=False,  # a Ray build on the running instance
                 progress=False,
             )
             summary = build_cache(config)
@@ -187,6 +194,8 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(ray_temp, ignore_errors=True)
 
+    e2e_rows, e2e_note = _local_vs_ray(quick, device)
+    rows += e2e_rows
     table = harness.report(rows, TITLE, json_path)
     if not quick:
         ratio = running_median[1] / bare_median
@@ -207,10 +216,81 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
             f"{cpu_median[1]:.1f} vs bare {bare_cpu_median:.1f} CPU ms/frame with 1 worker. "
             f"With 2 workers on {cpus} "
             f"cores each worker gets {max(1, cpus // 2)} thread(s): the same cores, so no "
-            f"speed-up is expected on CPU; on a GPU cluster each worker holds its own GPU."
+            f"speed-up is expected on CPU; on a GPU cluster each worker holds its own GPU. "
+            f"{e2e_note}"
         )
         harness.record("build", table, note)
     return rows
+
+
+def _local_vs_ray(quick: bool, device: str) -> tuple[list[harness.Result], str]:
+    """End-to-end frames/s of local and Ray builds from a cold start, per frame count."""
+    import ray
+
+    from featurecache.pipelines.build.precompute import BuildConfig, build_cache
+    from featurecache.pipelines.demo.sample_data import write_sample_data
+
+    assert not ray.is_initialized()  # cold start: the Ray build pays for its own instance
+    if quick:
+        sizes, shard, image, spec, batch = {16: 2, 32: 1}, 16, 64, "efficientnet-lite0@64", 8
+    else:
+        sizes, shard, image, spec, batch = {64: 3, 2048: 2}, 256, 224, "efficientnet-lite0", 32
+    layer = "10"
+    root = Path(tempfile.mkdtemp(prefix="fcbench-e2e-"))
+    ray_temp = tempfile.mkdtemp(prefix="fcbr", dir="/tmp")
+    rows: list[harness.Result] = []
+    notes = []
+    try:
+        for frames, repeats in sizes.items():
+            data = root / f"frames-{frames}"
+            write_sample_data(data, frames=frames, shard_size=min(shard, frames), image_size=image)
+            fps: dict[bool, list[float]] = {True: [], False: []}
+            for r in range(repeats):
+                for local in (True, False):  # interleaved
+                    out = root / f"cache-{frames}-{local}-{r}"
+                    config = BuildConfig(
+                        frames=[str(data)],
+                        teacher=spec,
+                        layers=[layer],
+                        out=out,
+                        batch_size=batch,
+                        local=local,
+                        ray_temp_dir=ray_temp,
+                        progress=False,
+                    )
+                    start = time.perf_counter()
+                    build_cache(config)
+                    fps[local].append(frames / (time.perf_counter() - start))
+                    shutil.rmtree(out, ignore_errors=True)
+            what = f"{frames} frames {image}px end-to-end, {spec} layer {layer}, batch {batch}"
+            local_median = harness.summarize(fps[True])[0]
+            ray_median = harness.summarize(fps[False])[0]
+            rows.append(
+                harness.result(
+                    what,
+                    "build --local",
+                    fps[True],
+                    "frames/s",
+                    device,
+                    **{"local vs ray": round(local_median / ray_median, 3)},
+                )
+            )
+            rows.append(
+                harness.result(what, "build --ray (cold start)", fps[False], "frames/s", device)
+            )
+            notes.append(
+                f"{frames} frames: local {local_median:.1f} vs Ray {ray_median:.1f} frames/s"
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    note = (
+        "Local vs Ray end to end from a cold start (the Ray build starts and stops its own "
+        "instance, as `featurecache build` does; one CPU worker either way): "
+        + "; ".join(notes)
+        + "."
+    )
+    return rows, note
 
 
 if __name__ == "__main__":

@@ -17,5 +17,6 @@ def test_build_benchmark_quick(tmp_path: Path) -> None:
     providers = [r.provider for r in rows]
     assert providers[0] == "bare teacher forward"
     assert "build 1 worker(s), running" in providers and "build 2 worker(s), running" in providers
+    assert "build --local" in providers and "build --ray (cold start)" in providers
     assert all(r.median > 0 and r.unit == "frames/s" for r in rows)
     assert len(json.loads(results.read_text())) == len(rows)
