@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,6 +40,7 @@ MODEL_FILE = "model.safetensors"  # student.* and head.projector.* weights
 OPTIMIZER_FILE = "optimizer.pt"  # torch.save of the optimizer state (tensors and numbers only)
 STATE_FILE = "state.json"  # step, data position per rank, seed, counters
 CONFIG_FILE = "config.json"  # the run's TrainConfig
+LORA_METADATA = "lora"  # model.safetensors metadata: the LoRA settings of the saved adapters
 
 
 class AlignedModel(nn.Module):
@@ -118,7 +120,7 @@ def save_checkpoint(
     torch.save(rng, tmp / f"rng-{rank}.pt")
     if rank == 0:
         weights = checkpoint_tensors(model, adapters_only=model.adapters_only)
-        save_file(weights, str(tmp / MODEL_FILE))
+        save_file(weights, str(tmp / MODEL_FILE), metadata={LORA_METADATA: _lora_json(model)})
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     barrier(world)
@@ -143,8 +145,15 @@ def read_state(run: Path) -> dict[str, Any]:
 
 
 def load_weights(model: AlignedModel, path: Path) -> None:
-    """Load a model.safetensors into `model`, refusing missing or unexpected names (a LoRA run's
-    checkpoint must hold exactly its trainable tensors)."""
+    """Load a model.safetensors into `model`, refusing missing, unexpected or mis-shaped names
+    and other LoRA settings (a LoRA run's checkpoint holds exactly its trainable tensors)."""
+    with safe_open(str(path), "pt") as f:
+        saved_lora = (f.metadata() or {}).get(LORA_METADATA, "null")
+    if json.loads(saved_lora) != json.loads(_lora_json(model)):
+        raise SpecMismatchError(
+            f"Expected checkpoint {path} to hold LoRA adapters {_lora_json(model)} (this run's "
+            f"--lora-* options), got {saved_lora}."
+        )
     tensors = load_file(str(path))
     wanted = expected_checkpoint_names(model, adapters_only=model.adapters_only)
     missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
@@ -153,7 +162,24 @@ def load_weights(model: AlignedModel, path: Path) -> None:
             f"Expected checkpoint {path} to hold this model's weights, got missing "
             f"{missing[:5]} and unexpected {unexpected[:5]}."
         )
+    own = model.state_dict()
+    shapes = [
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in tensors.items()
+        if v.shape != own[k].shape
+    ]
+    if shapes:
+        raise SpecMismatchError(
+            f"Expected checkpoint {path} to hold tensors of this model's shapes, got "
+            f"{shapes[:3]} (checkpoint vs model)."
+        )
     model.load_state_dict(tensors, strict=False)
+
+
+def _lora_json(model: AlignedModel) -> str:
+    """The student's LoRA settings as JSON ("null" for full fine-tuning)."""
+    lora = model.student.lora
+    return json.dumps(None if lora is None else lora.to_json(), sort_keys=True)
 
 
 def restore(run: Path, model: AlignedModel, optimizer: torch.optim.Optimizer, rank: int) -> None:

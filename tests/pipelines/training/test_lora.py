@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from featurecache.errors import OptionError
+from featurecache.errors import FeatureCacheError, OptionError, SpecMismatchError
+from featurecache.format import LayerSpec
+from featurecache.pipelines.training import loop
+from featurecache.pipelines.training.checkpoint import load_run
+from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.loop import train
+from featurecache.pipelines.training.metrics import read_metrics
 from featurecache.pipelines.training.students import (
     LoraSettings,
     load_student,
@@ -17,8 +26,9 @@ from featurecache.pipelines.training.students.lora import (
     expected_checkpoint_names,
     lora_target_names,
 )
+from featurecache.samples import expand_frame_paths
 
-from ._train_helpers import one_thread
+from ._train_helpers import key_features, one_thread, write_cache
 from .tiny_pi0 import save_tiny_pi0
 
 TEXTS = ["put the red cube on the plate", "What is on the table?"]
@@ -138,3 +148,113 @@ def test_pi0_lora_keeps_its_action_projections_trainable(pi0_path) -> None:
 def test_tiny_vla_refuses_lora() -> None:
     with pytest.raises(OptionError, match="pretrained HF student"):
         load_student("tiny-vla", lora=LoraSettings(rank=2), image_size=32)
+
+
+# --- LoRA runs: train a few steps, checkpoint the adapters, reload them onto the base ----------
+
+GRID_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "paligemma", "idefics3", "smolvlm")
+
+
+@pytest.fixture(scope="module")
+def shards(sample_data_dir):
+    return expand_frame_paths([str(sample_data_dir)])[:1]
+
+
+@pytest.fixture(scope="module")
+def cache(shards, tmp_path_factory):
+    """A 4x4 grid of 16-d per-key patterns (2x2 students resample it)."""
+    return write_cache(
+        tmp_path_factory.mktemp("cache") / "c", shards, [LayerSpec("x", 16, 16, (4, 4))],
+        key_features("x", 16, 16), codec="int8",
+    )  # fmt: skip
+
+
+def _spy_last_save(monkeypatch, images, meta) -> dict:
+    """Record the in-memory model's eval outputs each time the loop saves a checkpoint."""
+    seen: dict = {}
+    original = loop.save_checkpoint
+
+    def spy(run, model, *args, **kwargs):
+        original(run, model, *args, **kwargs)
+        model.eval()
+        with torch.no_grad():
+            seen["out"] = model.student(images, TEXTS, model.align_layer, meta=meta)
+        model.train()
+
+    monkeypatch.setattr(loop, "save_checkpoint", spy)
+    return seen
+
+
+def _run(student: str, shards, out, cache, **kw) -> TrainConfig:
+    base = {
+        "frames": tuple(str(s) for s in shards), "out": str(out), "cache": str(cache),
+        "student": student, "lora_rank": 4, "steps": 2, "batch_size": 4, "lr": 5e-3,
+        "warmup_steps": 1, "shuffle_buffer": 8, "progress": False, "plot": False,
+        "lambda_align": 0.5, "projector_hidden": 16, "resample": True,
+    }  # fmt: skip
+    return TrainConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("family", GRID_FAMILIES)
+def test_lora_run_trains_and_its_adapters_reload(
+    family, tiny_vlm_paths, shards, cache, tmp_path, monkeypatch
+) -> None:
+    student = f"hf-vlm:{tiny_vlm_paths[family]}"
+    images = torch.rand(2, 3, 64, 64)
+    seen = _spy_last_save(monkeypatch, images, None)
+    summary = train(_run(student, shards, tmp_path / "run", cache))
+    assert summary.steps == 2 and summary.trainable_parameters < summary.total_parameters
+    # the checkpoint holds the adapters and the action head only (frozen projector: its seed)
+    saved = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert saved and all("lora_" in k or k.startswith("student.head.") for k in saved)
+    assert sum(v.numel() for v in saved.values()) == summary.trainable_parameters
+    loaded = load_run(tmp_path / "run")
+    with torch.no_grad():
+        out = loaded.student(images, TEXTS, loaded.align_layer)
+        base = load_student(student).eval()(images, TEXTS, loaded.align_layer)
+    assert torch.equal(out.visual, seen["out"].visual)  # reloaded == the trained model
+    assert torch.equal(out.actions, seen["out"].actions)
+    assert not torch.allclose(out.visual, base.visual)  # ... which the adapters changed
+
+
+def test_lora_resume_matches_an_uninterrupted_run(tiny_vlm_paths, shards, cache, tmp_path):
+    """Adapters, head, trainable projector, optimizer and RNG come back from an adapter-only
+    checkpoint: the resumed run's losses are the uninterrupted run's, step for step."""
+    student = f"hf-vlm:{tiny_vlm_paths['paligemma']}"
+    kw = {"steps": 4, "train_projector": True}
+    train(_run(student, shards, tmp_path / "full", cache, **kw))
+    train(_run(student, shards, tmp_path / "cut", cache, **(kw | {"steps": 2})))
+    train(_run(student, shards, tmp_path / "cut", cache, **(kw | {"resume": True})))
+    for part in ("loss", "action_loss", "align_loss"):
+        full = [r[part] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+        cut = [r[part] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")]
+        assert cut == full, part
+    saved = load_file(str(tmp_path / "full" / "checkpoint" / "model.safetensors"))
+    assert any(k.startswith("head.projector.") for k in saved)  # trainable: saved
+    # resuming with other adapters is refused; so is loading adapters onto other settings
+    with pytest.raises(FeatureCacheError, match="--lora-rank 4"):
+        other = kw | {"resume": True, "lora_rank": 2}
+        train(_run(student, shards, tmp_path / "cut", cache, **other))
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    (tmp_path / "full" / "config.json").write_text(json.dumps(config | {"lora_alpha": 1.0}))
+    wanted = r'LoRA adapters \{"alpha": 1\.0.*got \{"alpha": null'
+    with pytest.raises(SpecMismatchError, match=wanted):
+        load_run(tmp_path / "full")
+
+
+def test_pi0_lora_run(tmp_path, shards, cache, monkeypatch) -> None:
+    path = save_tiny_pi0(tmp_path / "pi0")
+    images = torch.rand(2, 3, 32, 32)
+    meta = [{"positions": {"gripper": [0.1, 0.2, 0.3, 0.4]}}] * 2
+    seen = _spy_last_save(monkeypatch, images, meta)
+    options = {"state_key": "positions.gripper", "num_inference_steps": 2}
+    summary = train(
+        _run(f"hf-pi0:{path}", shards, tmp_path / "run", cache, student_options=options)
+    )
+    assert summary.trainable_parameters < summary.total_parameters
+    loaded = load_run(tmp_path / "run")
+    with torch.no_grad():
+        out = loaded.student(images, TEXTS, loaded.align_layer, meta=meta)
+    assert torch.equal(out.actions, seen["out"].actions) and torch.equal(
+        out.visual, seen["out"].visual
+    )
