@@ -306,8 +306,13 @@ def _open(tar: str | Path | IO[bytes], stream: bool) -> tarfile.TarFile:
             return tarfile.open(tar, mode)
         return tarfile.open(fileobj=tar, mode=mode)
     except (tarfile.TarError, OSError) as err:
+        name = str(tar) if isinstance(tar, str | Path) else repr(tar)
+        if isinstance(tar, str | Path) and Path(tar).is_file() and Path(tar).stat().st_size == 0:
+            raise FramesNotFoundError(
+                f"Expected a tar shard, got an empty file {name!r} (0 bytes: an interrupted copy?)"
+            ) from err
         raise FramesNotFoundError(
-            f"Expected a readable tar shard, got {tar!r}: {err} (is the file complete?)"
+            f"Expected a readable tar shard, got {name!r}: {err} (is the file complete?)"
         ) from err
 
 

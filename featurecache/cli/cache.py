@@ -17,7 +17,7 @@ def _ratio(x: float | None) -> str:
 
 
 @click.command("inspect")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect_cmd(cache: str, as_json: bool) -> None:
     """Show a cache's spec, rows, layers, codec, blocks done, size on disk and compression."""
@@ -47,7 +47,7 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache")
 @click.option(
     "--frames",
     multiple=True,

@@ -30,7 +30,7 @@ from featurecache.format import (
 )
 from featurecache.pipelines.build.frames import FrameShard, shards_from_frames
 from featurecache.samples import DEFAULT_CAMERA, check_camera
-from featurecache.store import open_store
+from featurecache.store import is_url, open_store
 
 __all__ = [
     "BuildConfig",
@@ -153,7 +153,10 @@ class BuildConfig:
             if len(grid) != 2 or min(grid) < 1:
                 raise BuildError(f"Expected --grid HxW with H, W >= 1, got {self.grid!r}.")
             self.grid = grid
-        self.out = Path(self.out)
+        if is_url(self.out):  # kept as written: Path() would turn s3://b/c into s3:/b/c
+            open_store(self.out)  # UnsupportedURLError now, before any work, for x://, http://
+        else:
+            self.out = Path(self.out)
 
     @property
     def camera_names(self) -> tuple[str, ...]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from featurecache.store import local_path
+
 
 @dataclass(kw_only=True, slots=True)
 class DemoConfig:
@@ -51,6 +53,7 @@ class DemoConfig:
                 raise ValueError(f"The `{name}` should be >= 1. Found {getattr(self, name)}.")
         if not self.seeds:
             raise ValueError("The `seeds` should name at least one seed. Found none.")
+        local_path(self.out, "the demo folder OUT")  # UnsupportedURLError: never a folder s3:
 
     @classmethod
     def full(cls, out: str = "demo-out") -> DemoConfig:
