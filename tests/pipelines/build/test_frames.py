@@ -106,3 +106,37 @@ def test_shards_from_frames(tmp_path: Path) -> None:
         shards_from_frames([IterableShard([], name="same"), IterableShard([], name="same")])
     with pytest.raises(FramesNotFoundError, match="nope"):
         shards_from_frames([str(tmp_path / "nope")])
+
+
+def test_build_refuses_dotted_keys_and_decodes_16_bit(tmp_path: Path) -> None:
+    """Issue 9 items 4-5 through the CLI: a 16-bit PNG builds like its 8-bit scaling (not white);
+    a tar whose keys collapse is refused in one line naming the members, nothing written."""
+    from click.testing import CliRunner
+
+    from featurecache import open_cache
+    from featurecache.cli import main
+
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (32, 32), dtype=np.uint16)
+    grey8 = np.round(grey16 / 257.0).astype(np.uint8)
+    members = []
+    for key, image in (("deep", Image.fromarray(grey16)), ("flat", Image.fromarray(grey8))):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        members.append((f"{key}.png", buf.getvalue()))
+    _tar(tmp_path / "grey.tar", members)
+    args = ["--teacher", "efficientnet-lite0@64", "--layers", "4", "--codec", "fp16", "--quiet"]
+    result = CliRunner().invoke(
+        main, ["build", str(tmp_path / "grey.tar"), "--out", str(tmp_path / "c"), *args]
+    )
+    assert result.exit_code == 0, result.output
+    cache = open_cache(tmp_path / "c")
+    deep, flat = cache.read(["deep", "flat"], "4")
+    assert bool((deep == flat).all())  # the 16-bit frame is its 8-bit scaling, not white
+    _tar(tmp_path / "dots.tar", [(f"a.{i}.png", _png(i)) for i in range(8)])
+    result = CliRunner().invoke(
+        main, ["build", str(tmp_path / "dots.tar"), "--out", str(tmp_path / "d"), *args]
+    )
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "collapse onto key 'a'" in result.output and "8 frames" in result.output
+    assert not (tmp_path / "d").exists()
