@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +262,33 @@ def test_pi0_lora_run(tmp_path, shards, cache, monkeypatch) -> None:
     assert torch.equal(out.actions, seen["out"].actions) and torch.equal(
         out.visual, seen["out"].visual
     )
+
+
+@pytest.mark.slow
+def test_lora_under_torchrun_two_processes(tiny_vlm_paths, sample_data_dir, tmp_path) -> None:
+    """DDP (gloo) over a LoRA student: only adapters and head are trainable, so only they are
+    all-reduced; rank 0 writes an adapter-only checkpoint that loads in a single process."""
+    shards = expand_frame_paths([str(sample_data_dir)])
+    cache = write_cache(
+        tmp_path / "cache", shards, [LayerSpec("x", 16, 16, (4, 4))], key_features("x", 16, 16),
+        codec="int8",
+    )  # fmt: skip
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "2", "-m", "featurecache", "train"]
+    cmd += [str(sample_data_dir), "--cache", str(cache), "--out", str(run), "--steps", "3"]
+    cmd += ["--student", f"hf-vlm:{tiny_vlm_paths['llava']}", "--lora-rank", "4"]
+    cmd += ["--batch-size", "4", "--projector-hidden", "16", "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    assert "trained" in out.stdout and "parameters" in out.stdout
+    saved = load_file(str(run / "checkpoint" / "model.safetensors"))
+    assert saved and all("lora_" in k or k.startswith("student.head.") for k in saved)
+    loaded = load_run(run)  # a DDP LoRA checkpoint loads in a single process
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out_loaded = loaded.student(images, TEXTS, loaded.align_layer)
+        base = load_student(f"hf-vlm:{tiny_vlm_paths['llava']}").eval()
+        assert not torch.allclose(out_loaded.visual, base(images, TEXTS, loaded.align_layer).visual)
