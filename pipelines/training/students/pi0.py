@@ -289,3 +289,65 @@ def _lookup(meta: dict, key: str) -> Any:
             return None
         value = value[part]
     return value
+
+
+TINY_PI0_WORDS = ("put", "pick", "the", "red", "green", "blue", "cube", "sphere", "on", "plate")
+
+
+def save_tiny_pi0(
+    out: str | Path,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    chunk_size: int = 4,
+    max_dim: int = 8,
+    seed: int = 0,
+) -> Path:
+    """A miniature random pi0 saved to `out` like a hub checkpoint, WITH its weights and a
+    word-level tokenizer (nothing downloaded): for tests and benchmarks of `hf-pi0:`.
+
+    PaliGemma: SigLIP 32 wide, 2 layers, (image_size / patch_size)^2 image tokens; Gemma 64
+    wide, 2 layers. Action expert: Gemma 32 wide, 2 layers. chunk_size steps of max_dim-d
+    actions and max_dim-d states. Weights from torch's generator seeded with `seed`.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PI0Config, PI0ForConditionalGeneration, PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for word in ["<pad>", "<bos>", "<eos>", "<unk>", "<image>", *TINY_PI0_WORDS]:
+        vocab.setdefault(word, len(vocab))
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>", additional_special_tokens=["<image>"],
+    )  # fmt: skip
+    gemma = {"model_type": "gemma", "num_hidden_layers": 2, "num_key_value_heads": 1}
+    config = PI0Config(
+        vlm_config={
+            "model_type": "paligemma",
+            "text_config": gemma | {
+                "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+                "head_dim": 32, "vocab_size": len(vocab),
+            },
+            "vision_config": {
+                "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                "patch_size": patch_size, "image_size": image_size, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "vision_use_head": False,
+            },
+            "projection_dim": 64,
+            "image_token_id": vocab["<image>"],
+        },
+        dit_config=gemma | {
+            "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "head_dim": 32,
+        },
+        chunk_size=chunk_size,
+        max_state_dim=max_dim,
+        max_action_dim=max_dim,
+    )  # fmt: skip
+    out = Path(out)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        PI0ForConditionalGeneration(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -30,10 +30,10 @@ from featurecache.pipelines.training.students.lora import (
     expected_checkpoint_names,
     lora_target_names,
 )
+from featurecache.pipelines.training.students.pi0 import save_tiny_pi0
 from featurecache.samples import expand_frame_paths
 
 from ._train_helpers import key_features, one_thread, write_cache
-from .tiny_pi0 import save_tiny_pi0
 
 TEXTS = ["put the red cube on the plate", "What is on the table?"]
 

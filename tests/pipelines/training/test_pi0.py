@@ -13,10 +13,10 @@ from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.metrics import read_metrics
 from featurecache.pipelines.training.students import load_student
+from featurecache.pipelines.training.students.pi0 import save_tiny_pi0
 from featurecache.samples import expand_frame_paths
 
 from ._train_helpers import TEACHER, TEACHER_LAYER, one_thread, teacher_features, write_cache
-from .tiny_pi0 import TINY_PI0, save_tiny_pi0
 
 TEXTS = ["put the red cube on the plate", "pick up the green sphere"]
 
@@ -62,7 +62,7 @@ def test_loss_is_the_models_own_flow_matching_loss(pi0_path) -> None:
     torch.manual_seed(7)
     noise = torch.randn(2, h, a)
     time = s.sample_time(2, torch.device("cpu"))
-    state = torch.zeros(2, TINY_PI0["max_state_dim"])
+    state = torch.zeros(2, 8)
     state[:, :3] = torch.tensor(states)
     with torch.no_grad():
         ref = _reference(s, images, state, noise, time, actions)
