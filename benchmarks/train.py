@@ -217,7 +217,7 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
         common = {
             "frames": [str(s) for s in shards], "student_options": student_options,
             "batch_size": sizes["batch"], "progress": False,
-            "plot": False, "device": device,
+            "plot": False, "tensorboard": False, "device": device,
         }  # fmt: skip
         what = f"train step tiny-vla b{sizes['batch']} {sizes['image']}px"
         runs = {}  # (spec, mode) -> TrainConfig kwargs

@@ -7,6 +7,7 @@ Each option maps onto one field of `featurecache.pipelines.training.config.Train
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -234,12 +235,8 @@ def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: A
 
     # LoRA options left out take TrainConfig's defaults (one place for them)
     options = {k: v for k, v in options.items() if not (k.startswith("lora_") and v is None)}
-    try:
-        config = TrainConfig(
-            frames=frames, student_options=_student_options(student_option), **options
-        )
-    except ValueError as err:
-        raise click.UsageError(str(err)) from err
+    # a bad value raises OptionError naming the option: the CLI's handler prints it (status 2)
+    config = TrainConfig(frames=frames, student_options=_student_options(student_option), **options)
     summary = run_training(config)  # under torchrun, the process group lives inside this call
     if summary and not _is_worker():
         parts = "  ".join(f"{k} {v:.4f}" for k, v in summary.losses.items())
@@ -265,9 +262,20 @@ def _is_worker() -> bool:
     type=click.Path(exists=True, file_okay=False),
     help="A cache of the run's teacher layer for FRAMES: also report the alignment cosine.",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the results to this JSON file (its folder is created first).",
+)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    help="Allow the run's student to run code from its model folder (auto_map). Never taken "
+    "from RUN/config.json: a downloaded run runs no code unless you pass this here.",
+)
 def evaluate(
     run: str,
     frames: tuple[str, ...],
@@ -275,16 +283,28 @@ def evaluate(
     json_path: str | None,
     batch_size: int,
     device: str,
+    trust_remote_code: bool,
 ) -> None:
     """Report a trained run's action error (L1, MSE, per dimension) on frame shards (any split).
 
+    FRAMES must hold actions (`action.npy` per sample).
+
     \b
     Example:
-      featurecache evaluate runs/aligned data/ood-vision --json ood-vision.json
+      featurecache evaluate runs/aligned data/ood-vision --json results/ood-vision.json
     """
     from featurecache.pipelines.training.evaluate import evaluate_run, format_report
 
-    report = evaluate_run(run, list(frames), cache=cache, batch_size=batch_size, device=device)
+    if json_path:  # before the work, so a bad --json path fails now, not after it
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    report = evaluate_run(
+        run,
+        list(frames),
+        cache=cache,
+        batch_size=batch_size,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
     click.echo(format_report(report))
     if json_path:
         with open(json_path, "w") as f:

@@ -24,10 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from featurecache.errors import SpecMismatchError
+from featurecache.errors import RemoteCodeError, SpecMismatchError
 from featurecache.pipelines.training.alignment import AlignmentHead, AlignmentTargets
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.distributed import barrier
+from featurecache.pipelines.training.errors import CheckpointError, RunNotFoundError
 from featurecache.pipelines.training.students import Student, StudentOutput, load_student
 from featurecache.pipelines.training.students.lora import (
     checkpoint_tensors,
@@ -141,20 +142,28 @@ def has_checkpoint(run: Path) -> bool:
 
 def read_state(run: Path) -> dict[str, Any]:
     """RUN/checkpoint/state.json."""
-    return json.loads((run / CHECKPOINT_DIR / STATE_FILE).read_text())
+    return read_json(run / CHECKPOINT_DIR / STATE_FILE, "the checkpoint state")
+
+
+def read_config(run: Path) -> TrainConfig:
+    """RUN/config.json as the run's TrainConfig."""
+    return TrainConfig.from_json(read_json(run / CONFIG_FILE, "the run's config"))
 
 
 def load_weights(model: AlignedModel, path: Path) -> None:
     """Load a model.safetensors into `model`, refusing missing, unexpected or mis-shaped names
     and other LoRA settings (a LoRA run's checkpoint holds exactly its trainable tensors)."""
-    with safe_open(str(path), "pt") as f:
-        saved_lora = (f.metadata() or {}).get(LORA_METADATA, "null")
+    try:  # safetensors raises its own SafetensorError (and OSError) on a broken file
+        with safe_open(str(path), "pt") as f:
+            saved_lora = (f.metadata() or {}).get(LORA_METADATA, "null")
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise _unreadable(path, exc) from exc
     if json.loads(saved_lora) != json.loads(_lora_json(model)):
         raise SpecMismatchError(
             f"Expected checkpoint {path} to hold LoRA adapters {_lora_json(model)} (this run's "
             f"--lora-* options), got {saved_lora}."
         )
-    tensors = load_file(str(path))
     wanted = expected_checkpoint_names(model, adapters_only=model.adapters_only)
     missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or unexpected:
@@ -186,11 +195,51 @@ def restore(run: Path, model: AlignedModel, optimizer: torch.optim.Optimizer, ra
     """Load RUN/checkpoint's weights, optimizer state and this rank's RNG state."""
     ckpt = run / CHECKPOINT_DIR
     load_weights(model, ckpt / MODEL_FILE)
-    optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, weights_only=True))
-    rng = torch.load(ckpt / f"rng-{rank}.pt", weights_only=True)
+    state = _torch_load(ckpt / OPTIMIZER_FILE)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"Expected {ckpt / OPTIMIZER_FILE} to hold this run's optimizer state, got "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    rng = _torch_load(ckpt / f"rng-{rank}.pt")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load(weights_only=True) (tensors and numbers only, no code), one error if broken."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # EOFError, RuntimeError, UnpicklingError, OSError, ...
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"Expected a readable checkpoint file {path}, got {type(exc).__name__}: "
+        f"{' '.join(str(exc).split())[:200]} (truncated or corrupt: restore it from a copy, or "
+        f"start a new run with another --out)."
+    )
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A run's JSON file (config.json, state.json) as a dict, one error if missing or broken."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise RunNotFoundError(f"Expected {what} {path}, found none.") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"Expected {what} {path} to be readable JSON, got {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"Expected {what} {path} to hold a JSON object, got {type(data).__name__}."
+        )
+    return data
 
 
 def check_resumable(
@@ -237,19 +286,31 @@ class LoadedRun:
     target: TargetSpec | None
 
 
-def load_run(run: str | Path, device: str = "cpu") -> LoadedRun:
-    """Rebuild a run's student and alignment head from RUN/config.json and RUN/checkpoint."""
+def load_run(run: str | Path, device: str = "cpu", *, trust_remote_code: bool = False) -> LoadedRun:
+    """Rebuild a run's student and alignment head from RUN/config.json and RUN/checkpoint.
+
+    trust_remote_code: the caller's own permission for the student to run code from its model
+    folder. RUN/config.json's `trust_remote_code` never grants it (a downloaded run folder must
+    not run code by itself): a run trained with it is refused unless it is given here.
+    """
     run = Path(run)
     if not has_checkpoint(run):
-        raise FileNotFoundError(
-            f"Expected a trained run with {run / CHECKPOINT_DIR / STATE_FILE}, found none."
+        raise RunNotFoundError(
+            f"Expected a trained run with {run / CHECKPOINT_DIR / STATE_FILE}, found none "
+            f"(train one with `featurecache train ... --out {run}`)."
         )
-    config = TrainConfig.from_json(json.loads((run / CONFIG_FILE).read_text()))
+    config = read_config(run)
+    if config.trust_remote_code and not trust_remote_code:
+        raise RemoteCodeError(
+            f"Expected --trust-remote-code on this command to load run {run}: it was trained "
+            f"with remote code allowed for its student {config.student!r}, got no permission "
+            f"(code from a run folder runs only when you ask for it on the command itself)."
+        )
     state = read_state(run)
     student = load_student(
         config.student,
         seed=config.seed,
-        trust_remote_code=config.trust_remote_code,
+        trust_remote_code=trust_remote_code,
         lora=config.lora_settings(),
         **config.student_options,
     )

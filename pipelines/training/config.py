@@ -3,10 +3,59 @@ RUN/config.json. The CLI's `featurecache train` options map onto its fields one 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
+from featurecache.errors import OptionError
+from featurecache.pipelines.training.errors import ResumeMismatchError
 from featurecache.pipelines.training.students.lora import DEFAULT_LORA_TARGETS, LoraSettings
+
+# Fields a resumed run may change; every other one must equal the run's (config.json).
+RESUMABLE_FIELDS: Final = frozenset(
+    {
+        "out",  # the folder may have moved
+        "steps",  # train further
+        "resume",
+        "checkpoint_every",
+        "num_workers",
+        "device",
+        "progress",
+        "plot",
+        "tensorboard",
+        "wandb",
+        "wandb_project",
+        "trust_remote_code",  # a permission of this command, not part of the run
+        "on_missing",  # policies for bad frames met from now on
+        "on_mismatch",
+    }
+)
+FINITE_FIELDS: Final = (
+    "lr",
+    "lambda_align",
+    "weight_decay",
+    "grad_clip",
+    "lora_alpha",
+    "lora_dropout",
+)
+# Fields whose CLI option is not `--` + the field name with dashes.
+_OPTION_NAMES: Final = {
+    "lambda_align": "--lambda",
+    "student_options": "--student-option",
+    "frames": "FRAMES",
+    "progress": "--progress/--no-progress",
+    "plot": "--plot/--no-plot",
+    "tensorboard": "--tensorboard/--no-tensorboard",
+}
+
+
+def option_name(field_name: str) -> str:
+    """The `featurecache train` option of a TrainConfig field (e.g. lambda_align -> --lambda)."""
+    return _OPTION_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -96,13 +145,20 @@ class TrainConfig:
             self.frames = (self.frames,)
         self.frames = tuple(str(f) for f in self.frames)
         if not self.frames:
-            raise ValueError("The `frames` should name at least one frames pattern. Found none.")
+            raise OptionError("Expected FRAMES: at least one frames pattern, got none.")
+        for name in FINITE_FIELDS:  # inf and nan pass `>=` checks (inf) or make a NaN loss
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise OptionError(
+                    f"Expected {option_name(name)} to be a finite number, got {value}."
+                )
         checks = [
             ("steps", self.steps >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("lr", self.lr > 0, "> 0"),
             ("lambda_align", self.lambda_align >= 0, ">= 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("grad_clip", self.grad_clip >= 0, ">= 0"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("num_workers", self.num_workers >= 0, ">= 0"),
@@ -110,33 +166,48 @@ class TrainConfig:
             ("loss", self.loss in ("l1", "mse"), "l1|mse"),
             ("on_missing", self.on_missing in ("error", "skip"), "error|skip"),
             ("on_mismatch", self.on_mismatch in ("error", "skip"), "error|skip"),
+            ("align_layer", self.align_layer is None or self.align_layer >= 0, ">= 0"),
+            (
+                "projector_hidden",
+                self.projector_hidden is None or self.projector_hidden >= 1,
+                ">= 1",
+            ),
+            ("lora_rank", self.lora_rank >= 0, ">= 0"),
         ]
         for name, ok, wanted in checks:
             if not ok:
-                raise ValueError(f"The `{name}` should be {wanted}. Found {getattr(self, name)!r}.")
-        if self.align_layer is not None and self.align_layer < 0:
-            raise ValueError(f"The `align_layer` should be >= 0. Found {self.align_layer}.")
-        if self.projector_hidden is not None and self.projector_hidden < 1:
-            raise ValueError(
-                f"The `projector_hidden` should be >= 1. Found {self.projector_hidden}."
-            )
+                raise OptionError(
+                    f"Expected {option_name(name)} {wanted}, got {getattr(self, name)!r}."
+                )
         if self.cache is not None and self.resident_teacher is not None:
-            raise ValueError(
-                "Give either `cache` (targets from the cache) or `resident_teacher` (targets "
-                "computed online), not both. Found both."
+            raise OptionError(
+                "Expected either --cache (targets from the cache) or --resident-teacher "
+                "(targets computed online), got both."
             )
         if self.lambda_align > 0 and self.cache is None and self.resident_teacher is None:
-            raise ValueError(
-                f"The alignment loss (lambda {self.lambda_align}) needs targets: expected "
-                f"--cache CACHE or --resident-teacher SPEC, found neither (or pass --lambda 0)."
+            raise OptionError(
+                f"Expected --cache CACHE or --resident-teacher SPEC for the alignment loss "
+                f"(--lambda {self.lambda_align}), got neither (or pass --lambda 0)."
             )
         if self.resident_teacher is not None and self.teacher_layer is None:
-            raise ValueError("A `resident_teacher` needs a `teacher_layer`. Found None.")
+            raise OptionError("Expected --teacher-layer with --resident-teacher, got none.")
         if self.train_projector and self.lambda_align == 0:
-            raise ValueError("`train_projector` needs lambda_align > 0. Found lambda_align 0.")
-        if self.lora_rank < 0:
-            raise ValueError(f"The `lora_rank` should be >= 0. Found {self.lora_rank}.")
+            raise OptionError("Expected --lambda > 0 with --train-projector, got --lambda 0.")
         self.lora_settings()  # validates the LoRA fields
+
+    def check_resumes(self, saved: TrainConfig, run: str) -> None:
+        """Refuse to resume `saved` (RUN/config.json) with a value that changes the run: every
+        field but RESUMABLE_FIELDS must be the run's. Shows both values."""
+        for f in fields(self):
+            if f.name in RESUMABLE_FIELDS:
+                continue
+            before, now = getattr(saved, f.name), getattr(self, f.name)
+            if before != now:
+                raise ResumeMismatchError(
+                    f"Expected {option_name(f.name)} {_shown(before)} (the run's, in "
+                    f"{run}/config.json) to resume {run}, got {_shown(now)}. Resume with the "
+                    f"run's value, or train a new run with another --out."
+                )
 
     def lora_settings(self) -> LoraSettings | None:
         """The LoRA adapters asked for (lora_rank > 0), or None for full fine-tuning."""

@@ -17,9 +17,14 @@ from typing import Any
 
 import torch
 
+from featurecache.errors import OptionError
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.stream import StreamConfig, iter_batches
 from featurecache.pipelines.training.targets import cache_target_spec
+from featurecache.reader import open_cache
+from featurecache.samples import expand_frame_paths
+
+ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "grip")  # the 7-D end-effector delta
 
 
 def evaluate_run(
@@ -30,20 +35,20 @@ def evaluate_run(
     batch_size: int = 32,
     device: str = "cpu",
     on_missing: str = "error",
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Action L1 / MSE (overall and per dimension) of `run` on `frames`; plus the alignment
-    cosine when `cache` holds the run's teacher layer for these frames."""
-    from featurecache.samples import expand_frame_paths
+    cosine when `cache` holds the run's teacher layer for these frames.
 
-    loaded = load_run(run, device)
+    trust_remote_code: let the run's student run code from its model folder; never read from
+    RUN/config.json (load_run refuses a run that needs it when it is not given here)."""
+    loaded = load_run(run, device, trust_remote_code=trust_remote_code)
     student, head = loaded.student, loaded.head
     shards = expand_frame_paths(list(frames))
     target = None
     if cache is not None:
-        from featurecache.reader import open_cache
-
         if loaded.target is None or head is None:
-            raise ValueError(
+            raise OptionError(
                 f"Expected a run trained with alignment targets to compare against cache "
                 f"{cache}, got run {run} trained without (lambda 0 and no cache)."
             )
@@ -58,8 +63,7 @@ def evaluate_run(
         shuffle=False,
         on_missing=on_missing,  # type: ignore[arg-type]
     )
-    abs_sum = torch.zeros(7, dtype=torch.float64)
-    sq_sum = torch.zeros(7, dtype=torch.float64)
+    abs_sum = sq_sum = torch.zeros(0, dtype=torch.float64)  # (A,), A from the first batch
     cos_sum, cos_count, samples, missing = 0.0, 0, 0, 0
     with torch.inference_mode():
         for batch in iter_batches(stream):
@@ -69,9 +73,9 @@ def evaluate_run(
             out = student(
                 batch.images.to(device), batch.instructions, loaded.align_layer, meta=batch.meta
             )
-            err = out.actions.cpu().double() - batch.actions.double()  # (B, 7)
-            abs_sum += err.abs().sum(0)
-            sq_sum += err.square().sum(0)
+            err = out.actions.cpu().double() - batch.actions.double()  # (B, A)
+            abs_sum = abs_sum + err.abs().sum(0) if len(abs_sum) else err.abs().sum(0)
+            sq_sum = sq_sum + err.square().sum(0) if len(sq_sum) else err.square().sum(0)
             samples += len(batch)
             goal = batch.alignment_targets()
             if head is not None and goal is not None:
@@ -79,15 +83,15 @@ def evaluate_run(
                 cos_sum += float(cos.sum())
                 cos_count += cos.numel()
     if samples == 0:
-        raise ValueError(f"Expected frames to evaluate on, got none from {list(frames)}.")
+        raise OptionError(f"Expected frames to evaluate on, got none from {list(frames)}.")
     per_l1, per_mse = (abs_sum / samples).tolist(), (sq_sum / samples).tolist()
     return {
         "run": str(run),
         "frames": [str(f) for f in frames],
         "samples": samples,
         "missing": missing,
-        "action_l1": sum(per_l1) / 7,
-        "action_mse": sum(per_mse) / 7,
+        "action_l1": sum(per_l1) / len(per_l1),
+        "action_mse": sum(per_mse) / len(per_mse),
         "per_dim_l1": per_l1,
         "per_dim_mse": per_mse,
         "align_cosine": cos_sum / cos_count if cos_count else None,
@@ -96,12 +100,16 @@ def evaluate_run(
 
 def format_report(report: dict[str, Any]) -> str:
     """A short human-readable table of one evaluate_run result."""
-    dims = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "grip")
+    per_dim = report["per_dim_l1"]
+    dims = (
+        ACTION_NAMES
+        if len(per_dim) == len(ACTION_NAMES)
+        else [f"a{i}" for i in range(len(per_dim))]
+    )
     lines = [
         f"run {report['run']} on {', '.join(report['frames'])}: {report['samples']} frames",
         f"action L1 {report['action_l1']:.4f}   MSE {report['action_mse']:.4f}",
-        "per dim L1:  "
-        + "  ".join(f"{d} {v:.3f}" for d, v in zip(dims, report["per_dim_l1"], strict=True)),
+        "per dim L1:  " + "  ".join(f"{d} {v:.3f}" for d, v in zip(dims, per_dim, strict=True)),
     ]
     if report["align_cosine"] is not None:
         lines.append(f"alignment cosine {report['align_cosine']:.4f}")

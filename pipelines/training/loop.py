@@ -18,6 +18,7 @@ step), checkpoint/ (the latest), losses.png and summary.json.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featurecache.errors import OptionError
 from featurecache.pipelines.training.alignment import AlignmentTargets
 from featurecache.pipelines.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -35,12 +37,14 @@ from featurecache.pipelines.training.checkpoint import (
     build_aligned_model,
     check_resumable,
     has_checkpoint,
+    read_config,
     read_state,
     restore,
     save_checkpoint,
 )
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.distributed import Dist, all_mean, gather, process_group
+from featurecache.pipelines.training.errors import NonFiniteLossError, RunExistsError
 from featurecache.pipelines.training.metrics import (
     METRICS_FILE,
     PLOT_FILE,
@@ -89,6 +93,27 @@ def _teacher(teacher: Any, batch: Batch) -> AlignmentTargets:
     return AlignmentTargets(values=values.clone(), keys=batch.keys)
 
 
+def _non_finite(
+    step: int, parts: list[float], config: TrainConfig, run: Path
+) -> NonFiniteLossError:
+    """The error for a non-finite loss at `step`: which term, and which checkpoint is kept."""
+    total, action, align = parts
+    if not math.isfinite(action):
+        term, value = "the action loss", action
+    else:
+        term, value = f"the alignment loss (--lambda {config.lambda_align} x (1 - cos))", align
+    kept = (
+        f"the checkpoint of step {read_state(run)['step']} in {run / CHECKPOINT_DIR} is kept"
+        if has_checkpoint(run)
+        else "no checkpoint was written"
+    )
+    return NonFiniteLossError(
+        f"Expected a finite loss at step {step}, got {term} = {value} (total {total}); stopped "
+        f"before the optimizer step, {kept}. Lower --lr or --lambda, or check the frames and "
+        f"the cache."
+    )
+
+
 def train(config: TrainConfig) -> TrainSummary:
     """Run (or resume) the training described by `config`; see the module docstring.
 
@@ -105,10 +130,12 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
     shards = expand_frame_paths(config.frames)
     check_shards_per_rank(shards, world, config.num_workers)
     if (run / CHECKPOINT_DIR).exists() and not config.resume:
-        raise FileExistsError(
-            f"Expected a new run folder, got {run} with a checkpoint: pass --resume to continue "
-            f"it or choose another --out."
+        raise RunExistsError(
+            f"Expected --out to name a new run folder, got {run}, which holds a run: pass "
+            f"--resume to continue it, or choose another --out."
         )
+    if config.resume and (run / CONFIG_FILE).is_file():
+        config.check_resumes(read_config(run), str(run))  # before anything is loaded
 
     # The student (identical init on every rank: its own seeded generator).
     student = load_student(
@@ -246,18 +273,26 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
                 align_loss = torch.zeros((), device=device)
                 loss = action_loss
 
-            # backward and step (DDP all-reduces the gradients inside backward)
+            # backward (DDP all-reduces the gradients inside it)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+
+            # loss parts averaged over ranks (one small all-reduce per step, and the step's one
+            # sync point): a non-finite part on any rank stops every rank before the step, so
+            # neither the weights nor a checkpoint ever hold it
+            parts = torch.stack([loss.detach(), action_loss.detach(), align_loss.detach()])
+            parts = all_mean(parts.float(), world).tolist()
+            if not all(math.isfinite(p) for p in parts):
+                if metrics is not None:
+                    metrics.close()
+                raise _non_finite(step + 1, parts, config, run)
+
+            # step
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             step += 1
             samples += len(batch) * world
-
-            # log: loss parts averaged over ranks (one small all-reduce per step)
-            parts = torch.stack([loss.detach(), action_loss.detach(), align_loss.detach()])
-            parts = all_mean(parts.float(), world).tolist()
             last = {"loss": parts[0], "action_loss": parts[1], "align_loss": parts[2]}
             elapsed = time.perf_counter() - started
             rate = (step - start_step) * config.batch_size * world / max(elapsed, 1e-9)
@@ -279,7 +314,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             tick = time.perf_counter()
         else:  # the epoch ended: the next one reshuffles shards and samples
             if not got_any:
-                raise ValueError(
+                raise OptionError(
                     f"Expected rank {rank} to read samples from its shards, got an empty "
                     f"epoch {position['epoch']} (all frames missing from the cache?)."
                 )

@@ -81,19 +81,17 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         if not self.shards:
-            raise ValueError(
-                "The stream's `shards` should name at least one tar shard. Found none."
-            )
+            raise OptionError("Expected at least one tar shard in the stream's `shards`, got none.")
         if self.batch_size < 1:
-            raise ValueError(f"The `batch_size` should be >= 1. Found {self.batch_size}.")
+            raise OptionError(f"Expected batch_size >= 1, got {self.batch_size}.")
         if self.cache is not None and self.layer is None:
-            raise ValueError("A `layer` should be given with a `cache`. Found layer=None.")
+            raise OptionError("Expected a `layer` with a `cache`, got layer=None.")
         if self.on_missing not in ("error", "skip"):
-            raise ValueError(f"The `on_missing` should be error|skip. Found {self.on_missing!r}.")
+            raise OptionError(f"Expected on_missing error|skip, got {self.on_missing!r}.")
         if self.on_mismatch not in ("error", "skip"):
             raise OptionError(f"Expected on_mismatch error|skip, got {self.on_mismatch!r}")
         if self.shuffle_buffer < 1:
-            raise ValueError(f"The `shuffle_buffer` should be >= 1. Found {self.shuffle_buffer}.")
+            raise OptionError(f"Expected shuffle_buffer >= 1, got {self.shuffle_buffer}.")
 
 
 @dataclass(slots=True)
@@ -412,12 +410,12 @@ def check_shards_per_rank(shards: Sequence[str | Path], world_size: int, num_wor
     """Each rank reads its own shards: there must be at least one per rank (and per worker)."""
     need = world_size * max(1, num_workers)
     if len(shards) < world_size:
-        raise ValueError(
+        raise OptionError(
             f"Each of the {world_size} ranks reads its own tar shards: expected at least "
             f"{world_size} shards, got {len(shards)}. Write the frames in more, smaller shards."
         )
     if len(shards) < need:
-        raise ValueError(
+        raise OptionError(
             f"Expected at least {need} tar shards for {world_size} rank(s) x {num_workers} "
             f"worker(s), got {len(shards)}; lower --num-workers."
         )

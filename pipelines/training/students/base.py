@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from featurecache.errors import OptionError
+
 ACTION_DIM = 7  # end-effector delta (xyz, rpy) + gripper, as in the paper's WidowX set-up
 
 
@@ -63,9 +65,9 @@ class Student(nn.Module):
 
     def check_align_layer(self, align_layer: int) -> None:
         if not 0 <= align_layer <= self.num_layers:
-            raise ValueError(
-                f"The `--align-layer` should be in 0..{self.num_layers} for student "
-                f"{self.spec!r} ({self.num_layers} layers). Found {align_layer}."
+            raise OptionError(
+                f"Expected --align-layer in 0..{self.num_layers} for student {self.spec!r} "
+                f"({self.num_layers} layers), got {align_layer}."
             )
 
     def options(self) -> dict[str, Any]:

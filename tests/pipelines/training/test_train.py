@@ -12,10 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from featurecache.errors import ShapeMismatchError, SpecMismatchError, UnknownLayerError
+from featurecache.errors import (
+    OptionError,
+    ShapeMismatchError,
+    SpecMismatchError,
+    UnknownLayerError,
+)
 from featurecache.format import LayerSpec
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.errors import RunExistsError
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.metrics import read_metrics
 from featurecache.samples import expand_frame_paths
@@ -118,7 +124,7 @@ def test_resume_matches_an_uninterrupted_run(shards, caches, tmp_path) -> None:
 
 def test_existing_run_needs_resume(shards, caches, tmp_path) -> None:
     train(_config(shards, tmp_path / "r", cache=str(caches["fp16"]), steps=1))
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunExistsError, match="--resume"):
         train(_config(shards, tmp_path / "r", cache=str(caches["fp16"]), steps=2))
 
 
@@ -132,13 +138,13 @@ def test_mismatched_caches_are_refused_before_the_first_step(shards, caches, tmp
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
     with pytest.raises(UnknownLayerError, match=r"\['10'\].*'9'"):
         train(_config(shards, tmp_path / "b", cache=str(caches["fp16"]), teacher_layer="9"))
-    # a resumed run whose cache has another width (or teacher) than its projector
-    train(_config(shards, tmp_path / "c", cache=str(caches["fp16"]), steps=1))
-    wide = write_cache(
-        tmp_path / "w", shards, [LayerSpec("10", 16, 40, (4, 4))], key_features("10", 16, 40)
-    )
+    # a resumed run whose cache (same path, rebuilt) has another width than its projector
+    cache = tmp_path / "rebuilt"
+    write_cache(cache, shards, [LayerSpec("10", 16, 112, (4, 4))], key_features("10", 16, 112))
+    train(_config(shards, tmp_path / "c", cache=str(cache), steps=1))
+    write_cache(cache, shards, [LayerSpec("10", 16, 40, (4, 4))], key_features("10", 16, 40))
     with pytest.raises(SpecMismatchError, match=r"112.*40"):
-        train(_config(shards, tmp_path / "c", cache=str(wide), steps=2, resume=True))
+        train(_config(shards, tmp_path / "c", cache=str(cache), steps=2, resume=True))
 
 
 def test_resample_resizes_the_target_grid(shards, tmp_path) -> None:
@@ -164,13 +170,13 @@ def test_missing_frames_error_or_skip(shards, tmp_path) -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError, match=r"needs targets.*--cache"):
+    with pytest.raises(OptionError, match=r"--cache CACHE or --resident-teacher"):
         TrainConfig(frames=("x",), out="o")
-    with pytest.raises(ValueError, match=r"`loss` should be l1\|mse"):
+    with pytest.raises(OptionError, match=r"--loss l1\|mse, got 'huber'"):
         TrainConfig(frames=("x",), out="o", lambda_align=0, loss="huber")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(OptionError, match="got both"):
         TrainConfig(frames=("x",), out="o", cache="c", resident_teacher="t", teacher_layer="1")
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(OptionError, match="--steps >= 1, got 0"):
         TrainConfig(frames=("x",), out="o", lambda_align=0, steps=0)
 
 
