@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from featurecache.errors import OptionError
-from featurecache.format import cache_cameras, sample_digest
+from featurecache.format import cache_cameras, camera_layer, sample_digest
 from featurecache.pipelines.training.alignment import AlignmentTargets, OnMissing, lookup_targets
 from featurecache.reader import FeatureCache, open_cache
-from featurecache.samples import BadFrameError, decode_image, iter_samples
+from featurecache.samples import DEFAULT_CAMERA, BadFrameError, decode_image, iter_samples
 
 JOIN_CHUNK = 32  # keys per cache read: amortises the per-call cost, stays within a Zarr shard
 
@@ -49,7 +49,10 @@ class StreamConfig:
     image_size: the student's square input size; frames are resized to it (bilinear).
     batch_size: samples per batch (the last batch of an epoch may be smaller).
     cache: a feature cache folder to join targets from, or None for frames only.
-    layer: the cache layer to read (required with `cache`).
+    layer: the cache layer to read (required with `cache`); with `cameras`, the teacher layer
+        ("4"), read as each camera's cache layer ("top/4", "wrist/4").
+    cameras: read one image per camera (`key.<camera>.<ext>`) and, with a cache, each camera's
+        targets: batches then carry a camera axis (see Batch). None: the plain image `key.<ext>`.
     seed, epoch: shard shuffle and shuffle buffer are seeded by (seed, epoch, rank, worker).
     shuffle: False reads shards and samples in order (evaluation).
     shuffle_buffer: samples held by the shuffle buffer (after the join).
@@ -78,6 +81,7 @@ class StreamConfig:
     require_actions: bool = True
     skip_batches: int = 0
     num_workers: int = 0
+    cameras: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -92,19 +96,29 @@ class StreamConfig:
             raise OptionError(f"Expected on_mismatch error|skip, got {self.on_mismatch!r}")
         if self.shuffle_buffer < 1:
             raise OptionError(f"Expected shuffle_buffer >= 1, got {self.shuffle_buffer}.")
+        if self.cameras is not None and not self.cameras:
+            raise OptionError("Expected at least one camera in `cameras`, got none.")
+
+    @property
+    def camera_names(self) -> tuple[str, ...]:
+        """The cameras read: the configured ones, or the plain image's ("")."""
+        return tuple(self.cameras) if self.cameras else (DEFAULT_CAMERA,)
 
 
 @dataclass(slots=True)
 class Batch:
     """One training batch.
 
-    keys: B sample keys. images: (B, 3, S, S) float32 in [0, 1]. instructions: B strings.
+    keys: B sample keys. images: (B, 3, S, S) float32 in [0, 1]; with StreamConfig.cameras,
+        (B, C, 3, S, S), cameras in that order (so are target, scales, channel_scale).
+    instructions: B strings.
     actions: (B, A) float32, A from the data (NaN rows where a frame has none and
         require_actions is False; A = 0 when no frame of the batch has one).
-    target: (B, T, D) as stored (int8 or float16), or None without a cache.
-    scales: (B, T) float32 per-token absmax scales of an int8 cache, else None.
-    channel_scale: (D,) float32 per-channel scale of an int8c cache, else None.
-    meta: B parsed json dicts. images_pil: B PIL images when keep_images, else None.
+    target: (B, T, D) as stored (int8 or float16) [(B, C, T, D)], or None without a cache.
+    scales: (B, T) [(B, C, T)] float32 per-token absmax scales of an int8 cache, else None.
+    channel_scale: (D,) [(C, D)] float32 per-channel scale of an int8c cache, else None.
+    meta: B parsed json dicts. images_pil: the decoded PIL images when keep_images (B, or
+        B * C frame by frame with cameras), else None.
     missing: keys skipped since the previous batch because the cache lacks them.
     """
 
@@ -122,14 +136,17 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def alignment_targets(self) -> AlignmentTargets | None:
-        """The batch's targets for AlignmentHead, or None without a cache."""
+    def alignment_targets(self, camera: int | None = None) -> AlignmentTargets | None:
+        """The batch's targets for AlignmentHead (of camera index `camera` on a camera axis),
+        or None without a cache."""
         if self.target is None:
             return None
+        pick = (lambda x: x) if camera is None else (lambda x: None if x is None else x[:, camera])
+        channel = self.channel_scale
         return AlignmentTargets(
-            values=self.target,
-            scales=self.scales,
-            channel_scale=self.channel_scale,
+            values=pick(self.target),
+            scales=pick(self.scales),
+            channel_scale=channel if camera is None or channel is None else channel[camera],
             keys=self.keys,
             missing=self.missing,
         )
@@ -146,22 +163,26 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _select(shards: Iterable[dict]) -> Iterator[dict]:
-    """Shard urls -> {key, source, image (bytes), ext, json (bytes|None), npy (bytes|None)}, read
-    by featurecache.samples (the build's rules: a frame without its image fails here)."""
-    for shard in shards:
-        url = shard["url"]
-        for s in iter_samples(url):
-            image, ext = s.image()
-            yield {
-                "key": s.key,
-                "source": url,
-                "image": image,
-                "ext": ext,
-                "encoded": {c: s.image(c)[0] for c in s.cameras},  # for the join's digest
-                "json": s.members.get("json"),
-                "npy": s.members.get("action.npy"),
-            }
+class _Select:
+    """Shard urls -> {key, source, images {camera: (bytes, ext)}, json (bytes|None), npy
+    (bytes|None)}, read by featurecache.samples (the build's rules: a frame without the
+    image of one of `cameras` fails here)."""
+
+    def __init__(self, cameras: Sequence[str]) -> None:
+        self.cameras = tuple(cameras)
+
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        for shard in shards:
+            url = shard["url"]
+            for s in iter_samples(url):
+                yield {
+                    "key": s.key,
+                    "source": url,
+                    "images": {c: s.image(c) for c in self.cameras},
+                    "encoded": {c: s.image(c)[0] for c in s.cameras},  # for the join's digest
+                    "json": s.members.get("json"),
+                    "npy": s.members.get("action.npy"),
+                }
 
 
 class _Join:
@@ -171,10 +192,17 @@ class _Join:
     `format.sample_digest`; `on_mismatch`)."""
 
     def __init__(
-        self, cache: str | Path, layer: str, on_missing: OnMissing, on_mismatch: str = "error"
+        self,
+        cache: str | Path,
+        layer: str,
+        on_missing: OnMissing,
+        on_mismatch: str = "error",
+        cameras: Sequence[str] = (DEFAULT_CAMERA,),
     ) -> None:
         self.cache_path, self.layer, self.on_missing = cache, layer, on_missing
         self.on_mismatch = on_mismatch
+        self.layers = [camera_layer(c, layer) for c in cameras]  # one cache layer per camera
+        self.camera_axis = tuple(cameras) != (DEFAULT_CAMERA,)
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         cache = open_cache(self.cache_path)  # opened here: once per worker process
@@ -225,23 +253,35 @@ class _Join:
             yield {"key": None, "missing": mismatched}
             return
         sources = {s["key"]: s["source"] for s in chunk}
-        targets, present = lookup_targets(
-            cache,
-            [s["key"] for s in chunk],
-            self.layer,
-            on_missing=self.on_missing,
-            where=lambda key: f"of {sources[key]}",
-        )
+        per_layer = [
+            lookup_targets(
+                cache,
+                [s["key"] for s in chunk],
+                layer,
+                on_missing=self.on_missing,
+                where=lambda key: f"of {sources[key]}",
+            )
+            for layer in self.layers  # the same keys, so the same rows, for every camera
+        ]
+        targets, present = per_layer[0]
         if targets is None:  # report skips that no sample of this chunk can carry
             yield {"key": None, "missing": [s["key"] for s in chunk] + mismatched}
             return
+        found = [t for t, _ in per_layer]
         for i, at in enumerate(present):
             s = chunk[at]
-            s["target"] = targets.values[i]
-            s["scales"] = None if targets.scales is None else targets.scales[i]
-            s["channel_scale"] = targets.channel_scale
+            s["target"] = self._stack([t.values[i] for t in found])
+            s["scales"] = (
+                None if targets.scales is None else self._stack([t.scales[i] for t in found])
+            )
+            channel = [t.channel_scale for t in found]
+            s["channel_scale"] = None if channel[0] is None else self._stack(channel)
             s["missing"] = targets.missing + mismatched if i == 0 else []
             yield s
+
+    def _stack(self, per_camera: list[torch.Tensor]) -> torch.Tensor:
+        """One camera's tensor as is, several stacked on a camera axis (C, ...)."""
+        return torch.stack(per_camera) if self.camera_axis else per_camera[0]
 
 
 _WARNED: set[str] = set()  # caches already reported as joined without a digest check
@@ -304,6 +344,8 @@ class _DecodeBatch:
     def __init__(self, config: StreamConfig) -> None:
         self.image_size, self.batch_size = config.image_size, config.batch_size
         self.keep_images, self.require_actions = config.keep_images, config.require_actions
+        self.cameras = config.camera_names
+        self.camera_axis = config.cameras is not None
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[Batch]:
         group: list[dict] = []
@@ -326,10 +368,17 @@ class _DecodeBatch:
 
         pil, pixels, metas, actions = [], [], [], []
         for s in group:
-            image = decode_image(s["image"], s["ext"], f"sample {s['key']!r} of {s['source']}")
-            pil.append(image)
-            resized = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-            pixels.append(torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()))
+            views = []
+            for camera in self.cameras:
+                at = (
+                    f"sample {s['key']!r}{f' camera {camera!r}' if camera else ''} of {s['source']}"
+                )
+                image = decode_image(*s["images"][camera], at)
+                pil.append(image)
+                size = (self.image_size, self.image_size)
+                resized = image.resize(size, Image.Resampling.BILINEAR)
+                views.append(torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()))
+            pixels.append(torch.stack(views) if self.camera_axis else views[0])  # [C,] S, S, 3
             metas.append(json.loads(s["json"]) if s["json"] else {})
             if s["npy"] is None:
                 if self.require_actions:
@@ -342,11 +391,10 @@ class _DecodeBatch:
         width = next((a.size for a in actions if a is not None), 0)  # from the data
         actions = [np.full(width, np.nan, np.float32) if a is None else a for a in actions]
         side = self.image_size
+        empty = (0, len(self.cameras), 3, side, side) if self.camera_axis else (0, 3, side, side)
         images = (
-            torch.stack(pixels).permute(0, 3, 1, 2).float().div_(255.0)
-            if group
-            else torch.zeros((0, 3, side, side))
-        )  # (B, 3, S, S)
+            torch.stack(pixels).movedim(-1, -3).float().div_(255.0) if group else torch.zeros(empty)
+        )  # (B, [C,] 3, S, S)
         has_target = bool(group) and "target" in group[0]
         has_scales = has_target and group[0]["scales"] is not None
         return Batch(
@@ -379,10 +427,18 @@ def build_pipeline(config: StreamConfig) -> Any:
         stages.append(
             wds.shuffle(len(urls), initial=len(urls), seed=config.seed * 1009 + config.epoch)
         )
-    stages.append(_select)
+    stages.append(_Select(config.camera_names))
     if config.cache is not None:
         assert config.layer is not None
-        stages.append(_Join(config.cache, config.layer, config.on_missing, config.on_mismatch))
+        stages.append(
+            _Join(
+                config.cache,
+                config.layer,
+                config.on_missing,
+                config.on_mismatch,
+                config.camera_names,
+            )
+        )
     if config.shuffle:
         stages.append(_Shuffle(config.shuffle_buffer, config.seed * 1009 + config.epoch))
     if config.skip_batches:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from featurecache import open_cache
 from featurecache.cli import main
@@ -165,6 +167,27 @@ def test_cli_import_then_two_camera_build(lerobot_v3, tmp_path: Path) -> None:
     group = zarr.open_group(str(tmp_path / "cache"), mode="r")
     assert sorted(group["features"].group_keys()) == ["top", "wrist"]
     assert group["features/wrist/4"].shape[0] >= 16
+    # the training stream, camera by camera: images and targets on a camera axis
+    from featurecache.pipelines.training.stream import StreamConfig, iter_batches
+
+    stream = StreamConfig(
+        shards=expand_frame_paths([str(out)]),
+        image_size=32,
+        batch_size=16,
+        cache=tmp_path / "cache",
+        layer="4",
+        cameras=["top", "wrist"],
+        shuffle=False,
+    )
+    (batch,) = [b for b in iter_batches(stream) if len(b)]
+    assert batch.keys == keys and batch.images.shape == (16, 2, 3, 32, 32)
+    assert batch.actions.shape == (16, 6)  # the action width comes from the data
+    for c, camera in enumerate(("top", "wrist")):
+        torch.testing.assert_close(batch.target[:, c], cache.read_raw(keys, f"{camera}/4")[0])
+        assert batch.alignment_targets(c).values.shape == batch.target[:, c].shape
+        first = decode_image(*samples[0].image(camera)).resize((32, 32), Image.Resampling.BILINEAR)
+        want = torch.from_numpy(np.asarray(first).copy()).permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(batch.images[0, c], want)
     # a build without --cameras names the cameras it found
     with pytest.raises(Exception, match=r"cameras top, wrist.*--cameras"):
         build_cache(
