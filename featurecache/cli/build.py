@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from featurecache.format import DEFAULT_SHARD_ROWS
+from featurecache.pipelines.demo.config import SPLITS
 
 
 @click.command("sample-data")
@@ -33,7 +34,7 @@ from featurecache.format import DEFAULT_SHARD_ROWS
 )
 @click.option(
     "--split",
-    type=click.Choice(["train", "ood-vision", "ood-semantic", "ood-execution"]),
+    type=click.Choice(SPLITS),
     default="train",
     show_default=True,
     help="train; or an OOD split: unseen table textures/backgrounds (ood-vision), unseen "

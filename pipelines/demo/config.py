@@ -9,6 +9,10 @@ from dataclasses import dataclass, replace
 
 from featurecache.store import local_path
 
+# The sample-data splits: train and the paper's three OOD axes (sample_data.py renders them; the
+# CLI's --split choices read them from here).
+SPLITS: tuple[str, ...] = ("train", "ood-vision", "ood-semantic", "ood-execution")
+
 
 @dataclass(kw_only=True, slots=True)
 class DemoConfig:

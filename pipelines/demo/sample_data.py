@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from featurecache.errors import OptionError
+from featurecache.pipelines.demo.config import SPLITS
 from featurecache.pipelines.demo.render import Canvas
 from featurecache.store import local_path
 
@@ -60,7 +61,6 @@ __all__ = [
     "write_sample_data",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "ood-vision", "ood-semantic", "ood-execution")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 ACTION_DIM = 7
 LIVE_ACTION_DIMS: tuple[int, ...] = (0, 1, 2, 5, 6)  # dx, dy, dz, dyaw, gripper
