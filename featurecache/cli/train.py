@@ -7,10 +7,17 @@ Each option maps onto one field of `featurecache.pipelines.training.config.Train
 from __future__ import annotations
 
 import json
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import click
+
+from featurecache.pipelines.training.config import TrainConfig
+
+# Every option's default is its TrainConfig field's (one place for them; the config module
+# imports no torch, so `featurecache --help` stays instant).
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 # CLI option name -> TrainConfig field (a test checks that every field is reachable).
 OPTION_TO_FIELD = {
@@ -104,7 +111,7 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
 )
 @click.option(
     "--student",
-    default="tiny-vla",
+    default=DEFAULTS["student"],
     show_default=True,
     help="`tiny-vla` (built in, random init); `hf-vlm:PATH` (a local LLaVA, Qwen2/2.5-VL, "
     "PaliGemma, Idefics3 or SmolVLM checkpoint + an action head; `hf-llava:PATH` is its alias); "
@@ -121,8 +128,10 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
 @click.option(
     "--lora-rank",
     type=int,
+    default=DEFAULTS["lora_rank"],
+    show_default=True,
     help="LoRA adapters of this rank (peft) on an HF student; its pretrained weights stay frozen "
-    "and checkpoints hold only adapters + heads (the paper: 32). Default: full fine-tuning.",
+    "and checkpoints hold only adapters + heads (the paper: 32). 0: full fine-tuning.",
 )
 @click.option(
     "--lora-alpha",
@@ -130,10 +139,18 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     help="LoRA scale numerator (update = alpha / rank x B A x). Default: min(rank, 16), as "
     "released.",
 )
-@click.option("--lora-dropout", type=float, help="Dropout on the adapters' input. Default: 0.")
+@click.option(
+    "--lora-dropout",
+    type=float,
+    default=DEFAULTS["lora_dropout"],
+    show_default=True,
+    help="Dropout on the adapters' input.",
+)
 @click.option(
     "--lora-targets",
     metavar="all-linear|language-model|NAMES",
+    default=DEFAULTS["lora_targets"],
+    show_default=True,
     help="Linear layers that get adapters: all-linear (vision tower, connector, language model, "
     "as released; the default), language-model, or names such as q_proj,v_proj.",
 )
@@ -151,24 +168,50 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     "--lambda",
     "lambda_align",
     type=float,
-    default=0.2,
+    default=DEFAULTS["lambda_align"],
     show_default=True,
     help="Weight of the alignment loss; 0 trains the plain action-only baseline.",
 )
 @click.option(
     "--loss",
     type=click.Choice(["l1", "mse"]),
-    default="l1",
+    default=DEFAULTS["loss"],
     show_default=True,
     help="Action loss.",
 )
-@click.option("--steps", type=int, default=300, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per rank.")
-@click.option("--lr", type=float, default=3e-4, show_default=True, help="AdamW learning rate.")
-@click.option("--warmup-steps", type=int, default=10, show_default=True)
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="0 = off.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Init, data order, dropout.")
+@click.option(
+    "--steps",
+    type=int,
+    default=DEFAULTS["steps"],
+    show_default=True,
+    help="Optimizer steps in total (--resume goes on up to this).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=DEFAULTS["batch_size"],
+    show_default=True,
+    help="Samples per step and rank.",
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=DEFAULTS["lr"],
+    show_default=True,
+    help="AdamW learning rate (constant after the warm-up).",
+)
+@click.option("--warmup-steps", type=int, default=DEFAULTS["warmup_steps"], show_default=True)
+@click.option("--weight-decay", type=float, default=DEFAULTS["weight_decay"], show_default=True)
+@click.option(
+    "--grad-clip", type=float, default=DEFAULTS["grad_clip"], show_default=True, help="0 = off."
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=DEFAULTS["seed"],
+    show_default=True,
+    help="Seeds the init, the data order and dropout.",
+)
 @click.option(
     "--train-projector",
     is_flag=True,
@@ -183,14 +226,14 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
 @click.option(
     "--on-missing",
     type=click.Choice(["error", "skip"]),
-    default="error",
+    default=DEFAULTS["on_missing"],
     show_default=True,
     help="A frame the cache lacks: fail naming it, or skip it (counted and reported).",
 )
 @click.option(
     "--on-mismatch",
     type=click.Choice(["error", "skip"]),
-    default="error",
+    default=DEFAULTS["on_mismatch"],
     show_default=True,
     help="A frame whose image bytes are not those its cache row was built from (same key, "
     "other image: the stored digest differs): fail naming key and both sources, or skip it.",
@@ -201,17 +244,32 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     help="Compute targets online with this teacher instead of a cache (comparison mode).",
 )
 @click.option(
-    "--checkpoint-every", type=int, default=0, show_default=True, help="Steps; 0 = at the end."
+    "--checkpoint-every",
+    type=int,
+    default=DEFAULTS["checkpoint_every"],
+    show_default=True,
+    help="Steps; 0 = at the end.",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-@click.option("--num-workers", type=int, default=0, show_default=True, help="Loader workers.")
-@click.option("--shuffle-buffer", type=int, default=256, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
-@click.option("--plot/--no-plot", default=True, help="Write RUN/losses.png at the end.")
+@click.option(
+    "--num-workers",
+    type=int,
+    default=DEFAULTS["num_workers"],
+    show_default=True,
+    help="Loader workers.",
+)
+@click.option("--shuffle-buffer", type=int, default=DEFAULTS["shuffle_buffer"], show_default=True)
+@click.option(
+    "--device", default=DEFAULTS["device"], show_default=True, help="auto, cpu, cuda, cuda:1 ..."
+)
+@click.option(
+    "--progress/--no-progress", default=DEFAULTS["progress"], help="Show the progress bar."
+)
+@click.option("--plot/--no-plot", default=DEFAULTS["plot"], help="Write RUN/losses.png at the end.")
 @click.option(
     "--tensorboard/--no-tensorboard",
-    default=True,
+    default=DEFAULTS["tensorboard"],
+    show_default=True,
     help="Write TensorBoard event files to RUN/tensorboard/ (`tensorboard --logdir RUN`): "
     "action/alignment loss, alignment cosine, lr, steps/s, data wait.",
 )
@@ -220,7 +278,12 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     is_flag=True,
     help="Also log the same scalars to Weights & Biases (needs `pip install wandb`).",
 )
-@click.option("--wandb-project", default="featurecache", show_default=True, help="The W&B project.")
+@click.option(
+    "--wandb-project",
+    default=DEFAULTS["wandb_project"],
+    show_default=True,
+    help="The W&B project of --wandb.",
+)
 @click.option("--trust-remote-code", is_flag=True, help="Allow remote code of hf checkpoints.")
 def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: Any) -> None:
     """Fine-tune a VLA student with visual representation alignment against a feature cache.
@@ -230,11 +293,8 @@ def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: A
     teacher is never loaded: targets come from --cache, joined with FRAMES by sample key.
     FRAMES: tar files, globs, brace patterns or folders.
     """
-    from featurecache.pipelines.training.config import TrainConfig
     from featurecache.pipelines.training.loop import train as run_training
 
-    # LoRA options left out take TrainConfig's defaults (one place for them)
-    options = {k: v for k, v in options.items() if not (k.startswith("lora_") and v is None)}
     # a bad value raises OptionError naming the option: the CLI's handler prints it (status 2)
     config = TrainConfig(frames=frames, student_options=_student_options(student_option), **options)
     summary = run_training(config)  # under torchrun, the process group lives inside this call

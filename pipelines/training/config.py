@@ -4,12 +4,55 @@ RUN/config.json. The CLI's `featurecache train` options map onto its fields one 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final, Literal
 
 from featurecache.errors import OptionError
 from featurecache.pipelines.training.errors import ResumeMismatchError
-from featurecache.pipelines.training.students.lora import DEFAULT_LORA_TARGETS, LoraSettings
+
+LORA_TARGET_PRESETS: dict[str, str] = {
+    "all-linear": "every linear layer of the pretrained model (the release's peft 'all-linear')",
+    "language-model": "the language model's linear layers only",
+}
+DEFAULT_LORA_RANK = 32  # the paper's r
+DEFAULT_LORA_TARGETS = "all-linear"
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters (CLI `--lora-rank`, `--lora-alpha`, `--lora-dropout`,
+    `--lora-targets`)."""
+
+    rank: int = DEFAULT_LORA_RANK
+    """r, the adapters' inner width (>= 1)."""
+    alpha: float | None = None
+    """Scale numerator: the update is (alpha / r) * B A x. None: min(rank, 16), as released."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1)."""
+    targets: str = DEFAULT_LORA_TARGETS
+    """`all-linear`, `language-model`, or comma-separated layer names (`q_proj,v_proj`)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise OptionError(f"Expected --lora-rank >= 1, got {self.rank}.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise OptionError(f"Expected --lora-alpha > 0, got {self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise OptionError(f"Expected --lora-dropout in [0, 1), got {self.dropout}.")
+        if not self.targets.strip(", "):
+            raise OptionError(
+                f"Expected --lora-targets to be one of {', '.join(LORA_TARGET_PRESETS)} or "
+                f"comma-separated layer names, got {self.targets!r}."
+            )
+
+    @property
+    def scale_alpha(self) -> float:
+        """alpha, with the released default min(rank, 16) filled in."""
+        return float(min(self.rank, 16) if self.alpha is None else self.alpha)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 # Fields a resumed run may change; every other one must equal the run's (config.json).
 RESUMABLE_FIELDS: Final = frozenset(

@@ -25,13 +25,17 @@ loading: every weight must load) and a frozen projector is rebuilt from its seed
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from featurecache.errors import FeatureCacheError, OptionError
+from featurecache.pipelines.training.config import (  # torch-free, for the CLI
+    DEFAULT_LORA_TARGETS,
+    LORA_TARGET_PRESETS,
+    LoraSettings,
+)
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -45,49 +49,7 @@ __all__ = [
     "parameter_counts",
 ]
 
-LORA_TARGET_PRESETS: dict[str, str] = {
-    "all-linear": "every linear layer of the pretrained model (the release's peft 'all-linear')",
-    "language-model": "the language model's linear layers only",
-}
-DEFAULT_LORA_RANK = 32  # the paper's r
-DEFAULT_LORA_TARGETS = "all-linear"
 SHOWN_NAMES = 8  # layer-name suffixes listed in an error message
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters (CLI `--lora-rank`, `--lora-alpha`, `--lora-dropout`,
-    `--lora-targets`)."""
-
-    rank: int = DEFAULT_LORA_RANK
-    """r, the adapters' inner width (>= 1)."""
-    alpha: float | None = None
-    """Scale numerator: the update is (alpha / r) * B A x. None: min(rank, 16), as released."""
-    dropout: float = 0.0
-    """Dropout on the adapters' input, in [0, 1)."""
-    targets: str = DEFAULT_LORA_TARGETS
-    """`all-linear`, `language-model`, or comma-separated layer names (`q_proj,v_proj`)."""
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise OptionError(f"Expected --lora-rank >= 1, got {self.rank}.")
-        if self.alpha is not None and self.alpha <= 0:
-            raise OptionError(f"Expected --lora-alpha > 0, got {self.alpha}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise OptionError(f"Expected --lora-dropout in [0, 1), got {self.dropout}.")
-        if not self.targets.strip(", "):
-            raise OptionError(
-                f"Expected --lora-targets to be one of {', '.join(LORA_TARGET_PRESETS)} or "
-                f"comma-separated layer names, got {self.targets!r}."
-            )
-
-    @property
-    def scale_alpha(self) -> float:
-        """alpha, with the released default min(rank, 16) filled in."""
-        return float(min(self.rank, 16) if self.alpha is None else self.alpha)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
