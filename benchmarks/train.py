@@ -54,7 +54,7 @@ def _sizes(quick: bool) -> dict[str, Any]:
 
 def _write_cache(path: Path, shards: list[Path], teacher: Any, codec: str = "int8") -> Path:
     """What the build job writes, in-process (no Ray): one block per shard, teacher forward."""
-    from featurecache.format import CacheSpec, plan_blocks
+    from featurecache.format import CacheSpec, plan_blocks, sample_digest
     from featurecache.samples import decode_image, iter_samples
     from featurecache.writer import create_cache
 
@@ -69,7 +69,8 @@ def _write_cache(path: Path, shards: list[Path], teacher: Any, codec: str = "int
         for i in range(0, len(rows), 32):
             chunk = rows[i : i + 32]
             feats = teacher([decode_image(*s.image()) for s in chunk])
-            bw.append([s.key for s in chunk], {k: v.numpy() for k, v in feats.items()})
+            digests = [sample_digest({"": s.image()[0]}) for s in chunk]
+            bw.append([s.key for s in chunk], {k: v.numpy() for k, v in feats.items()}, digests)
         writer.mark_done(bw.finish())
     return path
 
@@ -149,9 +150,13 @@ def _interleaved(
 
 
 def _stream_times(shards: list[Path], cache: Path, sizes: dict[str, Any]) -> dict[str, float]:
-    """Seconds per batch: frames only, frames + in-memory targets, frames + cache join."""
+    """Seconds per batch: frames + in-memory targets, frames + cache join (digest check
+    included), and the digest check alone (SHA-256 of each frame's image bytes + the compare
+    with the stored digests, over bytes already in memory)."""
+    from featurecache.format import sample_digest
     from featurecache.pipelines.training.stream import StreamConfig, iter_batches
     from featurecache.reader import open_cache
+    from featurecache.samples import iter_samples
 
     base = {"shards": shards, "image_size": sizes["image"], "batch_size": sizes["batch"]}
     opened = open_cache(cache)
@@ -171,9 +176,22 @@ def _stream_times(shards: list[Path], cache: Path, sizes: dict[str, Any]) -> dic
             n += 1
         return n
 
-    out: dict[str, list[float]] = {"memory": [], "join": []}
-    for _ in range(3):  # interleaved repeats: the machine's load shifts under both alike
-        for name, fn in (("memory", frames_in_memory), ("join", frames_joined)):
+    images = [(s.key, s.image()[0]) for shard in shards for s in iter_samples(shard)]
+
+    def digest_check() -> int:
+        n = 0
+        for i in range(0, len(images), sizes["batch"]):
+            batch = images[i : i + sizes["batch"]]
+            digests = [sample_digest({"": png}) for _, png in batch]
+            assert not opened.digest_mismatches([k for k, _ in batch], digests)
+            n += 1
+        return n
+
+    out: dict[str, list[float]] = {"memory": [], "join": [], "digest": []}
+    for _ in range(3):  # interleaved repeats: the machine's load shifts under all alike
+        for name, fn in (
+            ("memory", frames_in_memory), ("join", frames_joined), ("digest", digest_check)
+        ):  # fmt: skip
             start = time.perf_counter()
             batches = fn()
             out[name].append((time.perf_counter() - start) / batches)
@@ -271,6 +289,13 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
                 "cache join", [overhead], "%", dev_name,
                 join_ms=round(stream["join"] * 1e3, 2), memory_ms=round(stream["memory"] * 1e3, 2),
                 step_ms=round(step_s * 1e3, 1),
+            )
+        )  # fmt: skip
+        rows.append(
+            result(
+                "digest check per batch (sha256 of frame bytes vs stored), % of cached step",
+                "cache join", [stream["digest"] / step_s * 100], "%", dev_name,
+                digest_ms=round(stream["digest"] * 1e3, 3), step_ms=round(step_s * 1e3, 1),
             )
         )  # fmt: skip
     table = report(rows, "train: cache vs resident teacher", json_path)
