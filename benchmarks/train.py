@@ -3,7 +3,9 @@
 Claims measured (same student, batch, data and seed in one run):
 1. steps/s and peak memory of `train()` with targets from the cache vs `--resident-teacher`, for
    the efficientnet-lite0 teacher and for a larger hf ViT teacher (ViT-Base shape, built from a
-   config): the gap grows with the teacher's size, the cached step does not.
+   config): the gap grows with the teacher's size, the cached step does not. Two students:
+   tiny-vla, and pi0-tiny (transformers' PI0ForConditionalGeneration in miniature, its own
+   flow-matching loss + alignment of its VLM's image tokens; `save_tiny_pi0`).
 2. the stream's own throughput (samples/s, frames + cache join, one process) against what the
    step consumes (batch x steps/s): the stream is not the bottleneck.
 3. the join's cost: the stream with the cache join vs the same stream with the targets held in
@@ -132,15 +134,15 @@ def _spawn(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _interleaved(
-    runs: dict[tuple[str, str], dict[str, Any]], rounds: int, chunk: int, skip: int
-) -> dict[tuple[str, str], list[float]]:
+    runs: dict[tuple[str, ...], dict[str, Any]], rounds: int, chunk: int, skip: int
+) -> dict[tuple[str, ...], list[float]]:
     """Per-step seconds of each run, trained `chunk` steps at a time in turn for `rounds`
     rounds; the first `skip` steps of every chunk (stream start, resume) are left out."""
     from featurecache.pipelines.training.config import TrainConfig
     from featurecache.pipelines.training.loop import train
     from featurecache.pipelines.training.metrics import read_metrics
 
-    out: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+    out: dict[tuple[str, ...], list[float]] = {key: [] for key in runs}
     for r in range(rounds):
         for key, cfg in runs.items():
             train(TrainConfig(**dict(cfg, steps=(r + 1) * chunk, resume=r > 0)))
@@ -205,6 +207,7 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
 
     from featurecache.pipelines.build.teachers import load_teacher
     from featurecache.pipelines.demo.sample_data import write_sample_data
+    from featurecache.pipelines.training.students.pi0 import save_tiny_pi0
 
     sizes = _sizes(quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,20 +234,26 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
             teacher = load_teacher(spec, [layer], device=device)
             caches[spec] = _write_cache(root / f"cache-{len(caches)}", shards, teacher)
             del teacher
-        student_options = {"image_size": sizes["image"], **sizes["student"]}
+        pi0 = save_tiny_pi0(root / "pi0", image_size=sizes["image"], patch_size=16)
+        students = {  # name -> the TrainConfig fields that pick it; both see the teachers' grid
+            "tiny-vla": {"student_options": {"image_size": sizes["image"], **sizes["student"]}},
+            "pi0-tiny": {"student": f"hf-pi0:{pi0}",
+                         "student_options": {"state_key": "positions.gripper"}},
+        }  # fmt: skip
         common = {
-            "frames": [str(s) for s in shards], "student_options": student_options,
+            "frames": [str(s) for s in shards],
             "batch_size": sizes["batch"], "progress": False,
             "plot": False, "tensorboard": False, "device": device,
         }  # fmt: skip
-        what = f"train step tiny-vla b{sizes['batch']} {sizes['image']}px"
-        runs = {}  # (spec, mode) -> TrainConfig kwargs
-        for spec, layer in teachers.items():
-            for mode in ("cache", "resident"):
-                cfg = dict(common, out=str(root / f"run-{len(runs)}"), teacher_layer=layer)
-                cfg |= {"cache": str(caches[spec])} if mode == "cache" else {
-                    "resident_teacher": spec}  # fmt: skip
-                runs[spec, mode] = cfg
+        runs = {}  # (student, spec, mode) -> TrainConfig kwargs
+        for name, chosen in students.items():
+            for spec, layer in teachers.items():
+                for mode in ("cache", "resident"):
+                    cfg = dict(common, **chosen, out=str(root / f"run-{len(runs)}"))
+                    cfg |= {"teacher_layer": layer}
+                    cfg |= {"cache": str(caches[spec])} if mode == "cache" else {
+                        "resident_teacher": spec}  # fmt: skip
+                    runs[name, spec, mode] = cfg
         # Peak memory: each mode alone in a fresh process (a few steps suffice).
         peaks = {
             key: _spawn({"config": dict(cfg, out=cfg["out"] + "-mem", steps=3), "warmup": 0})
@@ -254,25 +263,27 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
         # its run), so the machine's varying load falls on every mode alike.
         times = _interleaved(runs, sizes["rounds"], sizes["chunk"], sizes["warmup"])
         cached_steps = {}
-        for (spec, mode), step_s in times.items():
+        for (name, spec, mode), step_s in times.items():
             label = spec if not spec.startswith("hf:") else (
                 "vit-tiny (hf, config)" if quick else "vit-base (hf, config)")  # fmt: skip
+            what = f"train step {name} b{sizes['batch']} {sizes['image']}px, teacher {label}"
             row = result(
-                f"{what}, teacher {label}", mode, [1.0 / t for t in step_s], "steps/s", dev_name,
-                peak_mib=round(peaks[spec, mode]["peak_mib"], 1),
+                what, mode, [1.0 / t for t in step_s], "steps/s", dev_name,
+                peak_mib=round(peaks[name, spec, mode]["peak_mib"], 1),
             )  # fmt: skip
             if mode == "cache":
-                cached_steps[spec] = row
+                cached_steps[name, spec] = row
             else:
-                row.extra["cache_speedup_x"] = round(cached_steps[spec].median / row.median, 2)
+                cached = cached_steps[name, spec]
+                row.extra["cache_speedup_x"] = round(cached.median / row.median, 2)
                 row.extra["cache_saves_mib"] = round(
-                    peaks[spec, mode]["peak_mib"] - peaks[spec, "cache"]["peak_mib"], 1
+                    peaks[name, spec, mode]["peak_mib"] - peaks[name, spec, "cache"]["peak_mib"], 1
                 )
             rows.append(row)
 
         effnet = next(iter(teachers))
         stream = _stream_times(shards, caches[effnet], sizes)
-        step_s = 1.0 / cached_steps[effnet].median
+        step_s = 1.0 / cached_steps["tiny-vla", effnet].median
         consume = sizes["batch"] / step_s
         produce = sizes["batch"] / stream["join"]
         rows.append(
@@ -301,7 +312,10 @@ def run(json_path: str | None = None, quick: bool = False) -> list[Result]:
     table = report(rows, "train: cache vs resident teacher", json_path)
     if not quick:
         note = (
-            "Same tiny-vla student, batch, frames and seed. steps/s: all four runs train in one "
+            "Per student the same batch, frames and seed; pi0-tiny is transformers' "
+            "PI0ForConditionalGeneration in miniature (PaliGemma 64 wide + expert 32 wide, 2 "
+            "layers each, 7x7 image tokens, chunk 4; flow matching + alignment of VLM layer 1). "
+            "steps/s: all eight runs train in one "
             "process, interleaved in chunks of 8 steps (each chunk resumes its run), median of "
             "the per-step wall times (data wait included) without the first 2 steps of a chunk. "
             "peak_mib: each mode alone in a fresh process, the RSS high-water mark above the RSS "
