@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featurecache.errors import FeatureCacheError
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.stream import StreamConfig, iter_batches
+from featurecache.samples import BadFrameError, expand_frame_paths
 
 
 def probe_features(
@@ -34,8 +36,6 @@ def probe_features(
     device: str = "cpu",
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """(features (N, hidden) float32 mean-pooled visual tokens, labels, episode ids)."""
-    from featurecache.samples import expand_frame_paths
-
     loaded = load_run(run, device)
     stream = StreamConfig(
         shards=expand_frame_paths(list(frames)),
@@ -62,10 +62,12 @@ def _label(meta: dict, label_key: str, key: str) -> str:
     if label_key == "objects":
         objects = meta.get("positions", {}).get("objects")
         if not isinstance(objects, dict) or not objects:
-            raise KeyError(f"Expected positions.objects in the json of frame {key!r}, got none.")
+            raise BadFrameError(
+                f"Expected positions.objects in the json of frame {key!r}, got none."
+            )
         return "|".join(sorted(objects))
     if label_key not in meta:
-        raise KeyError(
+        raise BadFrameError(
             f"Expected a {label_key!r} field in the json of frame {key!r}, "
             f"got fields {sorted(meta)}."
         )
@@ -90,7 +92,7 @@ def probe_accuracy(
     x, y, episodes = probe_features(run, frames, label_key=label_key, device=device)
     unique = sorted(set(episodes))
     if len(unique) < 2:
-        raise ValueError(
+        raise FeatureCacheError(
             f"Expected frames from at least 2 episodes for a train/test split, got {len(unique)}."
         )
     random.Random(seed).shuffle(unique)
@@ -99,7 +101,7 @@ def probe_accuracy(
     is_test = np.array([e in test_eps for e in episodes])
     labels = np.array(y)
     if len(set(labels[~is_test])) < 2:
-        raise ValueError(
+        raise FeatureCacheError(
             f"Expected at least 2 values of {label_key!r} among the probe's training episodes, "
             f"got {sorted(set(labels[~is_test]))}."
         )
@@ -128,7 +130,7 @@ def _presence_accuracy(x: np.ndarray, labels: np.ndarray, is_test: np.ndarray) -
         probe.fit(x[~is_test], y[~is_test])
         scores.append(balanced_accuracy_score(y[is_test], probe.predict(x[is_test])))
     if not scores:
-        raise ValueError(
+        raise FeatureCacheError(
             "Expected an object class both present and absent in train and test episodes."
         )
     return float(np.mean(scores))

@@ -18,7 +18,7 @@ from featurecache.pipelines.training.evaluate import evaluate_run
 from featurecache.pipelines.training.metrics import read_metrics
 from featurecache.pipelines.training.probe import probe_accuracy
 from featurecache.pipelines.training.stream import StreamConfig, iter_batches
-from featurecache.samples import expand_frame_paths
+from featurecache.samples import BadFrameError, expand_frame_paths
 
 from ._train_helpers import (
     TEACHER,
@@ -118,5 +118,5 @@ def test_evaluate_cli_with_cache_reports_cosine(run: Path, cache: Path, sample_d
 def test_probe_accuracy(run: Path, sample_data_dir: Path) -> None:
     acc = probe_accuracy(run, [str(sample_data_dir)], label_key="phase")
     assert 0.0 <= acc <= 1.0
-    with pytest.raises(KeyError, match="nonexistent"):
+    with pytest.raises(BadFrameError, match="nonexistent"):
         probe_accuracy(run, [str(sample_data_dir)], label_key="nonexistent")
