@@ -44,7 +44,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0,)
     """One pair of runs (plain, aligned) per seed; the data stay the same."""
     workers: int = 1
-    """Ray teacher actors of the build."""
+    """Teacher workers of the build: 1 builds in-process, more run a local Ray job."""
     progress: bool = True
     """Show progress bars."""
 

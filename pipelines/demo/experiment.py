@@ -2,7 +2,8 @@
 
     1. sample-data  train (plain tables) + held-out train episodes + the three OOD splits
     2. build        an int8 cache of a real ImageNet-pretrained teacher (efficientnet-lite0 at
-                    112 px, block 10: a 7x7 grid like tiny-vla's), as a local Ray job
+                    112 px, block 10: a 7x7 grid like tiny-vla's); in-process, or a local
+                    Ray job with workers > 1
     3. train        tiny-vla twice per seed, same data: lambda 0 (plain) and lambda 0.2 (aligned);
                     no teacher in the training process, targets come from the cache
     4. evaluate     (b) action error on every split over the live action dims; the alignment

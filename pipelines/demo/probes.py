@@ -8,8 +8,8 @@ episode is on both sides):
 - `objects`: which objects (colour + shape) are on the table: one logistic-regression probe per
   object class on the mean-pooled tokens, balanced accuracy (chance 0.5), averaged over classes.
 - `colours`: the same per colour (is a red object on the table?).
-- `positions`: ridge regression of the gripper's and the plate's table xy from the flattened
-  token grid, held-out R^2 (0 = no better than the mean position).
+- `gripper xy`, `plate xy`: ridge regression of the gripper's / the plate's table xy from the
+  flattened token grid, held-out R^2 (0 = no better than the mean position).
 
 Features come from a trained run's student at its aligned layer (`run_features`), from a student
 at its random init (`student_features`, the untrained reference) or from a teacher cache
@@ -31,8 +31,8 @@ from featurecache.pipelines.training.stream import StreamConfig, iter_batches
 from featurecache.pipelines.training.students.base import Student
 from featurecache.samples import expand_frame_paths
 
-PROBES: tuple[str, ...] = ("objects", "colours", "positions")
-CHANCE: dict[str, float] = {"objects": 0.5, "colours": 0.5, "positions": 0.0}
+PROBES: tuple[str, ...] = ("objects", "colours", "gripper xy", "plate xy")
+CHANCE: dict[str, float] = {"objects": 0.5, "colours": 0.5, "gripper xy": 0.0, "plate xy": 0.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +124,16 @@ def probe_scores(
 
     objects = [set(m["positions"]["objects"]) for m in features.meta]
     colours = [{name.split(" ")[0] for name in s} for s in objects]
-    xy = np.array(
-        [m["positions"]["gripper"][:2] + m["positions"]["plate"][:2] for m in features.meta]
-    )  # (N, 4): gripper x, y, plate x, y
-    ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(0, 5, 6)))
-    ridge.fit(flat[~test], xy[~test])
+
+    def position(part: str) -> float:
+        xy = np.array([m["positions"][part][:2] for m in features.meta])  # (N, 2)
+        ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(0, 5, 6)))
+        ridge.fit(flat[~test], xy[~test])
+        return float(ridge.score(flat[test], xy[test]))
+
     return {
         "objects": presence(objects),
         "colours": presence(colours),
-        "positions": float(ridge.score(flat[test], xy[test])),
+        "gripper xy": position("gripper"),
+        "plate xy": position("plate"),
     }

@@ -24,7 +24,8 @@ PROBE_MARGIN = 0.10  # success: presence probes >= chance + 0.10 balanced accura
 PROBE_LABELS = {
     "objects": "objects on the table (balanced accuracy)",
     "colours": "colours on the table (balanced accuracy)",
-    "positions": "gripper + plate xy (ridge R²)",
+    "gripper xy": "gripper xy (ridge R²)",
+    "plate xy": "plate xy (ridge R²)",
 }
 
 
