@@ -203,12 +203,16 @@ def test_build_bad_inputs_before_any_teacher(tmp_path: Path) -> None:
     common = ("--teacher", "efficientnet-lite0@32", "--layers", "4", "--local", "--quiet")
     code, out = run("build", tmp_path / "nothing", "--out", tmp_path / "c.zarr", *common)
     assert code == 1 and "nothing" in one_error_line(out, "build")
-    code, out = run("build", "s3://bucket/frames.tar", "--out", tmp_path / "c.zarr", *common)
-    assert code == 4 and "s3://bucket/frames.tar" in one_error_line(out, "build")
+    code, out = run("build", "x://bucket/frames.tar", "--out", tmp_path / "c.zarr", *common)
+    assert code == 4 and "x://bucket/frames.tar" in one_error_line(out, "build")
     frames = tmp_path / "frames"
     write_sample_data(frames, frames=4, shard_size=4, image_size=16)
     code, out = run("build", frames, "--out", "x://bucket/c.zarr", *common)
     assert code == 4 and "x://bucket/c.zarr" in one_error_line(out, "build")
+    plugin = ("--teacher", "py:json:loads", "--layers", "4", "--local", "--quiet")
+    code, out = run("build", frames, "--out", tmp_path / "c.zarr", *plugin)  # a plug-in's bug
+    line = one_error_line(out, "build")
+    assert code == 1 and "py:json:loads" in line and "TypeError" in line and "internal" not in line
     (frames / "frames-000000.tar").write_bytes(b"")
     code, out = run("build", frames, "--out", tmp_path / "c.zarr", *common)
     assert code == 1 and "frames-000000.tar" in one_error_line(out, "build")

@@ -110,7 +110,15 @@ class PluginTeacher(Teacher):
         self.device = torch.device(device)
         self.grid = tuple(grid) if grid else None
         asked = tuple(str(x).strip() for x in layers)
-        self.plugin = load_factory(spec)(layers=list(asked), device=str(self.device))
+        factory = load_factory(spec)
+        try:
+            self.plugin = factory(layers=list(asked), device=str(self.device))
+        except Exception as exc:  # the plug-in's own failure, not featurecache's: say whose
+            raise UnknownTeacherError(
+                f"Expected the plug-in {spec!r} to build a teacher from layers={list(asked)}, "
+                f"device={str(self.device)!r}, got {type(exc).__name__}: {exc} (an error in the "
+                f"plug-in's code: rerun with --debug for its traceback)"
+            ) from exc
         if not isinstance(self.plugin, TeacherProtocol):
             missing = [
                 m
