@@ -106,8 +106,9 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
 @click.argument("frames", nargs=-1, required=True)
 @click.option(
     "--cache",
-    type=click.Path(exists=True, file_okay=False),
-    help="Feature cache with the teacher targets (from `featurecache build`).",
+    metavar="CACHE",
+    help="Feature cache with the teacher targets (from `featurecache build`): a folder, or "
+    "s3://BUCKET/PATH, gs://BUCKET/PATH (read with ranged GETs; credentials from the environment).",
 )
 @click.option(
     "--student",
@@ -154,7 +155,12 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     help="Linear layers that get adapters: all-linear (vision tower, connector, language model, "
     "as released; the default), language-model, or names such as q_proj,v_proj.",
 )
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="The run folder.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The run folder (local: checkpoints, metrics, TensorBoard; a URL is refused).",
+)
 @click.option(
     "--teacher-layer",
     help="Cache layer to align to (default: the cache's only layer).",
@@ -291,7 +297,7 @@ def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: A
     Loss = action loss (L1) + LAMBDA x (1 - cos) between the projected visual tokens of the
     student's --align-layer and the cached teacher tokens (int8 or fp16, read as stored). The
     teacher is never loaded: targets come from --cache, joined with FRAMES by sample key.
-    FRAMES: tar files, globs, brace patterns or folders.
+    FRAMES: tar files, globs, brace patterns or folders, local or s3://, gs:// (streamed).
     """
     from featurecache.pipelines.training.loop import train as run_training
 
@@ -319,8 +325,9 @@ def _is_worker() -> bool:
 @click.argument("frames", nargs=-1, required=True)
 @click.option(
     "--cache",
-    type=click.Path(exists=True, file_okay=False),
-    help="A cache of the run's teacher layer for FRAMES: also report the alignment cosine.",
+    metavar="CACHE",
+    help="A cache of the run's teacher layer for FRAMES (a folder or s3://, gs://): also report "
+    "the alignment cosine.",
 )
 @click.option(
     "--json",

@@ -11,7 +11,8 @@ once per camera, as cache layer `<camera>/<layer>` (`featurecache.format.camera_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,8 @@ from featurecache.format import (
     camera_layer,
     plan_blocks,
 )
-from featurecache.pipelines.build.frames import FrameShard, shards_from_frames
+from featurecache.lease import holds_only_leases
+from featurecache.pipelines.build.frames import FrameShard, TarShard, shards_from_frames
 from featurecache.samples import DEFAULT_CAMERA, check_camera
 from featurecache.store import is_url, open_store
 
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 OnBadFrame = Literal["fail", "skip"]
+SCAN_THREADS = 16  # tar shards whose keys the plan lists at once
 
 
 class BuildError(FeatureCacheError):
@@ -59,8 +62,9 @@ class BuildConfig:
         (key, {camera: image}) pairs (wrapped in an IterableShard). One block per shard.
     teacher: "efficientnet-lite0[@R]", "hf:PATH_OR_ID", "hf-vlm:PATH_OR_ID" or "py:MODULE:FACTORY".
     layers: the teacher's layer names to cache ("4", "16", "head"...).
-    out: the cache folder (created; an existing cache of the same spec resumes). On a cluster,
-        `frames` and `out` must be paths that every node sees (a shared filesystem).
+    out: the cache folder or object-store prefix (s3://BUCKET/PATH, gs://BUCKET/PATH; created;
+        an existing cache of the same spec resumes). On a cluster, `frames` and `out` are paths
+        every node sees (a shared file system) or URLs (no shared file system needed).
     codec: "int8c" (int8 with per-token and per-layer per-channel scales, ~2x smaller than
         fp16), "int8" (per-token absmax only, ~2x smaller) or "fp16" (lossless). See FORMAT.md.
     calibration_frames: int8c: frames of the first shard whose teacher features calibrate each
@@ -178,15 +182,30 @@ class BuildPlan:
         return sum(count for _, count in self.shards)
 
 
+def _keys_of(shards: Sequence[FrameShard]) -> Iterator[Iterable[str]]:
+    """Each shard's keys, in order. Tar shards are listed SCAN_THREADS at a time (in an object
+    store each is a few ranged reads: latency, not CPU); other shards when their turn comes."""
+    pool = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="scan")
+    try:
+        futures = [
+            pool.submit(lambda s: list(s.iter_keys()), s) if isinstance(s, TarShard) else None
+            for s in shards
+        ]
+        for shard, future in zip(shards, futures, strict=True):
+            yield shard.iter_keys() if future is None else future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 def scan_shards(shards: Sequence[FrameShard]) -> list[tuple[FrameShard, int]]:
     """(shard, sample count) per shard, from its keys (tar headers only). Raises BuildError for
     an empty shard or a key that repeats (within a shard or across shards, naming both)."""
     seen: dict[str, str] = {}
     out = []
-    for shard in shards:
+    for shard, keys in zip(shards, _keys_of(shards), strict=True):
         source = shard.name
         count = 0
-        for key in shard.iter_keys():
+        for key in keys:
             if key in seen:
                 where = "twice in" if seen[key] == source else f"in {seen[key]} and in"
                 raise BuildError(f"Expected unique sample keys, got {key!r} {where} {source}.")
@@ -198,21 +217,22 @@ def scan_shards(shards: Sequence[FrameShard]) -> list[tuple[FrameShard, int]]:
     return out
 
 
-def check_output(out: Path) -> None:
-    """Refuse an output that is a file, or a non-empty folder that is not a cache."""
-    if not out.exists():
-        return
-    if not out.is_dir():
+def check_output(out: str | Path) -> None:
+    """Refuse an output that is a file, or a non-empty folder (or object-store prefix) that is
+    not a cache."""
+    st = open_store(out)
+    root = st.local_root
+    if root is not None and root.exists() and not root.is_dir():
         raise NotACacheError(
             f"Expected --out to be a cache folder or a new path, got a file: {out}"
         )
-    if any(out.iterdir()):
-        if not (out / GROUP_METADATA).exists():
-            raise NotACacheError(
-                f"Expected --out to be a cache, an empty folder or a new path, got a non-empty "
-                f"folder that is not a cache: {out}"
-            )
-        load_state(open_store(out))  # NotACacheError / FormatVersionError: a foreign group
+    if st.exists(GROUP_METADATA):
+        load_state(st)  # NotACacheError / FormatVersionError: a foreign group
+    elif not (st.is_empty() or holds_only_leases(st)):  # leases: a build killed at creation
+        raise NotACacheError(
+            f"Expected --out to be a cache, an empty folder or a new path, got a non-empty "
+            f"{'folder' if root is not None else 'object-store prefix'} that is not a cache: {out}"
+        )
 
 
 def load_build_teacher(config: BuildConfig, device: str) -> Any:
@@ -243,7 +263,7 @@ def cache_layers(teacher_layers: Sequence[LayerSpec], cameras: Sequence[str]) ->
 def prepare_build(config: BuildConfig, teacher: Any | None = None) -> tuple[BuildPlan, Any]:
     """Check everything and plan the build; returns (plan, the teacher loaded on the CPU)."""
     shards = shards_from_frames(config.frames)
-    check_output(Path(config.out))
+    check_output(config.out)
     counted = scan_shards(shards)
     if teacher is None:
         teacher = load_build_teacher(config, "cpu")

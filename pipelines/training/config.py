@@ -9,6 +9,7 @@ from typing import Any, Final, Literal
 
 from featurecache.errors import OptionError
 from featurecache.pipelines.training.errors import ResumeMismatchError
+from featurecache.store import local_path
 
 LORA_TARGET_PRESETS: dict[str, str] = {
     "all-linear": "every linear layer of the pretrained model (the release's peft 'all-linear')",
@@ -106,12 +107,14 @@ class TrainConfig:
     """Everything a training run depends on; saved as RUN/config.json."""
 
     frames: tuple[str, ...]
-    """Frame shards: tar files, globs, brace patterns or folders (samples.expand_frame_paths)."""
+    """Frame shards: tar files, globs, brace patterns or folders, local or s3://, gs:// URLs
+    (samples.expand_frame_paths)."""
     out: str
-    """The run folder (config.json, metrics.jsonl, checkpoint/, losses.png, summary.json)."""
+    """The run folder (config.json, metrics.jsonl, checkpoint/, losses.png, summary.json); local
+    only (a URL raises UnsupportedURLError)."""
     cache: str | None = None
-    """The feature cache of the teacher targets. Needed when lambda_align > 0 unless
-    resident_teacher is given."""
+    """The feature cache of the teacher targets, a folder or an s3://, gs:// URL. Needed when
+    lambda_align > 0 unless resident_teacher is given."""
     student: str = "tiny-vla"
     """`tiny-vla`, `hf-vlm:PATH` (alias `hf-llava:PATH`) or `hf-pi0:PATH`."""
     student_options: dict[str, Any] = field(default_factory=dict)
@@ -189,6 +192,7 @@ class TrainConfig:
         self.frames = tuple(str(f) for f in self.frames)
         if not self.frames:
             raise OptionError("Expected FRAMES: at least one frames pattern, got none.")
+        local_path(self.out, "--out (the run folder)")  # never a local folder named `s3:`
         for name in FINITE_FIELDS:  # inf and nan pass `>=` checks (inf) or make a NaN loss
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):

@@ -47,7 +47,7 @@ from featurecache.pipelines.vlm import (
     prepare_batch,
 )
 
-__all__ = ["HFVLM", "HF_VLM_DEFAULTS"]
+__all__ = ["HFVLM", "HF_VLM_DEFAULTS", "language_model_prefixes"]
 
 HF_VLM_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
@@ -89,9 +89,7 @@ class HFVLM(Student):
         self.backbone = vlm.model.model  # the base model: no LM head (actions, not text)
         vlm.model = None  # drop the LM head; the backbone is ours now
         self._vlm = vlm
-        self.lora_language_prefixes = tuple(
-            n for n in _LANGUAGE_MODELS if hasattr(self.backbone, n)
-        )
+        self.lora_language_prefixes = language_model_prefixes(self.backbone)
         self._options, self._trust = o, trust_remote_code
         self.spec = f"hf-vlm:{path}"
         self.image_token_id = vlm.image_token_id
@@ -156,6 +154,12 @@ class HFVLM(Student):
         aligned = gather_tokens(out.hidden_states[align_layer], positions)  # (B, T, d)
         final = last_token_states(out.last_hidden_state, inputs["attention_mask"])
         return StudentOutput(actions=self.head(final).float(), visual=aligned)
+
+
+def language_model_prefixes(backbone: torch.nn.Module) -> tuple[str, ...]:
+    """The module name(s) of a VLM base model's language model (`language_model`, or
+    Idefics3/SmolVLM's `text_model`): where `--lora-targets language-model` puts adapters."""
+    return tuple(name for name in _LANGUAGE_MODELS if hasattr(backbone, name))
 
 
 def _native_size(vlm: Any) -> int:

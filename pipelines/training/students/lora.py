@@ -42,6 +42,7 @@ __all__ = [
     "LORA_TARGET_PRESETS",
     "LoraSettings",
     "ParameterCounts",
+    "adapter_parameters",
     "apply_lora",
     "checkpoint_tensors",
     "expected_checkpoint_names",
@@ -121,6 +122,13 @@ def lora_target_names(
             f"Expected --lora-targets {targets!r} to select linear layers of {owner}, got none."
         )
     return chosen
+
+
+def adapter_parameters(base: nn.Module, names: Sequence[str], rank: int) -> int:
+    """Parameters LoRA of `rank` adds on the named nn.Linear layers of `base`: r x (in + out)
+    each (A: r x in, B: out x r). Works on the meta device (shapes only)."""
+    modules = dict(base.named_modules())
+    return sum(rank * (modules[n].in_features + modules[n].out_features) for n in names)
 
 
 def apply_lora(student: nn.Module, settings: LoraSettings, *, seed: int = 0) -> list[str]:

@@ -292,3 +292,24 @@ def test_lora_under_torchrun_two_processes(tiny_vlm_paths, sample_data_dir, tmp_
         out_loaded = loaded.student(images, TEXTS, loaded.align_layer)
         base = load_student(f"hf-vlm:{tiny_vlm_paths['llava']}").eval()
         assert not torch.allclose(out_loaded.visual, base(images, TEXTS, loaded.align_layer).visual)
+
+
+def test_the_benchmarks_counts_are_what_peft_trains(tiny_vlm_paths, pi0_path) -> None:
+    """benchmarks/lora.py counts real-size students on the meta device with r x (in + out) per
+    adapted layer; on tiny models its counts equal the parameters of real LoRA students."""
+    from transformers import AutoModelForImageTextToText, PI0ForConditionalGeneration
+
+    from featurecache.benchmarks.lora import student_counts
+
+    idefics3 = tiny_vlm_paths["idefics3"]
+    cases = [
+        (f"hf-vlm:{idefics3}", AutoModelForImageTextToText, idefics3),
+        (f"hf-pi0:{pi0_path}", PI0ForConditionalGeneration, pi0_path),
+    ]
+    for spec, cls, path in cases:
+        counts = student_counts(cls.from_pretrained(path), rank=4)
+        full = parameter_counts(load_student(spec))
+        assert counts["full"] == {"trainable": full.trainable, "total": full.total}, spec
+        for targets in ("all-linear", "language-model"):
+            real = parameter_counts(load_student(spec, lora=LoraSettings(rank=4, targets=targets)))
+            assert counts[f"lora {targets}"] == {"trainable": real.trainable, "total": real.total}
