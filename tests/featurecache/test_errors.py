@@ -141,7 +141,7 @@ def test_fingerprint_and_plan_mismatch(tmp_path: Path) -> None:
 
 def test_bad_specs() -> None:
     with pytest.raises(fc.SpecError, match="layer name"):
-        fc.LayerSpec("a/b", 4, 8)
+        fc.LayerSpec("a/b/c", 4, 8)
     with pytest.raises(fc.SpecError, match="tokens"):
         fc.LayerSpec("a", 0, 8)
     with pytest.raises(fc.SpecError, match="codec"):
