@@ -18,6 +18,7 @@ from featurecache.format import LayerSpec
 from featurecache.pipelines.training import loop
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.evaluate import evaluate_run
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.metrics import read_metrics
 from featurecache.pipelines.training.students import (
@@ -262,6 +263,10 @@ def test_pi0_lora_run(tmp_path, shards, cache, monkeypatch) -> None:
     assert torch.equal(out.actions, seen["out"].actions) and torch.equal(
         out.visual, seen["out"].visual
     )
+    # `featurecache evaluate` runs it too: the model's sampler, the state from each frame's json
+    report = evaluate_run(tmp_path / "run", [str(s) for s in shards], cache=str(cache))
+    assert report["samples"] == 16 and 0 < report["action_l1"] < 10
+    assert -1 <= report["align_cosine"] <= 1
 
 
 @pytest.mark.slow
