@@ -183,7 +183,7 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     type=click.Choice(["l1", "mse"]),
     default=DEFAULTS["loss"],
     show_default=True,
-    help="Action loss.",
+    help="Action loss (hf-pi0 trains with its own flow-matching loss instead).",
 )
 @click.option(
     "--steps",

@@ -134,7 +134,7 @@ class TrainConfig:
     lambda_align: float = 0.2
     """Weight of the alignment loss; 0 trains the plain action-only baseline."""
     loss: Literal["l1", "mse"] = "l1"
-    """Action loss."""
+    """Action loss of students that have none of their own (pi0 trains with its flow matching)."""
     steps: int = 300
     """Optimizer steps in total (a resumed run continues up to this count)."""
     batch_size: int = 16
