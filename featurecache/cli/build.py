@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from featurecache.format import DEFAULT_SHARD_ROWS
+from featurecache.format import CODECS, DEFAULT_CODEC, DEFAULT_SHARD_ROWS
 from featurecache.pipelines.demo.config import SPLITS
 
 
@@ -120,10 +120,12 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
 )
 @click.option(
     "--codec",
-    type=click.Choice(["int8", "fp16"]),
-    default="int8",
+    type=click.Choice(list(CODECS)),
+    default=DEFAULT_CODEC,
     show_default=True,
-    help="int8: per-token absmax, ~2x smaller than fp16; fp16: lossless.",
+    help="int8c: int8 with per-token and per-channel scales (calibrated on the first frames), "
+    "~2x smaller than fp16, mean cosine >= 0.9999 on every teacher measured; int8: per-token "
+    "scales only (loses precision with outlier channels); fp16: lossless.",
 )
 @click.option(
     "--batch-size",

@@ -21,6 +21,7 @@ from featurecache.completion import load_state
 from featurecache.errors import FeatureCacheError, NotACacheError
 from featurecache.format import (
     CODECS,
+    DEFAULT_CODEC,
     DEFAULT_SHARD_ROWS,
     GROUP_METADATA,
     Block,
@@ -65,8 +66,9 @@ class BuildConfig:
     out: the cache folder or object-store prefix (s3://BUCKET/PATH, gs://BUCKET/PATH; created;
         an existing cache of the same spec resumes). On a cluster, `frames` and `out` are paths
         every node sees (a shared file system) or URLs (no shared file system needed).
-    codec: "int8c" (int8 with per-token and per-layer per-channel scales, ~2x smaller than
-        fp16), "int8" (per-token absmax only, ~2x smaller) or "fp16" (lossless). See FORMAT.md.
+    codec: "int8c" (the default: int8 with per-token and per-layer per-channel scales, ~2x
+        smaller than fp16), "int8" (per-token absmax only, ~2x smaller; misses the fidelity
+        targets with outlier channels) or "fp16" (lossless). See FORMAT.md.
     calibration_frames: int8c: frames of the first shard whose teacher features calibrate each
         layer's channel scale (run by the driver, before any block is written).
     batch_size: frames per teacher forward.
@@ -99,7 +101,7 @@ class BuildConfig:
     teacher: str
     layers: Sequence[str]
     out: str | Path
-    codec: str = "int8"
+    codec: str = DEFAULT_CODEC
     calibration_frames: int = 16
     batch_size: int = 32
     shard_rows: int = DEFAULT_SHARD_ROWS

@@ -141,8 +141,10 @@ def test_build_hf_teacher_equals_direct_forward(
     assert cache.spec.fingerprint == load_teacher(spec, ["2", "4"]).fingerprint()
     for layer in ("2", "4"):
         got = cache.read(keys, layer)
-        # int8 per-token absmax: error <= scale / 2 = absmax / 254 per token
-        bound = want[layer].abs().amax(-1, keepdim=True) / 254 + 1e-6
+        # int8c (the default; int8 has c = 1): error <= scale * c / 2, scale = absmax(x / c) / 127
+        c = cache.channel_scale(layer)
+        c = torch.ones(want[layer].shape[-1]) if c is None else torch.from_numpy(c)
+        bound = (want[layer] / c).abs().amax(-1, keepdim=True) / 254 * c + 1e-6
         assert ((got - want[layer]).abs() <= bound * 1.01).all()
 
 
