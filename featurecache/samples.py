@@ -39,7 +39,8 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from featurecache.errors import FeatureCacheError, InvalidKeyError
-from featurecache.store import local_path
+from featurecache.store import is_url, local_path
+from featurecache.store_files import expand_url, open_object
 
 __all__ = [
     "DEFAULT_CAMERA",
@@ -302,6 +303,8 @@ def _checked(
 def _open(tar: str | Path | IO[bytes], stream: bool) -> tarfile.TarFile:
     mode = "r|*" if stream else "r:*"
     try:
+        if is_url(tar):  # an object in a store: streamed, or seekable by ranged reads
+            return tarfile.open(fileobj=open_object(tar, sequential=stream), mode=mode)
         if isinstance(tar, str | Path):
             return tarfile.open(tar, mode)
         return tarfile.open(fileobj=tar, mode=mode)
@@ -322,7 +325,7 @@ def _check_complete(tar: str | Path | IO[bytes], offset: int, source: str) -> No
     naming the shard when it is missing. Streams (pipes) cannot be checked."""
     if not isinstance(tar, str | Path):
         return
-    with tarfile.open(tar, "r:*") as whole:  # offsets count uncompressed bytes, as here
+    with _open(tar, stream=False) as whole:  # offsets count uncompressed bytes, as here
         assert whole.fileobj is not None
         whole.fileobj.seek(offset)
         end = whole.fileobj.read(tarfile.BLOCKSIZE)
@@ -382,28 +385,33 @@ def iter_samples(tar: str | Path | IO[bytes], source: str | None = None) -> Iter
         _check_complete(tar, handle.offset, source)
 
 
-def expand_frame_paths(patterns: Sequence[str | Path] | str | Path) -> list[Path]:
+def expand_frame_paths(patterns: Sequence[str | Path] | str | Path) -> list[Path | str]:
     """Tar shards named by `patterns`, in the given order, each pattern's matches sorted.
 
     A pattern is a tar file, a glob (`d/*.tar`), a brace range (`d/frames-{000000..000009}.tar`,
-    expanded before globbing) or a folder (its `*.tar`, sorted). A path named twice is kept once.
-    Raises FramesNotFoundError naming the pattern when one matches nothing.
+    expanded before globbing) or a folder (its `*.tar`, sorted): local (Paths returned) or in an
+    object store (s3://, gs://, memory://: listed; URLs returned). A path named twice is kept
+    once. Raises FramesNotFoundError naming the pattern when one matches nothing.
     """
     if isinstance(patterns, str | Path):
         patterns = [str(patterns)]
     if not patterns:
         raise FramesNotFoundError("Expected at least one frames pattern, got none.")
-    out: list[Path] = []
-    seen: set[Path] = set()
+    out: list[Path | str] = []
+    seen: set[Path | str] = set()
     for pattern in patterns:
-        matches: list[Path] = []
+        matches: list[Path | str] = []
         for expanded in braceexpand(str(pattern)):
-            path = local_path(expanded, f"FRAMES ({pattern!r})").expanduser()
-            if path.is_dir():
+            url = is_url(expanded) and not expanded.startswith("file://")
+            path = Path() if url else local_path(expanded, f"FRAMES ({pattern!r})").expanduser()
+            found = expand_url(expanded) if url else []  # UnsupportedURLError for x://, http://
+            if found or (url and glob.has_magic(expanded)):
+                matches += found
+            elif not url and path.is_dir():
                 matches += sorted(p for p in path.glob("*.tar") if p.is_file())
-            elif glob.has_magic(expanded):
+            elif not url and glob.has_magic(expanded):
                 matches += sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
-            elif path.is_file():
+            elif not url and path.is_file():
                 matches.append(path)
             else:
                 raise FramesNotFoundError(
@@ -416,7 +424,7 @@ def expand_frame_paths(patterns: Sequence[str | Path] | str | Path) -> list[Path
                 f"got no match."
             )
         for path in matches:
-            resolved = path.resolve()
+            resolved = path.resolve() if isinstance(path, Path) else path
             if resolved not in seen:
                 seen.add(resolved)
                 out.append(path)

@@ -30,7 +30,7 @@ import contextlib
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -59,6 +59,19 @@ def open_store(location: str | Path) -> Store:
     if parts.scheme not in OBJECT_SCHEMES or not parts.netloc:
         raise UnsupportedURLError(f"Expected {URL_HELP}, got {str(location)!r}")
     return ObjectStore(parts.scheme, parts.netloc, parts.path.strip("/"))
+
+
+def split_url(location: str | Path) -> tuple[Store, str]:
+    """(a store, the object's key in it) for the object at `location`: the bucket's root and
+    the path for s3://BUCKET/KEY, gs://..., memory://NAME/KEY; the parent folder and the file
+    name for a local path. UnsupportedURLError for other schemes."""
+    if not is_url(location) or urlsplit(str(location)).scheme == "file":
+        path = Path(urlsplit(str(location)).path) if is_url(location) else Path(location)
+        return LocalStore(path.parent), path.name
+    parts = urlsplit(str(location))
+    if parts.scheme not in OBJECT_SCHEMES or not parts.netloc:
+        raise UnsupportedURLError(f"Expected {URL_HELP}, got {str(location)!r}")
+    return ObjectStore(parts.scheme, parts.netloc, ""), parts.path.strip("/")
 
 
 def local_path(location: str | Path, what: str = "path") -> Path:
@@ -140,6 +153,11 @@ class Store(ABC):
         """The last `n` bytes (fewer if the object is shorter)."""
 
     @abstractmethod
+    def iter_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The whole object in order, in pieces of about `chunk_bytes`: one request, streamed
+        (a frame tar read once from start to end)."""
+
+    @abstractmethod
     def size(self, key: str) -> int:
         """The object's size in bytes."""
 
@@ -181,7 +199,7 @@ class Store(ABC):
         return None
 
     def is_empty(self) -> bool:
-        """Whether no object lives under the root."""
+        """Whether no object lives under the root (an object store: one short list request)."""
         return not self.list("")
 
 
@@ -220,6 +238,12 @@ class LocalStore(Store):
             return os.pread(fd, min(n, size), max(0, size - n))
         finally:
             os.close(fd)
+
+    def iter_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        self.requests += 1
+        with open(self.root / key, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                yield chunk
 
     def size(self, key: str) -> int:
         path = self.root / key
@@ -291,8 +315,20 @@ class LocalStore(Store):
         return ZarrLocalStore(self.root, read_only=read_only)
 
 
-_MEMORY: dict[str, Any] = {}  # memory://NAME -> obstore MemoryStore, per process
-_MEMORY_LOCK = threading.Lock()
+_BACKENDS: dict[str, Any] = {}  # "scheme://bucket" -> obstore store, per process (a client
+_BACKENDS_LOCK = threading.Lock()  # costs ~20 ms to make; memory:// must be one per NAME)
+
+
+def _backend(scheme: str, bucket: str) -> Any:
+    """The obstore store of `scheme://bucket`, made once per process (config from the
+    environment); memory://NAME is one MemoryStore per NAME per process."""
+    from obstore.store import MemoryStore, from_url
+
+    with _BACKENDS_LOCK:
+        name = f"{scheme}://{bucket}"
+        if name not in _BACKENDS:
+            _BACKENDS[name] = MemoryStore() if scheme == "memory" else from_url(name)
+        return _BACKENDS[name]
 
 
 class ObjectStore(Store):
@@ -305,37 +341,54 @@ class ObjectStore(Store):
         self.scheme, self.bucket, self.prefix = scheme, bucket, prefix
         self.location = f"{scheme}://{bucket}/{prefix}".rstrip("/")
         self.requests = 0
-        if scheme == "memory":
-            from obstore.store import MemoryStore
-
-            with _MEMORY_LOCK:
-                self.backend = _MEMORY.setdefault(bucket, MemoryStore())
-        else:
-            from obstore.store import from_url
-
-            self.backend = from_url(f"{scheme}://{bucket}")  # config from the environment
+        self.backend = _backend(scheme, bucket)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    @contextlib.contextmanager
+    def _failing(self, what: str, key: str) -> Iterator[None]:
+        """obstore's errors other than a missing object (FileNotFoundError, left as it is) as
+        one StorageError naming the object: no such bucket, credentials, endpoint, network."""
+        from obstore.exceptions import BaseError
+
+        try:
+            yield
+        except BaseError as exc:
+            detail = " ".join(str(exc).split("Debug source")[0].split())[:400]
+            raise StorageError(
+                f"Expected to {what} {self.url(key)!r}, got {type(exc).__name__}: {detail} (check "
+                f"the bucket, the credentials and the endpoint in the environment)"
+            ) from exc
+
     def read(self, key: str) -> bytes:
         self.requests += 1
-        return bytes(self._obs.get(self.backend, self._key(key)).bytes())
+        with self._failing("read", key):
+            return bytes(self._obs.get(self.backend, self._key(key)).bytes())
 
     def _read_merged(self, key: str, ranges: list[Range]) -> list[bytes]:
         self.requests += len(ranges)
         starts = [a for a, _ in ranges]
         ends = [b for _, b in ranges]
-        got = self._obs.get_ranges(self.backend, self._key(key), starts=starts, ends=ends)
+        with self._failing("read", key):
+            got = self._obs.get_ranges(self.backend, self._key(key), starts=starts, ends=ends)
         return [bytes(b) for b in got]
 
     def read_tail(self, key: str, n: int) -> bytes:
         self.requests += 1
-        got = self._obs.get(self.backend, self._key(key), options={"range": {"suffix": n}})
-        return bytes(got.bytes())
+        with self._failing("read", key):
+            got = self._obs.get(self.backend, self._key(key), options={"range": {"suffix": n}})
+            return bytes(got.bytes())
+
+    def iter_chunks(self, key: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        self.requests += 1
+        with self._failing("read", key):
+            for chunk in self._obs.get(self.backend, self._key(key)).stream(chunk_bytes):
+                yield bytes(chunk)
 
     def size(self, key: str) -> int:
-        return int(self._obs.head(self.backend, self._key(key))["size"])
+        with self._failing("look up", key):
+            return int(self._obs.head(self.backend, self._key(key))["size"])
 
     def put(self, key: str, data: bytes) -> None:
         from obstore.exceptions import BaseError
@@ -360,16 +413,25 @@ class ObjectStore(Store):
         full = self._key(prefix)
         cut = len(self.prefix) + 1 if self.prefix else 0
         out = []
-        for batch in self._obs.list(self.backend, prefix=full or None):
-            for meta in batch:
-                path = meta["path"]
-                if self.prefix and not path.startswith(self.prefix + "/"):
-                    continue  # a sibling prefix ("run1" vs "run10")
-                out.append((path[cut:], int(meta["size"])))
+        with self._failing("list", prefix):
+            for batch in self._obs.list(self.backend, prefix=full or None):
+                for meta in batch:
+                    path = meta["path"]
+                    if self.prefix and not path.startswith(self.prefix + "/"):
+                        continue  # a sibling prefix ("run1" vs "run10")
+                    out.append((path[cut:], int(meta["size"])))
         return sorted(out)
 
+    def is_empty(self) -> bool:
+        cut = f"{self.prefix}/" if self.prefix else ""
+        with self._failing("list", ""):
+            for batch in self._obs.list(self.backend, prefix=cut or None, chunk_size=10):
+                if any(meta["path"].startswith(cut) for meta in batch):
+                    return False
+        return True
+
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError), self._failing("delete", key):
             self._obs.delete(self.backend, self._key(key))
 
     def zarr_store(self, *, read_only: bool) -> Any:

@@ -49,6 +49,7 @@ from featurecache.completion import (
 from featurecache.errors import (
     BlockAlreadyDoneError,
     BlockCapacityError,
+    CacheBusyError,
     FeatureCacheError,
     FormatVersionError,
     InvalidFeaturesError,
@@ -84,6 +85,7 @@ from featurecache.format import (
     scales_path,
     shard_file,
 )
+from featurecache.lease import LEASE_PREFIX, Lease, acquire_lease, holds_only_leases
 from featurecache.store import Store, open_store
 
 _FP16_MAX = float(np.finfo(np.float16).max)
@@ -258,9 +260,10 @@ def create_cache(
     umask gives new folders; in an object store the group's zarr.json is written last, only if
     absent, so of two creators one wins and the other compares its spec and plan with it.
 
-    exclusive=True (a build's driver, local caches): the writer holds the build lock until
-    `writer.close()`; another exclusive writer (a second build) gets CacheBusyError, checked
-    before anything is compared or deleted, so `overwrite` never deletes a running build's work.
+    exclusive=True (a build's driver): the writer holds the build lock (local: fcntl; object
+    store: a renewed lease, featurecache.lease) until `writer.close()`; another exclusive writer
+    (a second build) gets CacheBusyError, checked before anything is compared or deleted, so
+    `overwrite` never deletes a running build's work.
 
     channel_scales: {layer: (dim,) positive floats}, required to create an int8c cache (see
     `calibrate_channel_scale`; fixed before any block is written, since blocks are written in
@@ -273,30 +276,58 @@ def create_cache(
     root = st.local_root
     if root is not None and root.exists() and not root.is_dir():
         raise NotACacheError(f"Expected a folder (or nothing) at {st.location!r}, got a file")
+    if root is None:
+        return _open_in_store(st, spec, table, channel_scales, overwrite, exclusive)
     lock: int | None = None
-    if not st.is_empty():
+    if st.exists(GROUP_METADATA) or not st.is_empty():
         existing = load_state(st)  # NotACacheError for a non-empty non-cache location
-        lock = acquire_build_lock(root, root) if exclusive and root is not None else None
+        lock = acquire_build_lock(root, root) if exclusive else None
         try:
             if not overwrite:
                 _check_same(st, existing, spec, table)
                 _check_same_channel_scales(st.location, spec, scales)
                 return CacheWriter(st.location, lock=lock)
-            if root is not None:
-                shutil.rmtree(root)
-            else:
-                st.delete_prefix("")
+            shutil.rmtree(root)
         except BaseException:
             if lock is not None:
                 os.close(lock)
             raise
     scales = _check_channel_scales(spec, channel_scales, required=True)
-    if root is None:
+    return _create_new(root, spec, table, lock, exclusive, scales)
+
+
+def _open_in_store(
+    st: Store,
+    spec: CacheSpec,
+    table: BlockTable,
+    channel_scales: Mapping[str, Any] | None,
+    overwrite: bool,
+    exclusive: bool,
+) -> CacheWriter:
+    """create_cache in an object store: with `exclusive`, the build lease first (lease.py: one
+    build at a time, no lock service needed); then reopen, overwrite or create (zarr.json last,
+    only if absent: of two creators one wins, the other compares its spec and plan)."""
+    lease = acquire_lease(st) if exclusive else None
+    try:
+        if st.exists(GROUP_METADATA) or not holds_only_leases(st):
+            existing = load_state(st)  # NotACacheError for a non-empty non-cache location
+            if not overwrite:
+                _check_same(st, existing, spec, table)
+                given = _check_channel_scales(spec, channel_scales, required=False)
+                _check_same_channel_scales(st.location, spec, given)
+                return CacheWriter(st.location, lease=lease)
+            for key, _ in st.list(""):  # zarr.json sorts last: the cache stops existing last
+                if not key.startswith(LEASE_PREFIX):
+                    st.delete(key)
+        scales = _check_channel_scales(spec, channel_scales, required=True)
         if not _write_new_cache(st, spec, table, scales):  # another creator won: same cache?
             _check_same(st, load_state(st), spec, table)
             _check_same_channel_scales(st.location, spec, scales)
-        return CacheWriter(st.location)
-    return _create_new(root, spec, table, lock, exclusive, scales)
+        return CacheWriter(st.location, lease=lease)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
 
 
 def _write_new_cache(
@@ -402,11 +433,14 @@ class CacheWriter:
     never holds the build lock). The writer of `create_cache(..., exclusive=True)` holds the
     build lock until `close()` (or the end of a `with` block, or of the process)."""
 
-    def __init__(self, path: str | Path, *, lock: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, lock: int | None = None, lease: Lease | None = None
+    ) -> None:
         self.path = Path(path)
         self.location = str(path)  # a local path or a URL
         self.store = open_store(path)
         self._lock = lock
+        self._lease = lease
         self.manifest: CacheState = load_state(self.store)  # spec, version, block table
         if self.manifest.version != FORMAT_VERSION:  # e.g. version 1: no digests array
             self.close()
@@ -420,10 +454,13 @@ class CacheWriter:
         return (CacheWriter, (self.location,))
 
     def close(self) -> None:
-        """Release the build lock, if this writer holds it (idempotent)."""
+        """Release the build lock or lease, if this writer holds one (idempotent)."""
         lock, self._lock = self._lock, None
         if lock is not None:
             os.close(lock)
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -463,7 +500,13 @@ class CacheWriter:
 
     def note_done(self, result: BlockResult) -> None:
         """Note in this writer's table a block that another process (a worker) committed, without
-        any I/O: the build driver's view, from which it writes snapshots."""
+        any I/O: the build driver's view, from which it writes snapshots. CacheBusyError when
+        this writer's lease was taken over (it stalled past its expiry): the driver stops."""
+        if self._lease is not None and self._lease.lost:
+            raise CacheBusyError(
+                f"Expected to hold the build lease of {self.location!r}, got it taken over by "
+                f"another build after ours expired (this build stalled); it continues the cache"
+            )
         self.manifest.table.mark(
             DoneRecord(index=result.index, count=result.count, checksum=result.checksum,
                        skipped=tuple(result.skipped)),

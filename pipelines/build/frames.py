@@ -34,6 +34,7 @@ from featurecache.samples import (
     iter_samples,
     to_rgb,
 )
+from featurecache.store import is_url
 
 __all__ = ["FrameShard", "IterableShard", "TarShard", "shards_from_frames"]
 
@@ -66,11 +67,12 @@ class FrameShard(ABC):
 
 
 class TarShard(FrameShard):
-    """A WebDataset tar shard; the block's source is the tar's absolute path."""
+    """A WebDataset tar shard, a local file or an object (s3://, gs://, memory://: streamed);
+    the block's source is the tar's absolute path or its URL."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.name = str(self.path.resolve())
+        self.path: str | Path = str(path) if is_url(path) else Path(path)
+        self.name = self.path if isinstance(self.path, str) else str(self.path.resolve())
 
     def __repr__(self) -> str:
         return f"TarShard({str(self.path)!r})"

@@ -34,7 +34,6 @@ import collections
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from featurecache.codecs import calibrate_channel_scale
@@ -47,6 +46,7 @@ from featurecache.pipelines.build.build_worker import (
 )
 from featurecache.pipelines.build.frames import FrameShard, IterableShard, TarShard
 from featurecache.pipelines.build.plan import BuildConfig, BuildError, BuildPlan, prepare_build
+from featurecache.store import open_store
 
 __all__ = [
     "BuildConfig",
@@ -179,7 +179,7 @@ def _calibrate(config: BuildConfig, plan: BuildPlan, teacher: Any) -> dict[str, 
     None: another codec, or an existing cache that is resumed (it keeps its stored scales)."""
     if plan.spec.codec not in CHANNEL_SCALED_CODECS:
         return None
-    if not config.overwrite and (Path(config.out) / GROUP_METADATA).exists():
+    if not config.overwrite and open_store(config.out).exists(GROUP_METADATA):
         return None
     shard = plan.shards[0][0]
     feats = calibration_features(config, teacher, shard)
@@ -385,18 +385,12 @@ def _summarize(
     todo_ids = {b.index for b in todo}
     new = sum(b.count + len(b.skipped) for b in done if b.index in todo_ids)
     per_row = sum(layer.tokens * layer.dim for layer in plan.spec.layers) * 2  # fp16 bytes
-    out = Path(config.out)
-    total_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    feature_bytes = sum(
-        p.stat().st_size
-        for sub in ("features", "scales")
-        if (out / sub).exists()
-        for p in (out / sub).rglob("*")
-        if p.is_file()
-    )
+    objects = open_store(config.out).list()  # one listing (local: a walk) for both sizes
+    total_bytes = sum(size for _, size in objects)
+    feature_bytes = sum(size for key, size in objects if key.startswith(("features/", "scales/")))
     raw = frames * per_row
     return BuildSummary(
-        out=str(out),
+        out=str(config.out),
         frames=frames,
         new_frames=new,
         skipped=sum(len(b.skipped) for b in done),
