@@ -116,7 +116,8 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
     "--out",
     required=True,
     type=click.Path(),
-    help="The cache folder to write (on a cluster: a path every node sees, like FRAMES).",
+    help="The cache to write: a folder, or s3://BUCKET/PATH, gs://BUCKET/PATH (on a cluster: "
+    "a URL, or a path every node sees).",
 )
 @click.option(
     "--codec",
@@ -242,7 +243,8 @@ def build(
 
     \b
     FRAMES: WebDataset tar shards: files, globs, brace ranges
-    ('d/frames-{000000..000009}.tar') or folders (their *.tar). Keys must be unique and
+    ('d/frames-{000000..000009}.tar') or folders (their *.tar), local or in a bucket
+    (s3://BUCKET/d/frames-*.tar, gs://...: listed, then streamed). Keys must be unique and
     hold no dots; a sample is key.png (+ key.json, key.action.npy), or one image per
     camera, key.<camera>.png, read with --cameras. LeRobot datasets: see
     'featurecache import lerobot'. Python iterables: BuildConfig(frames=[...]) in
@@ -270,6 +272,14 @@ def build(
     only unfinished blocks are written (the result equals an uninterrupted build). A dead
     worker is replaced and its block retried. A cache built with another teacher, layers or
     codec is refused (use --overwrite or another --out).
+
+    \b
+    Object stores: FRAMES and --out may be s3:// or gs:// URLs; credentials and endpoints
+    come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    AWS_ENDPOINT_URL; GOOGLE_APPLICATION_CREDENTIALS; instance roles) and are never stored.
+    Workers stream their tars and write whole shard objects: no shared file system needed.
+    One build at a time per cache (a renewed lease object; a killed build's is taken over by
+    a rerun on the same host at once, elsewhere after 60 s).
 
     \b
     Example:

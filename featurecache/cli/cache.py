@@ -20,7 +20,9 @@ def _ratio(x: float | None) -> str:
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect_cmd(cache: str, as_json: bool) -> None:
-    """Show a cache's spec, rows, layers, codec, blocks done, size on disk and compression."""
+    """Show a cache's spec, rows, layers, codec, blocks done, size on disk and compression.
+
+    CACHE: a folder, or s3://BUCKET/PATH, gs://BUCKET/PATH."""
     from featurecache.audit import inspect_cache
 
     info = inspect_cache(cache)
@@ -52,13 +54,15 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
     "--frames",
     multiple=True,
     help="Frame shards whose every key must be in the cache (or recorded as skipped): a tar, a "
-    "folder, a quoted glob or brace pattern (d/frames-{000000..000009}.tar); repeatable.",
+    "folder, a quoted glob or brace pattern (d/frames-{000000..000009}.tar), local or s3://, "
+    "gs://; repeatable.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def verify(cache: str, frames: tuple[str, ...], as_json: bool) -> None:
     """Check every done block: readable, checksums match, finite values, unique keys.
 
-    Exit status 0 only when every check holds."""
+    CACHE: a folder, or s3://BUCKET/PATH, gs://BUCKET/PATH. Exit status 0 only when every check
+    holds."""
     from featurecache.audit import verify_cache
 
     report = verify_cache(cache, frames=list(frames) or None)

@@ -42,7 +42,7 @@ EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1  # bad input data or files (any FeatureCacheError below); verify: problems
 EXIT_USAGE: Final = 2  # bad command line or option value (click's own status for usage errors)
 EXIT_CONFLICT: Final = 3  # the target exists with another spec, or another build holds it
-EXIT_REFUSED: Final = 4  # refused on purpose: a URL, code from a folder without permission
+EXIT_REFUSED: Final = 4  # refused on purpose: a URL scheme, code from a folder without permission
 EXIT_STORAGE: Final = 5  # the file system refused: disk full, read-only, permission, missing
 EXIT_INTERNAL: Final = 70  # a bug in featurecache (sysexits' EX_SOFTWARE): please report it
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C (128 + SIGINT)
@@ -78,7 +78,8 @@ Exit status:
   {EXIT_ERROR}    bad input data or files (frames, cache, run); verify: the cache has problems
   {EXIT_USAGE}    bad command line or option value
   {EXIT_CONFLICT}    the target exists with another spec, or another build is writing it
-  {EXIT_REFUSED}    refused on purpose (a URL; code from a folder without --trust-remote-code)
+  {EXIT_REFUSED}    refused on purpose (an unknown URL scheme, or a URL where only a local path
+       works; code from a folder without --trust-remote-code)
   {EXIT_STORAGE}    the file system refused (disk full, read-only, permission, missing path)
   {EXIT_INTERNAL}   a bug in featurecache: rerun with --debug and report the traceback
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); rerun the same build or train --resume to continue
