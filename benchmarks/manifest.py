@@ -1,24 +1,41 @@
-"""Block completion at scale: the cost of marking one block done, and of opening the cache, as
-the number of blocks grows (synthetic plan, tiny layer, local disk).
+"""Caches at dataset scale: the cost of marking one block done, of opening and verifying the
+cache, as the number of blocks grows (synthetic plan, tiny layer, local disk); and read
+throughput from a local S3 server against local disk.
 
     python -m featurecache.benchmarks.manifest [--json FILE] [--quick]
 
 For N blocks (1,000-frame blocks planned, 1 row written in the blocks marked): `mark_done` of a
 sample of blocks (ms per block, bytes written per block: the completion record), then
-`open_cache` with every block done through one snapshot (what a finished build leaves), its
-time and the block table's bytes; and `load_state` from records alone (no snapshot) at the
-smallest N. Target: per-block cost flat from 1k to 100k blocks. Not measured here: verify at
-100k blocks (it decodes every block: linear by construction) and object-store read throughput.
+`open_cache` with every block done through one snapshot (what a finished build leaves): its
+time, the block table's bytes, and the resident memory it adds to a fresh process (RSS, read
+from /proc); `verify_cache` over all N blocks (the marked ones hold a row each, the others are
+done with 0 rows: the per-block cost of verify, not the decoding of data); and `load_state` from
+records alone (no snapshot) at the smallest N. Target: per-block cost flat from 1k to 100k.
+
+Read throughput (needs the dev extra's moto): one cache (2,048 rows of 49 x 384 int8 tokens,
+shards of 64 rows) written to local disk and to a moto S3 server on 127.0.0.1, read back by
+`FeatureCache.read` in batches of 32 keys, in row order (sequential: adjacent rows coalesce into
+one ranged GET per shard) and shuffled (one GET per row), from a freshly opened cache each
+time. Loopback is not a network: no bandwidth limit, ~0.1 ms round trips, and moto is a Python
+server sharing this machine's CPU; a cloud bucket adds 10-50 ms per request, which the
+sequential order amortises over a shard and the shuffled order pays per row.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
 
+from featurecache.audit import verify_cache
 from featurecache.benchmarks import harness
 from featurecache.completion import DoneRecord, load_state, record_key
 from featurecache.format import CacheSpec, LayerSpec, plan_blocks
@@ -27,6 +44,20 @@ from featurecache.store import open_store
 from featurecache.writer import create_cache
 
 SPEC = CacheSpec((LayerSpec("x", 1, 8),), "fp16", 1024, {"model": "bench"})
+READ_SPEC = CacheSpec((LayerSpec("x", 49, 384),), "int8", 64, {"model": "bench"})
+READ_BATCH = 32
+# open_cache in a fresh process: resident memory before and after (bytes), from /proc
+_RSS_PROBE = """
+import sys
+from featurecache.reader import open_cache
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+before = rss()
+cache = open_cache(sys.argv[1])
+print(before, rss())
+"""
 
 
 def _one(n_blocks: int, marks: int, folder: Path, device: str) -> list[harness.Result]:
@@ -54,12 +85,28 @@ def _one(n_blocks: int, marks: int, folder: Path, device: str) -> list[harness.R
         t = time.perf_counter()
         cache = open_cache(path)
         opens.append((time.perf_counter() - t) * 1e3)
+    probe = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    before, after = map(int, probe.stdout.split())
+    t = time.perf_counter()
+    report = verify_cache(path)
+    verify_s = time.perf_counter() - t
+    assert report.ok, report.problems[:3]
     rows = [
         harness.result(f"mark_done, {n_blocks} blocks", "records", samples, "ms", device,
                        record_bytes=float(np.mean(sizes))),
         harness.result(f"open_cache, {n_blocks} blocks", "plan+snapshot", opens, "ms", device,
                        table_bytes=cache.table.nbytes(),
-                       table_bytes_per_block=cache.table.nbytes() / n_blocks),
+                       table_bytes_per_block=cache.table.nbytes() / n_blocks,
+                       rss_added_MiB=(after - before) / 2**20,
+                       rss_bytes_per_block=(after - before) / n_blocks),
+        harness.result(f"verify_cache, {n_blocks} blocks", "plan+snapshot", [verify_s], "s",
+                       device, us_per_block=verify_s / n_blocks * 1e6),
     ]  # fmt: skip
     if n_blocks <= 1000:  # records alone (a crashed build without a snapshot)
         st.delete_prefix("featurecache/snapshots/")
@@ -71,6 +118,87 @@ def _one(n_blocks: int, marks: int, folder: Path, device: str) -> list[harness.R
     return rows
 
 
+def _local_s3() -> tuple[object, str] | None:
+    """A moto S3 server on 127.0.0.1 with a fresh bucket, its AWS_* environment set for obstore;
+    (server, "s3://bucket"), or None without moto (the dev extra)."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true",
+                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_REGION": "us-east-1"})  # fmt: skip
+    bucket = f"fc-bench-{uuid.uuid4().hex[:8]}"
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT")).close()
+    return server, f"s3://{bucket}"
+
+
+def _write_read_cache(location: str | Path, rows: int) -> None:
+    """READ_SPEC's cache with `rows` rows (blocks of 256 rows, Gaussian features, seeded)."""
+    block = 256
+    writer = create_cache(location, READ_SPEC, plan_blocks([(f"s{i}", block) for i in
+                                                            range(rows // block)], 64))  # fmt: skip
+    layer = READ_SPEC.layers[0]
+    for b in range(rows // block):
+        rng = np.random.default_rng(b)
+        bw = writer.open_block(b)
+        keys = [f"b{b:03d}-{i:04d}" for i in range(block)]
+        bw.append(keys, {"x": rng.standard_normal((block, layer.tokens, layer.dim), np.float32)})
+        writer.mark_done(bw.finish())
+
+
+def _reads(location: str | Path, provider: str, rows: int, device: str) -> list[harness.Result]:
+    """Batches of READ_BATCH keys from a freshly opened cache, in row order and shuffled."""
+    layer = READ_SPEC.layers[0]
+    row_bytes = layer.tokens * layer.dim + 4 * layer.tokens  # int8 values + float32 scales
+    out = []
+    warm = open_cache(location)  # process-wide first-use costs (codecs, clients) off the clock
+    warm.read(warm.keys[:1], "x")
+    for order in ("sequential", "shuffled"):
+        cache = open_cache(location)
+        keys = list(cache.keys)
+        if order == "shuffled":
+            keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))]
+        requests, times = cache.store.requests, []
+        for i in range(0, len(keys), READ_BATCH):
+            t = time.perf_counter()
+            cache.read(keys[i : i + READ_BATCH], "x")
+            times.append(time.perf_counter() - t)
+        total = sum(times)
+        out.append(harness.result(
+            f"read batch {READ_BATCH}, {order}, {rows} rows 49x384 int8", provider,
+            [t * 1e3 for t in times], "ms", device, rows_per_s=rows / total,
+            MB_per_s=rows * row_bytes / total / 1e6,
+            requests_per_batch=(cache.store.requests - requests) / len(times)))  # fmt: skip
+    return out
+
+
+def _throughput(folder: Path, rows: int, device: str) -> list[harness.Result]:
+    """Read throughput: local disk vs the local S3 server (same cache, same reads)."""
+    s3 = _local_s3()
+    if s3 is None:
+        print("moto is not installed (pip install 'featurecache[dev]'): no S3 read figures")
+        return []
+    server, bucket = s3
+    try:
+        local, remote = folder / "read.zarr", f"{bucket}/caches/read.zarr"
+        _write_read_cache(local, rows)
+        _write_read_cache(remote, rows)
+        local_rows = _reads(local, "local disk", rows, device)
+        s3_rows = _reads(remote, "S3 (moto, 127.0.0.1)", rows, device)
+    finally:
+        server.stop()  # type: ignore[attr-defined]
+    for lr, sr in zip(local_rows, s3_rows, strict=True):
+        sr.extra["slower_than_local"] = lr.extra["rows_per_s"] / sr.extra["rows_per_s"]
+    return local_rows + s3_rows
+
+
 def run(json_path: str | Path | None = None, quick: bool = False) -> list[harness.Result]:
     """Measure, print the table, write JSON when asked, and (unless `quick`) record it in
     benchmarks/RESULTS.md."""
@@ -80,6 +208,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
     with tempfile.TemporaryDirectory(prefix="fc-bench-manifest-") as tmp:
         for n in sizes:
             rows += _one(n, marks, Path(tmp), device)
+        rows += _throughput(Path(tmp), 256 if quick else 2048, device)
     table = harness.report(rows, "featurecache bench manifest", json_path)
     if not quick:
         harness.record(
@@ -87,7 +216,10 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
             table,
             "Version 1 rewrote the whole manifest per mark: 24 ms at 1k blocks, 623 ms at 20k "
             "(issue 15). Version 2 creates one record per block; open_cache reads the plan and "
-            "one snapshot. " + harness.load_note(),
+            "one snapshot; rss_added is what opening adds to a fresh process. Reads: loopback "
+            "is not a network (no bandwidth limit, ~0.1 ms round trips; moto is a Python server "
+            "on the same 2 cores); a cloud bucket adds 10-50 ms per request. "
+            + harness.load_note(),
         )
     return rows
 
