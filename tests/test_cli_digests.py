@@ -111,6 +111,25 @@ def test_on_mismatch_skip_leaves_exactly_the_other_images_out(frames, tmp_path: 
     assert metrics[-1]["missing"] == left_out  # one pass = 3 batches of 4 over the 8 kept frames
 
 
+def test_an_epoch_with_every_frame_skipped_names_why(frames, tmp_path: Path) -> None:
+    """seed 7's frames against seed 0's cache with both skips: nothing is left to train on. The
+    one line (exit 1, not a usage error or 'internal error') counts the frames the cache lacks
+    and those with other images, each with the option that skipped it."""
+    cache = craft_cache(tmp_path / "c.zarr", frames["seed0"])
+    code, out = run("train", frames["seed7"], "--cache", cache, "--out", tmp_path / "r", *TRAIN,
+                    *QUIET, "--on-mismatch", "skip", "--on-missing", "skip")  # fmt: skip
+    assert code == 1 and "Traceback" not in out and "internal error" not in out, out
+    a, b = png_bytes(frames["seed0"]), png_bytes(frames["seed7"])
+    lacking = sum(1 for k in b if k not in a)  # oracle: the tars' own members
+    other = sum(1 for k in b if k in a and a[k] != b[k])
+    assert lacking and other and lacking + other == len(b)
+    line = next(x for x in out.splitlines() if x.startswith("featurecache train: error:"))
+    assert f"every one of its {len(b)} frames skipped" in line, line
+    assert f"{lacking} not in cache {cache} (skipped by --on-missing skip)" in line, line
+    assert f"{other} whose images differ" in line and "--on-mismatch skip" in line, line
+    assert not (tmp_path / "r" / "checkpoint").exists()
+
+
 def test_verify_frames_reports_other_images(frames, tmp_path: Path) -> None:
     cache = craft_cache(tmp_path / "c.zarr", frames["seed0"])
     code, out = run("verify", cache, "--frames", frames["seed0"])

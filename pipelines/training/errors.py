@@ -24,12 +24,18 @@ class CheckpointError(FeatureCacheError):
     different model size)."""
 
 
+class EmptyEpochError(FeatureCacheError):
+    """An epoch with nothing to train on: every frame of a rank's shards was skipped (the cache
+    lacks its key, or holds another image's targets under it), or the shards hold no frames."""
+
+
 class NonFiniteLossError(FeatureCacheError):
     """The loss became NaN or infinite at a step; the last good checkpoint is kept."""
 
 
 __all__ = [
     "CheckpointError",
+    "EmptyEpochError",
     "NonFiniteLossError",
     "ResumeMismatchError",
     "RunExistsError",

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featurecache.errors import OptionError
 from featurecache.pipelines.training.alignment import AlignmentTargets
 from featurecache.pipelines.training.checkpoint import (
     CHECKPOINT_DIR,
@@ -44,7 +43,11 @@ from featurecache.pipelines.training.checkpoint import (
 )
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.distributed import Dist, all_mean, gather, process_group
-from featurecache.pipelines.training.errors import NonFiniteLossError, RunExistsError
+from featurecache.pipelines.training.errors import (
+    EmptyEpochError,
+    NonFiniteLossError,
+    RunExistsError,
+)
 from featurecache.pipelines.training.metrics import (
     METRICS_FILE,
     PLOT_FILE,
@@ -111,6 +114,31 @@ def _non_finite(
         f"Expected a finite loss at step {step}, got {term} = {value} (total {total}); stopped "
         f"before the optimizer step, {kept}. Lower --lr or --lambda, or check the frames and "
         f"the cache."
+    )
+
+
+def _empty_epoch(
+    rank: int, epoch: int, skipped: int, mismatched: int, config: TrainConfig
+) -> EmptyEpochError:
+    """The error for an epoch in which this rank trained on no frame: why, and which option."""
+    if not skipped:
+        return EmptyEpochError(
+            f"Expected rank {rank} to read frames from its shards in epoch {epoch}, got none: "
+            f"the shards hold no samples (check FRAMES)."
+        )
+    lacking = skipped - mismatched
+    causes = []
+    if lacking:
+        causes.append(f"{lacking} not in cache {config.cache} (skipped by --on-missing skip)")
+    if mismatched:
+        causes.append(
+            f"{mismatched} whose images differ from those the cache was built from (skipped by "
+            f"--on-mismatch skip)"
+        )
+    return EmptyEpochError(
+        f"Expected rank {rank} to train on some frames of its shards in epoch {epoch}, got every "
+        f"one of its {skipped} frames skipped: {' and '.join(causes)}; train on the frames the "
+        f"cache was built from, or build a cache from these frames."
     )
 
 
@@ -241,9 +269,11 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             num_workers=config.num_workers,
         )
         got_any = position["batches"] > 0  # a resume may start at the end of an epoch
+        skipped, mismatched = 0, 0  # this epoch's skipped frames (all / for their images)
         tick = time.perf_counter()
         for batch in iter_batches(stream):
             missing += len(batch.missing)
+            skipped, mismatched = skipped + len(batch.missing), mismatched + len(batch.mismatched)
             if not len(batch):
                 continue
             got_any = True
@@ -314,10 +344,9 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             tick = time.perf_counter()
         else:  # the epoch ended: the next one reshuffles shards and samples
             if not got_any:
-                raise OptionError(
-                    f"Expected rank {rank} to read samples from its shards, got an empty "
-                    f"epoch {position['epoch']} (all frames missing from the cache?)."
-                )
+                if metrics is not None:
+                    metrics.close()
+                raise _empty_epoch(rank, position["epoch"], skipped, mismatched, config)
             position = {"epoch": position["epoch"] + 1, "batches": 0}
 
     # Wrap-up: the last checkpoint (what evaluate loads), the plot, the summary.
@@ -347,5 +376,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             plot_losses(run / METRICS_FILE, run / PLOT_FILE)
         (run / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
         if missing:
-            print(f"Skipped {missing} frame(s) the cache lacks (--on-missing skip).")
+            print(
+                f"Skipped {missing} frame(s) the cache lacks or holds other images for "
+                f"(--on-missing / --on-mismatch skip)."
+            )
     return summary

@@ -119,7 +119,9 @@ class Batch:
     channel_scale: (D,) [(C, D)] float32 per-channel scale of an int8c cache, else None.
     meta: B parsed json dicts. images_pil: the decoded PIL images when keep_images (B, or
         B * C frame by frame with cameras), else None.
-    missing: keys skipped since the previous batch because the cache lacks them.
+    missing: keys skipped since the previous batch: the cache lacks them (on_missing="skip"),
+        or their images are not those the cache was built from (on_mismatch="skip").
+    mismatched: those of `missing` skipped for their images.
     """
 
     keys: list[str]
@@ -132,6 +134,7 @@ class Batch:
     images_pil: list | None = None
     missing: list[str] = field(default_factory=list)
     channel_scale: torch.Tensor | None = None
+    mismatched: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -250,7 +253,7 @@ class _Join:
     def _read(self, cache: FeatureCache, chunk: list[dict]) -> Iterator[dict]:
         chunk, mismatched = self._check_digests(cache, chunk)
         if not chunk:
-            yield {"key": None, "missing": mismatched}
+            yield {"key": None, "missing": mismatched, "mismatched": mismatched}
             return
         sources = {s["key"]: s["source"] for s in chunk}
         per_layer = [
@@ -265,7 +268,8 @@ class _Join:
         ]
         targets, present = per_layer[0]
         if targets is None:  # report skips that no sample of this chunk can carry
-            yield {"key": None, "missing": [s["key"] for s in chunk] + mismatched}
+            missing = [s["key"] for s in chunk] + mismatched
+            yield {"key": None, "missing": missing, "mismatched": mismatched}
             return
         found = [t for t, _ in per_layer]
         for i, at in enumerate(present):
@@ -277,6 +281,7 @@ class _Join:
             channel = [t.channel_scale for t in found]
             s["channel_scale"] = None if channel[0] is None else self._stack(channel)
             s["missing"] = targets.missing + mismatched if i == 0 else []
+            s["mismatched"] = mismatched if i == 0 else []
             yield s
 
     def _stack(self, per_camera: list[torch.Tensor]) -> torch.Tensor:
@@ -350,20 +355,22 @@ class _DecodeBatch:
     def __call__(self, samples: Iterable[dict]) -> Iterator[Batch]:
         group: list[dict] = []
         missing: list[str] = []
+        mismatched: list[str] = []
         for s in samples:
             missing += s.get("missing", [])
+            mismatched += s.get("mismatched", [])
             if s["key"] is None:
                 continue
             group.append(s)
             if len(group) == self.batch_size:
-                yield self._collate(group, missing)
-                group, missing = [], []
+                yield self._collate(group, missing, mismatched)
+                group, missing, mismatched = [], [], []
         if group:
-            yield self._collate(group, missing)
+            yield self._collate(group, missing, mismatched)
         elif missing:
-            yield self._collate([], missing)
+            yield self._collate([], missing, mismatched)
 
-    def _collate(self, group: list[dict], missing: list[str]) -> Batch:
+    def _collate(self, group: list[dict], missing: list[str], mismatched: list[str]) -> Batch:
         from PIL import Image
 
         pil, pixels, metas, actions = [], [], [], []
@@ -410,6 +417,7 @@ class _DecodeBatch:
             images_pil=pil if self.keep_images else None,
             missing=missing,
             channel_scale=group[0].get("channel_scale") if has_target else None,
+            mismatched=mismatched,
         )
 
 
