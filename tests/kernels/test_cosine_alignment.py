@@ -1,9 +1,9 @@
 """The fused cosine alignment loss against torch autograd of the reference in fp64.
 
 CPU tests run each case through both CPU implementations of the op (the `cpu_path` fixture): the
-Triton kernel under the interpreter and the closed-form torch maths. The oracle runs in fp64 on
-the same already-rounded inputs, so input rounding is not an error source; the tolerance table
-below bounds what remains.
+Triton kernel under the interpreter and the closed-form torch maths. The oracle and tolerance
+table are in tests/kernels/_oracle.py; edge-of-range rows and the int8c channel scale in
+test_numerics.py.
 """
 
 from __future__ import annotations
@@ -15,66 +15,18 @@ from featurecache.kernels import cosine_alignment as ca
 from featurecache.kernels import cosine_alignment_loss, cosine_alignment_loss_reference
 from featurecache.kernels import reference as ref_mod
 
-# Student dtype -> tolerance on dS, relative to max |dS| (also used as rtol).
-# dS is computed in fp32 and rounded once to the student dtype on store, so the error is the
-# dtype's unit roundoff u (half an ulp) plus the fp32 accumulation over D (<= ~sqrt(D) * 6e-8
-# typical, D * 6e-8 worst case = 2.4e-4 relative at D = 4097, far below the bf16/fp16 bounds).
-#   fp32: u = 6e-8; 1e-5 leaves room for the fp32 accumulation over D = 4097.
-#   fp16: u = 2^-11 = 4.9e-4; 1e-3 = 2u.
-#   bf16: u = 2^-8 = 3.9e-3; 8e-3 = 2u.
-GRAD_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-# The loss is accumulated and returned in fp32 for every student dtype: only fp32 summation error
-# over D (per-row cosine) and over rows (the mean); 1e-5 absolute on a loss of order 1.
-LOSS_TOL = 1e-5
+from ._oracle import (
+    EDGE_ROWS,
+    STUDENT_DTYPES,
+    TARGET_DTYPES,
+    assert_close,
+    fused,
+    make_target,
+    oracle,
+)
 
-STUDENT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TARGET_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 # (leading shape, D): D = 1, 3, 64, 1000, 4097; odd row counts; 3-D inputs; few rows at 4097.
 SHAPES = [((5,), 1), ((7,), 3), ((33,), 64), ((3, 11), 64), ((9,), 1000), ((3,), 4097)]
-
-
-def make_target(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    if dtype == torch.int8:
-        return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
-    return torch.randn(shape, generator=gen).to(dtype)
-
-
-def oracle(student, target, mask=None, weight=1.0, grad_output=1.0, channel_scale=None):
-    """(loss, dS, term) by autograd of the reference in fp64 on the same (rounded) inputs.
-
-    `term` bounds the size of the two terms whose sum is dS (|c_i t_i / (|s_i| |t_i|)|, and the
-    same for s_i): dS can cancel to ~0 (at D = 1 it is exactly 0), so errors are measured
-    relative to the terms, not to the result. Rows with |s_i| < eps (gradient 0) add nothing."""
-    s = student.detach().double().requires_grad_()
-    m = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
-    cs = None if channel_scale is None else channel_scale.double()
-    loss = cosine_alignment_loss_reference(
-        s, target.double(), channel_scale=cs, mask=m, weight=weight
-    )
-    loss.backward(torch.tensor(grad_output, dtype=torch.float64))
-    rows = s.detach().reshape(-1, s.shape[-1])
-    mw = torch.ones(rows.shape[0]) if m is None else m.reshape(-1).double()
-    norm = torch.linalg.vector_norm(rows, dim=-1)
-    inv_norm = torch.where(norm >= ref_mod.EPS, 1.0 / norm.clamp_min(ref_mod.EPS), 0.0)
-    term = abs(weight * grad_output) * (mw.abs() * inv_norm).max() / mw.sum().clamp_min(1.0)
-    return loss.detach(), s.grad, float(term) if rows.numel() else 0.0
-
-
-def fused(student, target, mask=None, weight=1.0, grad_output=1.0, channel_scale=None):
-    s = student.detach().clone().requires_grad_()
-    loss = cosine_alignment_loss(s, target, channel_scale=channel_scale, mask=mask, weight=weight)
-    loss.backward(torch.tensor(grad_output, dtype=loss.dtype))
-    return loss.detach(), s.grad
-
-
-def assert_close(loss, grad, want_loss, want_grad, term, dtype) -> None:
-    assert loss.dtype == torch.float32
-    assert grad.dtype == dtype
-    assert not torch.isnan(loss) and not torch.isnan(grad).any()
-    torch.testing.assert_close(loss.double(), want_loss, rtol=LOSS_TOL, atol=LOSS_TOL)
-    tol = GRAD_TOL[dtype]
-    scale = max(want_grad.abs().max().item(), term)
-    torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -143,112 +95,6 @@ def test_masked_rows_get_no_gradient(cpu_path) -> None:
     _, grad = fused(student, target, mask)
     assert torch.count_nonzero(grad[~mask]) == 0
     assert (grad[mask].abs().sum(-1) > 0).all()
-
-
-@pytest.mark.parametrize("sdtype", STUDENT_DTYPES, ids=str)
-def test_zero_vectors(cpu_path, sdtype) -> None:
-    """Zero target rows: loss 1, no gradient. Zero student rows: loss 1, gradient exactly 0 (the
-    defined value below eps), the other rows as the fp64 oracle. No NaN, no inf."""
-    gen = torch.Generator().manual_seed(5)
-    student = torch.randn(5, 16, generator=gen)
-    target = torch.randn(5, 16, generator=gen)
-    target[1] = 0.0
-    student[2] = 0.0
-    student[3] = 0.0
-    target[3] = 0.0
-    student, target = student.to(sdtype), target.to(sdtype)
-    loss, grad = fused(student, target, weight=2.0)
-    want_loss, want_grad, term = oracle(student, target, weight=2.0)
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss.double(), want_loss, rtol=LOSS_TOL, atol=LOSS_TOL)
-    assert torch.count_nonzero(grad[1:4]) == 0 and torch.count_nonzero(want_grad[1:4]) == 0
-    assert_close(loss, grad, want_loss, want_grad, term, sdtype)
-
-
-# Rows at the edges of the numeric range, per student dtype: exact zeros, 1e-20 (|s| < eps: zero
-# in fp16 after rounding, tiny but non-zero in fp32/bf16), 2e-7 (above eps; with weight 20 over
-# 12 rows its dS ~ 2e5 exceeds fp16's 65504 and saturates), 1e4 (|s|^2 ~ 1e9 overflows fp16 but
-# not the fp32 accumulation).
-EDGE_ROWS = {"zero": 0.0, "tiny": 1e-20, "small": 2e-7, "huge": 1e4}
-
-
-@pytest.mark.parametrize("with_cscale", [False, True], ids=["plain", "channel-scale"])
-@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
-@pytest.mark.parametrize("sdtype", STUDENT_DTYPES, ids=str)
-def test_finite_gradients_at_range_edges(cpu_path, sdtype, masked, with_cscale) -> None:
-    """Every edge row in one batch (one row of each kind, among ordinary rows), int8 targets:
-    the gradient is finite everywhere, exactly 0 for rows below eps, the fp64 oracle elsewhere
-    (saturated to the dtype's range where the exact value does not fit)."""
-    gen = torch.Generator().manual_seed(16)
-    student = torch.randn(2, 6, 40, generator=gen)
-    for i, value in enumerate(EDGE_ROWS.values()):
-        student[0, i] = torch.randn(40, generator=gen).sign() * value
-    student = student.to(sdtype)
-    target = torch.randint(-127, 128, (2, 6, 40), dtype=torch.int8, generator=gen)
-    mask = torch.rand(2, 6, generator=gen) > 0.3 if masked else None
-    if mask is not None:
-        mask[0, :4] = True  # the edge rows count
-    cscale = torch.rand(40, generator=gen) * 20 + 0.5 if with_cscale else None
-    loss, grad = fused(student, target, mask, weight=20.0, channel_scale=cscale)
-    want_loss, want_grad, _ = oracle(student, target, mask, weight=20.0, channel_scale=cscale)
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss.double(), want_loss, rtol=LOSS_TOL, atol=20 * LOSS_TOL)
-    norms = torch.linalg.vector_norm(student.double(), dim=-1)
-    below = norms < ref_mod.EPS
-    assert below[0, :2].all() and not below[0, 2:].any()  # zero and 1e-20 rows are below eps
-    assert torch.count_nonzero(grad[below]) == 0
-    limit = ref_mod.SATURATE.get(sdtype, float("inf"))
-    want = want_grad.clamp(-limit, limit)
-    tol = GRAD_TOL[sdtype]
-    for idx in torch.nonzero(~below).tolist():
-        row, want_row = grad[tuple(idx)].double(), want[tuple(idx)]
-        scale = want_row.abs().max().item()
-        # fp16 stores the huge row's dS (~1e-6) as subnormals: absolute spacing 2**-24
-        atol = tol * scale + (2.0**-24 if sdtype == torch.float16 else 0.0)
-        torch.testing.assert_close(row, want_row, rtol=tol, atol=atol, msg=f"row {idx}")
-    if sdtype == torch.float16:  # the 2e-7 row's exact dS is beyond fp16: it saturates
-        assert want_grad[0, 2].abs().max() > limit and grad[0, 2].abs().max() == limit
-
-
-@pytest.mark.parametrize("shape", [((33,), 64), ((3, 11), 1000), ((3,), 4097)], ids=str)
-@pytest.mark.parametrize("tdtype", [torch.int8, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("sdtype", STUDENT_DTYPES, ids=str)
-def test_channel_scale_matches_reference(cpu_path, sdtype, tdtype, shape) -> None:
-    lead, d = shape
-    gen = torch.Generator().manual_seed(d)
-    student = torch.randn((*lead, d), generator=gen).to(sdtype)
-    target = make_target((*lead, d), tdtype, gen)
-    cscale = torch.rand(d, generator=gen) * 30 + 1  # int8c-like: >= 1, a few large
-    mask = torch.rand(lead, generator=gen) > 0.25
-    want = oracle(student, target, mask, weight=0.3, channel_scale=cscale)
-    assert_close(*fused(student, target, mask, weight=0.3, channel_scale=cscale), *want, sdtype)
-
-
-@pytest.mark.parametrize("sdtype", STUDENT_DTYPES, ids=str)
-def test_channel_scale_wide_rows(monkeypatch, sdtype) -> None:
-    """The channel scale in the two-pass D-tiled path (several tiles, a ragged last one)."""
-    monkeypatch.setattr(ca, "_MAX_ONE_TILE_D", 256)
-    gen = torch.Generator().manual_seed(17)
-    student = torch.randn(5, 1000, generator=gen).to(sdtype)
-    target = torch.randint(-127, 128, (5, 1000), dtype=torch.int8, generator=gen)
-    cscale = torch.rand(1000, generator=gen).double() * 9 + 1  # fp64 vector: cast in the op
-    got = fused(student, target, channel_scale=cscale)
-    assert_close(*got, *oracle(student, target, channel_scale=cscale), sdtype)
-
-
-def test_int8c_target_equals_dequantized(cpu_path) -> None:
-    """int8 rows with a per-row scale and a channel scale give the loss of their dequantized
-    fp32 rows (the per-row scale cancels, the channel scale is applied in the pass)."""
-    gen = torch.Generator().manual_seed(18)
-    student = torch.randn(2, 9, 200, generator=gen)
-    values = torch.randint(-127, 128, (2, 9, 200), dtype=torch.int8, generator=gen)
-    scales = torch.rand(2, 9, 1, generator=gen) * 0.1 + 1e-3
-    cscale = torch.rand(200, generator=gen) * 50 + 1
-    dequantized = values.float() * scales * cscale
-    loss_q, grad_q = fused(student, values, weight=0.2, channel_scale=cscale)
-    loss_f, grad_f = fused(student, dequantized, weight=0.2)
-    torch.testing.assert_close(loss_q, loss_f, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad_q, grad_f, rtol=1e-5, atol=1e-5 * grad_f.abs().max().item())
 
 
 def test_int8_target_equals_dequantized(cpu_path) -> None:
@@ -361,30 +207,6 @@ def test_target_requiring_grad_is_an_error() -> None:
 def test_input_errors(student, target, mask, message) -> None:
     with pytest.raises(ValueError, match=message):
         cosine_alignment_loss(student, target, mask=mask)
-
-
-@pytest.mark.parametrize(
-    ("cscale", "message"),
-    [
-        (torch.ones(5), r"`channel_scale` of shape \(4,\)"),
-        (torch.ones(1, 4), r"`channel_scale` of shape \(4,\)"),
-        (torch.ones(4, dtype=torch.int32), "a float dtype"),
-        (torch.ones(4, requires_grad=True), r"channel_scale\.requires_grad=True"),
-    ],
-)
-def test_channel_scale_errors(cscale, message) -> None:
-    with pytest.raises(ValueError, match=message):
-        cosine_alignment_loss(torch.randn(2, 4), torch.randn(2, 4), channel_scale=cscale)
-
-
-def test_gradcheck_reference_channel_scale() -> None:
-    """The autograd reference differentiates the channel scale too (fp64 gradcheck)."""
-    gen = torch.Generator().manual_seed(19)
-    student = torch.randn(3, 7, dtype=torch.float64, generator=gen, requires_grad=True)
-    target = torch.randn(3, 7, dtype=torch.float64, generator=gen)
-    cscale = torch.rand(7, dtype=torch.float64, generator=gen).add(0.5).requires_grad_()
-    f = lambda s, c: cosine_alignment_loss_reference(s, target, channel_scale=c, weight=0.3)
-    assert torch.autograd.gradcheck(f, (student, cscale))
 
 
 def test_non_contiguous_inputs(cpu_path) -> None:
