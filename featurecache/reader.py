@@ -408,7 +408,7 @@ class FeatureCache:
             f"built from (block {block.index}, source {block.source}), got other image bytes "
             f"(digest {got.hex()}, stored {stored.hex()}): the frames and the cache come from "
             f"different data; rebuild the cache from these frames, or pass --on-mismatch skip "
-            f"to leave such samples out"
+            f"(on_mismatch='skip') to leave such samples out"
         )
 
     def _check_rows(self, rows: np.ndarray) -> None:

@@ -17,17 +17,22 @@ the batch gains `TARGETS_FIELD` ("teacher"): an `AlignmentTargets` holding the s
 It is worker-safe: it carries only the cache's path into DataLoader workers, each of which opens
 the cache itself. A key the cache lacks raises `UnknownKeyError` naming it (on_missing="error"),
 or is dropped from the batch and listed in `AlignmentTargets.missing` (on_missing="skip"; a batch
-whose every key is missing comes out as None).
+whose every key is missing comes out as None). When the samples carry their encoded image bytes
+(`image_bytes=`) or the build's digest of them (`digest=`), each is checked against the digest the
+cache stored for its key, as `featurecache train` does (`check_digests`): a frame that is not the
+one the cache row was built from raises `DigestMismatchError` (on_mismatch="error") or is dropped
+and listed in `.missing` and `.mismatched` (on_mismatch="skip").
 
 `AlignmentHead` holds the paper's projector (frozen at a seeded init, or trainable), resamples
 the target grid to the student's when asked, and returns `weight * mean(1 - cos)` from the fused
 kernel (`featurecache.kernels.cosine_alignment_loss`, lambda passed as its weight, int8 targets
 read as stored). `featurecache train` runs on exactly these two pieces (its stream joins with
-`lookup_targets`, the function behind `CachedTargets`).
+`lookup_targets` and `check_digests`, the functions behind `CachedTargets`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +44,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from featurecache.errors import OptionError, ShapeMismatchError, UnknownKeyError
+from featurecache.format import DIGEST_BYTES, cache_cameras, sample_digest
 from featurecache.kernels import cosine_alignment_loss
 from featurecache.pipelines.resample import resample_tokens
 from featurecache.pipelines.training.students.projector import (
@@ -51,9 +57,11 @@ from featurecache.pipelines.training.targets import (
     check_targets_fit,
 )
 from featurecache.reader import FeatureCache, open_cache
+from featurecache.samples import DEFAULT_CAMERA, BadFrameError
 
 TARGETS_FIELD = "teacher"  # the batch field CachedTargets adds to dict batches
 OnMissing = Literal["error", "skip"]
+OnMismatch = Literal["error", "skip"]
 
 
 @dataclass(slots=True)
@@ -64,7 +72,9 @@ class AlignmentTargets:
         teacher. scales: (B, T) float32 per-token scales of int8 values, else None (they cancel in
         the cosine, so the loss never needs them unless the grid is resampled).
     channel_scale: (D,) float32 per-channel scale of an int8c cache, else None (does not cancel).
-    keys: the B keys, in batch order. missing: keys dropped from the batch (on_missing="skip").
+    keys: the B keys, in batch order. missing: keys dropped from the batch, because the cache
+        lacks them (on_missing="skip") or their images are not the cache's (on_mismatch="skip").
+    mismatched: those of `missing` dropped for their images.
     """
 
     values: torch.Tensor
@@ -72,6 +82,7 @@ class AlignmentTargets:
     channel_scale: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -149,6 +160,68 @@ def lookup_targets(
     return targets, present
 
 
+def frame_digest(
+    cache: FeatureCache, images: Mapping[str, bytes], *, key: str, source: str
+) -> bytes:
+    """The digest (`format.sample_digest`) of one frame's encoded images {camera: bytes} ("" for
+    a plain image) over the cameras the cache was built from; a frame lacking one of them raises
+    BadFrameError naming the key and `source` (where the frame came from)."""
+    cameras = cache_cameras(cache.spec)
+    lacking = [c or "(plain image)" for c in cameras if c not in images]
+    if lacking:
+        raise BadFrameError(
+            f"Expected the cameras {list(cameras)} that cache {cache.location} was built from in "
+            f"sample {key!r} of {source}, got no image for {lacking}"
+        )
+    return sample_digest({c: images[c] for c in cameras})
+
+
+def check_digests(
+    cache: FeatureCache,
+    keys: Sequence[str],
+    digest_of: Callable[[int], bytes],
+    *,
+    on_mismatch: OnMismatch = "error",
+    source: Callable[[str], str] = lambda key: "the dataset",
+) -> list[int]:
+    """The indices of `keys` whose frames may be joined with the cache: the frame of each key the
+    cache holds must be the one its row was built from, `digest_of(i)` (the frame's
+    `format.sample_digest`, computed only for those keys) equal to the stored digest.
+
+    A mismatch raises DigestMismatchError naming the key, `source(key)` and the cache's block
+    source (on_mismatch="error"), or leaves the index out (on_mismatch="skip"). Keys the cache
+    lacks are kept (`lookup_targets` owns that rule), so are rows without a recorded digest; a
+    cache without digests (format version 1) is joined unchecked, with one warning per process.
+    """
+    if not cache.has_digests:
+        _warn_unchecked(cache)
+        return list(range(len(keys)))
+    at = [i for i, key in enumerate(keys) if key in cache]
+    if not at:
+        return list(range(len(keys)))
+    digests = [digest_of(i) for i in at]
+    bad = cache.digest_mismatches([keys[i] for i in at], digests)
+    if bad and on_mismatch == "error":
+        key = keys[at[bad[0]]]
+        raise cache.digest_mismatch_error(key, digests[bad[0]], source(key))
+    drop = {at[j] for j in bad}
+    return [i for i in range(len(keys)) if i not in drop]
+
+
+_WARNED: set[str] = set()  # caches already reported as joined without a digest check
+
+
+def _warn_unchecked(cache: FeatureCache) -> None:
+    if cache.location not in _WARNED:
+        _WARNED.add(cache.location)
+        warnings.warn(
+            f"cache {cache.location} (format version {cache.state.version}) stores no digests "
+            f"of its source images: the join cannot check that these frames are the ones it was "
+            f"built from (rebuild it with this featurecache to get the check)",
+            stacklevel=3,
+        )
+
+
 class CachedTargets:
     """A DataLoader `collate_fn` that adds each batch's cached teacher targets (see the module
     docstring).
@@ -156,9 +229,18 @@ class CachedTargets:
     cache: a cache path or an open FeatureCache. layer: the cache layer (default: its only one).
     key: the sample field holding the key (dict samples) or a function sample -> key.
     on_missing: "error" (raise naming the key) or "skip" (drop the sample, list it in .missing).
+    image_bytes: the sample field (or a function of the sample) holding the frame's encoded image
+        file bytes as the cache was built from them (the PNG/JPEG member of the tar, not decoded
+        pixels): bytes, or {camera: bytes} for a multi-camera cache. Each frame's digest is then
+        checked against the cache's (`check_digests`), so another image under a known key is
+        caught. digest: instead, the field (or function) holding that digest already computed,
+        `featurecache.format.sample_digest(...)`: 16 bytes or 32 hex digits. At most one of the
+        two; with neither, frames are not checked.
+    on_mismatch: "error" (raise DigestMismatchError naming the key) or "skip" (drop the sample,
+        list it in .missing and .mismatched).
     collate: collates the kept samples (default_collate; HF: default_data_collator).
     Returns dict batches with batch[TARGETS_FIELD] = AlignmentTargets, or for non-dict samples
-    the pair (collated, AlignmentTargets); None when every key of the batch was missing.
+    the pair (collated, AlignmentTargets); None when every sample of the batch was dropped.
     """
 
     def __init__(
@@ -168,36 +250,91 @@ class CachedTargets:
         *,
         key: str | Callable[[Any], str] = "key",
         on_missing: OnMissing = "error",
+        image_bytes: str | Callable[[Any], bytes | Mapping[str, bytes]] | None = None,
+        digest: str | Callable[[Any], bytes | str] | None = None,
+        on_mismatch: OnMismatch = "error",
         collate: Callable[[list[Any]], Any] = default_collate,
     ) -> None:
         if on_missing not in ("error", "skip"):
             raise OptionError(f"Expected on_missing 'error' or 'skip', got {on_missing!r}.")
+        if on_mismatch not in ("error", "skip"):
+            raise OptionError(f"Expected on_mismatch 'error' or 'skip', got {on_mismatch!r}.")
+        if image_bytes is not None and digest is not None:
+            raise OptionError(
+                "Expected at most one of image_bytes= and digest= in CachedTargets, got both; "
+                "pass image_bytes= for the encoded images, or digest= for their sample_digest."
+            )
         self.cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
         self.layer = cache_target_spec(self.cache, layer).layer  # checks the name now
         self.key, self.on_missing, self.collate = key, on_missing, collate
+        self.image_bytes, self.digest, self.on_mismatch = image_bytes, digest, on_mismatch
+
+    def _field(self, sample: Any, spec: str | Callable[[Any], Any], option: str) -> Any:
+        """The value `spec` (a field name or a function) picks from one sample."""
+        if callable(spec):
+            return spec(sample)
+        if isinstance(sample, Mapping) and spec in sample:
+            return sample[spec]
+        found = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
+        raise OptionError(
+            f"Expected samples with a {spec!r} field (CachedTargets {option}=), got {found}; "
+            f"pass {option}='field' or {option}=lambda sample: ... to CachedTargets."
+        )
 
     def key_of(self, sample: Any) -> str:
         """The cache key of one sample."""
-        if callable(self.key):
-            return str(self.key(sample))
-        if isinstance(sample, Mapping) and self.key in sample:
-            return str(sample[self.key])
-        found = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
-        raise OptionError(
-            f"Expected samples with a {self.key!r} field holding the cache key, got {found}; "
-            f"pass key='field' or key=lambda sample: ... to CachedTargets."
-        )
+        return str(self._field(sample, self.key, "key"))
+
+    def digest_of(self, sample: Any, key: str) -> bytes:
+        """The `format.sample_digest` of one sample's frame, from its image bytes or its digest."""
+        if self.image_bytes is not None:
+            images = self._field(sample, self.image_bytes, "image_bytes")
+            if isinstance(images, bytes | bytearray | memoryview):
+                images = {DEFAULT_CAMERA: bytes(images)}
+            elif not isinstance(images, Mapping):
+                raise BadFrameError(
+                    f"Expected the encoded image bytes (or {{camera: bytes}}) of sample {key!r} "
+                    f"from image_bytes=, got {type(images).__name__}."
+                )
+            return frame_digest(self.cache, images, key=key, source="the dataset")
+        assert self.digest is not None
+        value = self._field(sample, self.digest, "digest")
+        raw = bytes.fromhex(value) if isinstance(value, str) and _is_hex(value) else value
+        if not isinstance(raw, bytes | bytearray) or len(raw) != DIGEST_BYTES:
+            raise BadFrameError(
+                f"Expected a {DIGEST_BYTES}-byte digest (featurecache.format.sample_digest, or "
+                f"{2 * DIGEST_BYTES} hex digits) for sample {key!r} from digest=, got "
+                f"{type(value).__name__} {repr(value)[:60]}."
+            )
+        return bytes(raw)
 
     def __call__(self, samples: list[Any]) -> Any:
         keys = [self.key_of(s) for s in samples]
-        targets, present = lookup_targets(self.cache, keys, self.layer, on_missing=self.on_missing)
+        kept = list(range(len(samples)))
+        if self.image_bytes is not None or self.digest is not None:
+            kept = check_digests(
+                self.cache,
+                keys,
+                lambda i: self.digest_of(samples[i], keys[i]),
+                on_mismatch=self.on_mismatch,
+            )
+        mismatched = [keys[i] for i in sorted(set(range(len(samples))) - set(kept))]
+        targets, present = lookup_targets(
+            self.cache, [keys[i] for i in kept], self.layer, on_missing=self.on_missing
+        )
         if targets is None:
             return None
-        batch = self.collate([samples[i] for i in present])
+        targets.missing += mismatched
+        targets.mismatched = mismatched
+        batch = self.collate([samples[kept[i]] for i in present])
         if isinstance(batch, dict):
             batch[TARGETS_FIELD] = targets
             return batch
         return batch, targets
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) == 2 * DIGEST_BYTES and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def gather_tokens(hidden: torch.Tensor, positions: torch.Tensor | slice | None) -> torch.Tensor:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,15 @@ import numpy as np
 import torch
 
 from featurecache.errors import OptionError
-from featurecache.format import cache_cameras, camera_layer, sample_digest
-from featurecache.pipelines.training.alignment import AlignmentTargets, OnMissing, lookup_targets
+from featurecache.format import camera_layer
+from featurecache.pipelines.training.alignment import (
+    AlignmentTargets,
+    OnMismatch,
+    OnMissing,
+    check_digests,
+    frame_digest,
+    lookup_targets,
+)
 from featurecache.reader import FeatureCache, open_cache
 from featurecache.samples import DEFAULT_CAMERA, BadFrameError, decode_image, iter_samples
 
@@ -191,15 +197,15 @@ class _Select:
 class _Join:
     """Attach each sample's cached target, reading `JOIN_CHUNK` keys per cache call, in order,
     through `alignment.lookup_targets` (the join of the public API: one missing-key rule), after
-    checking that each frame's image bytes are those its cache row was built from (the stored
-    `format.sample_digest`; `on_mismatch`)."""
+    checking that each frame's image bytes are those its cache row was built from
+    (`alignment.check_digests`, the public API's digest rule; `on_mismatch`)."""
 
     def __init__(
         self,
         cache: str | Path,
         layer: str,
         on_missing: OnMissing,
-        on_mismatch: str = "error",
+        on_mismatch: OnMismatch = "error",
         cameras: Sequence[str] = (DEFAULT_CAMERA,),
     ) -> None:
         self.cache_path, self.layer, self.on_missing = cache, layer, on_missing
@@ -219,36 +225,23 @@ class _Join:
             yield from self._read(cache, chunk)
 
     def _check_digests(self, cache: FeatureCache, chunk: list[dict]) -> tuple[list[dict], list]:
-        """(the samples to join, the keys left out because their images are not the cache's).
-        One digest per frame (SHA-256 of its encoded image bytes), one stored-digest lookup per
-        chunk; a cache without digests is joined unchecked, with one warning per process."""
+        """(the samples to join, the keys left out because their images are not the cache's):
+        one digest per frame the cache holds (SHA-256 of its encoded image bytes), one
+        stored-digest lookup per chunk."""
         encoded = [s.pop("encoded") for s in chunk]
-        if not cache.has_digests:
-            _warn_unchecked(cache)
+        keys = [s["key"] for s in chunk]
+        sources = {s["key"]: s["source"] for s in chunk}
+        kept = check_digests(
+            cache,
+            keys,
+            lambda i: frame_digest(cache, encoded[i], key=keys[i], source=chunk[i]["source"]),
+            on_mismatch=self.on_mismatch,
+            source=sources.__getitem__,
+        )
+        if len(kept) == len(chunk):
             return chunk, []
-        at = [i for i, s in enumerate(chunk) if s["key"] in cache]
-        if not at:
-            return chunk, []
-        cameras = cache_cameras(cache.spec)
-        digests = []
-        for i in at:
-            have = encoded[i]
-            lacking = [c or "(plain image)" for c in cameras if c not in have]
-            if lacking:
-                raise BadFrameError(
-                    f"Expected the cameras {list(cameras)} that cache {cache.location} was built "
-                    f"from in sample {chunk[i]['key']!r} of {chunk[i]['source']}, got no image "
-                    f"for {lacking}"
-                )
-            digests.append(sample_digest({c: have[c] for c in cameras}))
-        bad = cache.digest_mismatches([chunk[i]["key"] for i in at], digests)
-        if not bad:
-            return chunk, []
-        if self.on_mismatch == "error":
-            s = chunk[at[bad[0]]]
-            raise cache.digest_mismatch_error(s["key"], digests[bad[0]], s["source"])
-        drop = {at[j] for j in bad}
-        return [s for i, s in enumerate(chunk) if i not in drop], [chunk[i]["key"] for i in drop]
+        left_out = set(range(len(chunk))) - set(kept)
+        return [chunk[i] for i in kept], [keys[i] for i in sorted(left_out)]
 
     def _read(self, cache: FeatureCache, chunk: list[dict]) -> Iterator[dict]:
         chunk, mismatched = self._check_digests(cache, chunk)
@@ -287,20 +280,6 @@ class _Join:
     def _stack(self, per_camera: list[torch.Tensor]) -> torch.Tensor:
         """One camera's tensor as is, several stacked on a camera axis (C, ...)."""
         return torch.stack(per_camera) if self.camera_axis else per_camera[0]
-
-
-_WARNED: set[str] = set()  # caches already reported as joined without a digest check
-
-
-def _warn_unchecked(cache: FeatureCache) -> None:
-    if cache.location not in _WARNED:
-        _WARNED.add(cache.location)
-        warnings.warn(
-            f"cache {cache.location} (format version {cache.state.version}) stores no digests "
-            f"of its source images: the join cannot check that these frames are the ones it was "
-            f"built from (rebuild it with this featurecache to get the check)",
-            stacklevel=2,
-        )
 
 
 class _Shuffle:

@@ -4,6 +4,8 @@ that shows them (run here exactly as written in README.md)."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import math
 import os
 import pickle
@@ -11,13 +13,20 @@ import re
 from operator import itemgetter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from featurecache.errors import ShapeMismatchError, UnknownKeyError
-from featurecache.format import LayerSpec
+from featurecache.errors import (
+    DigestMismatchError,
+    OptionError,
+    ShapeMismatchError,
+    UnknownKeyError,
+)
+from featurecache.format import CacheSpec, LayerSpec, plan_blocks
 from featurecache.kernels import cosine_alignment_loss
 from featurecache.pipelines.training import (
     AlignmentHead,
@@ -31,7 +40,8 @@ from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.targets import TargetSpec
 from featurecache.reader import open_cache
-from featurecache.samples import expand_frame_paths
+from featurecache.samples import BadFrameError, expand_frame_paths
+from featurecache.writer import create_cache
 
 from ._train_helpers import TINY_OPTIONS, all_keys, key_features, one_thread, write_cache
 
@@ -95,6 +105,67 @@ def test_missing_keys_error_or_skip(cache) -> None:
     assert batch["key"] == keys[:2] and batch["teacher"].missing == ["nope-1", "nope-2"]
     assert len(batch["teacher"]) == 2
     assert CachedTargets(cache, on_missing="skip")(samples[1::2]) is None
+
+
+def _png(seed: int) -> bytes:
+    """The encoded bytes of a small random RGB PNG (one frame's image as a tar holds it)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digest_cache(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """A cache whose rows record the digests of known PNGs, and those PNGs by key."""
+    pngs = {f"f{i:03d}": _png(i) for i in range(8)}
+    path = tmp_path_factory.mktemp("digests") / "cache.zarr"
+    spec = CacheSpec(layers=(LAYER,), codec="int8", shard_rows=8, fingerprint={"model": "test"})
+    writer = create_cache(path, spec, plan_blocks([("frames-000000.tar", len(pngs))], 8))
+    block = writer.open_block(0)
+    keys = list(pngs)
+    features = key_features("10", 16, 24)(keys, [])
+    block.append(keys, features, [hashlib.sha256(pngs[k]).digest()[:16] for k in keys])
+    writer.mark_done(block.finish())
+    return path, pngs
+
+
+def test_collate_checks_each_frame_against_the_stored_digest(digest_cache) -> None:
+    """Same keys, other images (frames 1 and 3 re-drawn): refused naming the first, or left out
+    exactly (oracle: which PNG bytes differ); the frames the cache was built from pass. The
+    digest from image bytes, or given directly (hashlib's SHA-256[:16], bytes or hex)."""
+    path, pngs = digest_cache
+    keys = list(pngs)
+    same = [{"key": k, "png": pngs[k]} for k in keys]
+    redrawn = {1: _png(101), 3: _png(103)}
+    other = [{"key": k, "png": redrawn.get(i, pngs[k])} for i, k in enumerate(keys)]
+    changed = [s["key"] for s in other if s["png"] != pngs[s["key"]]]
+    assert changed == [keys[1], keys[3]]
+
+    batch = CachedTargets(path, image_bytes="png")(same)
+    assert batch["key"] == keys and batch["teacher"].mismatched == []  # no false alarm
+    with pytest.raises(DigestMismatchError, match=f"sample '{keys[1]}' of the dataset"):
+        CachedTargets(path, image_bytes="png")(other)
+    sha = lambda s: hashlib.sha256(s["png"])  # the oracle: no featurecache code
+    for collate in (
+        CachedTargets(path, image_bytes=itemgetter("png"), on_mismatch="skip"),
+        CachedTargets(path, digest=lambda s: sha(s).digest()[:16], on_mismatch="skip"),
+        CachedTargets(path, digest=lambda s: sha(s).hexdigest()[:32], on_mismatch="skip"),
+    ):
+        batch = collate(other)
+        kept = [k for k in keys if k not in changed]
+        assert batch["key"] == kept
+        assert batch["teacher"].mismatched == changed and batch["teacher"].missing == changed
+        want, _ = open_cache(path).read_raw(kept, "10")
+        torch.testing.assert_close(batch["teacher"].values, want, rtol=0, atol=0)
+    # every frame of a batch dropped: None, as for missing keys
+    assert CachedTargets(path, image_bytes="png", on_mismatch="skip")(other[1:4:2]) is None
+    # unchecked without image_bytes= / digest= (the old behaviour), refused with both
+    assert CachedTargets(path)(other)["key"] == keys
+    with pytest.raises(OptionError, match="at most one of image_bytes= and digest="):
+        CachedTargets(path, image_bytes="png", digest="d")
+    with pytest.raises(BadFrameError, match="16-byte digest"):
+        CachedTargets(path, digest="png")(same)  # image bytes where a digest was expected
 
 
 def test_tuple_samples_with_a_key_function_and_pickling(cache) -> None:
