@@ -10,10 +10,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from featurecache.block_writer import BlockResult, BlockWriter
     from featurecache.codecs import calibrate_channel_scale
     from featurecache.errors import (
         BlockAlreadyDoneError,
         BlockCapacityError,
+        BlockConflictError,
         BlockNotDoneError,
         CacheBusyError,
         ChunkError,
@@ -38,19 +40,14 @@ if TYPE_CHECKING:
     )
     from featurecache.format import Block, CacheSpec, LayerSpec, Manifest, plan_blocks
     from featurecache.reader import FeatureCache, open_cache
-    from featurecache.writer import (
-        BlockResult,
-        BlockWriter,
-        CacheWriter,
-        create_cache,
-        open_writer,
-    )
+    from featurecache.writer import CacheWriter, create_cache, open_writer
 
 _EXPORTS = {
     "featurecache.codecs": ("calibrate_channel_scale",),
     "featurecache.errors": (
         "BlockAlreadyDoneError",
         "BlockCapacityError",
+        "BlockConflictError",
         "BlockNotDoneError",
         "CacheBusyError",
         "ChunkError",
@@ -75,13 +72,8 @@ _EXPORTS = {
     ),
     "featurecache.format": ("Block", "CacheSpec", "LayerSpec", "Manifest", "plan_blocks"),
     "featurecache.reader": ("FeatureCache", "open_cache"),
-    "featurecache.writer": (
-        "BlockResult",
-        "BlockWriter",
-        "CacheWriter",
-        "create_cache",
-        "open_writer",
-    ),
+    "featurecache.block_writer": ("BlockResult", "BlockWriter"),
+    "featurecache.writer": ("CacheWriter", "create_cache", "open_writer"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -89,6 +81,7 @@ __all__ = [
     "Block",
     "BlockAlreadyDoneError",
     "BlockCapacityError",
+    "BlockConflictError",
     "BlockNotDoneError",
     "BlockResult",
     "BlockWriter",

@@ -1,0 +1,274 @@
+"""Writing one block: `BlockWriter` streams a block's rows (validated, quantized, hashed) into
+whole Zarr shards, each encoded in memory and written as one object; `finish` returns the
+`BlockResult` (rows written, checksum, skipped keys) that `CacheWriter.mark_done` commits.
+
+    bw = writer.open_block(0)            # a BlockWriter (featurecache.writer.CacheWriter)
+    bw.append(keys, {"4": feats}, digests)   # (n, tokens, dim) float, numpy or torch
+    result = bw.finish()
+
+Padding rows are never written; a retried writer of the block replaces its shard objects whole
+and `finish` deletes those past the rows written. The checksum covers the written rows' stored
+bytes in FORMAT.md's order ("Block checksum").
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import MemoryStore
+
+from featurecache.codecs import quantize_int8, to_numpy_float
+from featurecache.errors import (
+    BlockCapacityError,
+    FeatureCacheError,
+    InvalidFeaturesError,
+    InvalidKeyError,
+    ShapeMismatchError,
+    StorageError,
+    UnknownLayerError,
+)
+from featurecache.format import (
+    CHECKSUM_PREFIX,
+    DIGEST_BYTES,
+    DIGESTS_ARRAY,
+    GROUP_METADATA,
+    KEYS_ARRAY,
+    Block,
+    CacheSpec,
+    checksum_arrays,
+    features_path,
+    scales_path,
+    shard_file,
+)
+from featurecache.layout import read_channel_scales
+from featurecache.store import open_store
+
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """What a finished block reports to the driver: rows written, checksum, skipped keys."""
+
+    index: int
+    count: int
+    checksum: str
+    skipped: tuple[str, ...] = ()
+
+
+def encode_key(key: str, key_bytes: int, where: str = "") -> bytes:
+    """A sample key as its UTF-8 bytes; InvalidKeyError when empty, holding NUL or too long."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError(f"Expected a non-empty str key{where}, got {key!r}")
+    raw = key.encode("utf-8")
+    if b"\x00" in raw:
+        raise InvalidKeyError(f"Expected a key without NUL characters{where}, got {key!r}")
+    if len(raw) > key_bytes:
+        raise InvalidKeyError(
+            f"Expected a key of at most key_bytes={key_bytes} UTF-8 bytes{where}, got "
+            f"{len(raw)} bytes: {key!r}"
+        )
+    return raw
+
+
+def _digest_rows(digests: Any | None, n: int, where: str) -> np.ndarray:
+    """Digests as given to append -> uint8 (n, DIGEST_BYTES) (zeros for None)."""
+    if digests is None:
+        return np.zeros((n, DIGEST_BYTES), dtype=np.uint8)
+    if not isinstance(digests, np.ndarray):
+        digests = list(digests)
+        if not all(isinstance(d, bytes) and len(d) == DIGEST_BYTES for d in digests):
+            raise ShapeMismatchError(
+                f"Expected {n} digests of {DIGEST_BYTES} bytes (sample_digest){where}, got "
+                f"{[type(d).__name__ for d in digests[:3]]}..."
+            )
+        digests = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+    if digests.shape != (n, DIGEST_BYTES) or digests.dtype != np.uint8:
+        raise ShapeMismatchError(
+            f"Expected digests uint8 of shape {(n, DIGEST_BYTES)}{where}, got "
+            f"{digests.dtype} {tuple(digests.shape)}"
+        )
+    return digests
+
+
+class BlockWriter:
+    """Streams one block: `append` batches, whole shards are encoded and written as they fill,
+    `finish` writes the last (partial) shard and returns the BlockResult. Padding rows are never
+    written. The checksum covers the written rows' stored bytes
+    (FORMAT.md "Block checksum")."""
+
+    def __init__(self, path: str | Path, spec: CacheSpec, block: Block) -> None:
+        self.path, self.spec, self.block = Path(path), spec, block
+        self.store = open_store(path)
+        # Shards are encoded by zarr into memory (arrays with the cache's own metadata), then each
+        # is written as one whole object. write_empty_chunks: an all-zero written row is stored
+        # too, so every shard holding written rows has an object and a missing one means a loss.
+        self._encoded: dict[str, Any] = {}
+        proto = default_buffer_prototype()
+        for name in checksum_arrays(spec):
+            meta = self.store.read(f"{name}/{GROUP_METADATA}")
+            self._encoded[f"{name}/{GROUP_METADATA}"] = proto.buffer.from_bytes(meta)
+        memory = MemoryStore(store_dict=self._encoded)
+        self._arrays = {
+            name: zarr.open_array(memory, path=name, mode="r+").with_config(
+                {"write_empty_chunks": True}
+            )
+            for name in checksum_arrays(spec)
+        }
+        self._hash = hashlib.sha256()
+        self._channel_scales = read_channel_scales(path, spec)  # int8c: {layer: (dim,)}
+        for layer in spec.layer_names:  # FORMAT.md: an int8c checksum starts with them
+            if layer in self._channel_scales:
+                self._hash.update(self._channel_scales[layer].astype("<f4").tobytes())
+        self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self._arrays}
+        self._buffered = 0
+        self._written = 0
+        self._seen: set[str] = set()
+        self._skipped: list[str] = []
+        self._finished = False
+
+    @property
+    def count(self) -> int:
+        """Rows appended so far (written or buffered)."""
+        return self._written + self._buffered
+
+    def __enter__(self) -> BlockWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise FeatureCacheError(
+                f"Expected an open block writer, got block {self.block.index} finished"
+            )
+
+    def skip(self, key: str) -> None:
+        """Record a bad frame's key as skipped (it gets no row)."""
+        self._check_open()
+        self._skipped.append(str(key))
+
+    def append(
+        self, keys: Sequence[str], features: dict[str, Any], digests: Any | None = None
+    ) -> None:
+        """Append rows: keys (n,) unique str; features {layer: (n, tokens, dim) float array or
+        tensor} for every layer of the spec; digests: each row's `sample_digest` of its source
+        images, n bytes objects or uint8 (n, DIGEST_BYTES), None when the sources have no encoded
+        bytes (stored as zeros: "not recorded"). Validates everything before buffering anything."""
+        self._check_open()
+        keys = list(keys)
+        n = len(keys)
+        where = f" in block {self.block.index} ({self.block.source})"
+        encoded = [encode_key(k, self.spec.key_bytes, where) for k in keys]
+        digest_rows = _digest_rows(digests, n, where)
+        batch_seen: set[str] = set()
+        for k in keys:
+            if k in self._seen or k in batch_seen:
+                raise InvalidKeyError(f"Expected unique keys{where}, got {k!r} twice")
+            batch_seen.add(k)
+        if set(features) != set(self.spec.layer_names):
+            extra = sorted(set(map(str, features)) - set(self.spec.layer_names))
+            if extra:
+                raise UnknownLayerError(
+                    f"Expected layers {list(self.spec.layer_names)}, got unknown {extra}{where}"
+                )
+            raise ShapeMismatchError(
+                f"Expected features for every layer {list(self.spec.layer_names)}, got "
+                f"{sorted(features)}{where}"
+            )
+        if self.count + n > self.block.capacity:
+            raise BlockCapacityError(
+                f"Expected at most {self.block.capacity} rows in block {self.block.index} "
+                f"({self.block.source}), got {self.count + n}"
+            )
+        staged: dict[str, np.ndarray] = {}
+        for layer in self.spec.layers:
+            x = to_numpy_float(features[layer.name])
+            expected = (n, layer.tokens, layer.dim)
+            if tuple(x.shape) != expected:
+                raise ShapeMismatchError(
+                    f"Expected layer {layer.name!r} features of shape {expected}, got "
+                    f"{tuple(x.shape)}{where}"
+                )
+            if x.dtype.kind != "f":
+                raise ShapeMismatchError(
+                    f"Expected float features for layer {layer.name!r}, got {x.dtype}{where}"
+                )
+            finite = np.isfinite(x).reshape(n, -1).all(axis=1)
+            if self.spec.codec == "fp16":
+                finite &= (np.abs(x).reshape(n, -1) <= _FP16_MAX).all(axis=1)
+            if not finite.all():
+                bad = keys[int(np.argmin(finite))]
+                raise InvalidFeaturesError(
+                    f"Expected finite{' fp16-range' if self.spec.codec == 'fp16' else ''} "
+                    f"features for layer {layer.name!r}, got NaN/Inf/overflow at key {bad!r}{where}"
+                )
+            if self.spec.codec == "fp16":
+                staged[features_path(layer.name)] = x.astype(np.float16)
+            else:
+                q, scale = quantize_int8(x, self._channel_scales.get(layer.name))
+                staged[features_path(layer.name)] = q
+                staged[scales_path(layer.name)] = scale
+        key_rows = np.zeros((n, self.spec.key_bytes), dtype=np.uint8)
+        for i, raw in enumerate(encoded):
+            key_rows[i, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        staged[KEYS_ARRAY] = key_rows
+        staged[DIGESTS_ARRAY] = digest_rows
+        for name, value in staged.items():
+            self._buffers[name].append(value)
+        self._seen |= batch_seen
+        self._buffered += n
+        while self._buffered >= self.spec.shard_rows:
+            self._flush_shard()
+
+    def _flush_shard(self) -> None:
+        """Write the next shard from the buffers: all of it, or for the block's last shard only the
+        written rows (the shard is new, so Zarr's partial write leaves padding chunks absent)."""
+        sr = self.spec.shard_rows
+        take = min(self._buffered, sr)
+        start = self.block.row_start + self._written
+        assert start % sr == 0, "blocks start on shard boundaries and shards flush whole"
+        for name in checksum_arrays(self.spec):  # hashing order of FORMAT.md
+            parts = self._buffers[name]
+            data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            head, rest = data[:take], data[take:]
+            self._buffers[name] = [rest] if len(rest) else []
+            self._hash.update(np.ascontiguousarray(head).tobytes())
+            self._arrays[name][start : start + take] = head  # encoded into memory
+            key = shard_file(name, self._arrays[name].ndim, start // sr)
+            try:
+                self.store.put(key, self._encoded.pop(key).to_bytes())
+            except OSError as exc:  # disk full, read-only: the block stays pending
+                raise StorageError(
+                    f"Expected to write {self.store.url(key)!r} (block {self.block.index}, "
+                    f"{self.block.source}), got {exc.strerror or exc}; done blocks are kept and "
+                    f"this one stays pending: free space or fix permissions, then rerun to resume"
+                ) from exc
+        self._buffered -= take
+        self._written += take
+
+    def finish(self) -> BlockResult:
+        """Write what is buffered, delete the block's shard objects past the rows written (an
+        earlier attempt's), and return the result for CacheWriter.mark_done."""
+        self._check_open()
+        if self._buffered:
+            self._flush_shard()
+        sr = self.spec.shard_rows
+        for s in range(-(-(self.block.row_start + self._written) // sr), self.block.row_stop // sr):
+            for name, arr in self._arrays.items():
+                self.store.delete(shard_file(name, arr.ndim, s))
+        self._finished = True
+        return BlockResult(
+            index=self.block.index,
+            count=self._written,
+            checksum=CHECKSUM_PREFIX + self._hash.hexdigest(),
+            skipped=tuple(self._skipped),
+        )
