@@ -47,6 +47,7 @@ OPTION_TO_FIELD = {
     "on_missing": "on_missing",
     "on_mismatch": "on_mismatch",
     "resident_teacher": "resident_teacher",
+    "allow_random_weights": "allow_random_weights",
     "checkpoint_every": "checkpoint_every",
     "resume": "resume",
     "num_workers": "num_workers",
@@ -248,6 +249,14 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     "--resident-teacher",
     metavar="SPEC",
     help="Compute targets online with this teacher instead of a cache (comparison mode).",
+)
+@click.option(
+    "--allow-random-weights",
+    is_flag=True,
+    default=DEFAULTS["allow_random_weights"],
+    help="Run the --resident-teacher even if its checkpoint lacks or mis-shapes some weights "
+    "(they stay random: its targets are partly noise; for experiments only). Without it such a "
+    "teacher is refused, naming the tensors.",
 )
 @click.option(
     "--checkpoint-every",

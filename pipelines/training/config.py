@@ -70,6 +70,7 @@ RESUMABLE_FIELDS: Final = frozenset(
         "wandb",
         "wandb_project",
         "trust_remote_code",  # a permission of this command, not part of the run
+        "allow_random_weights",  # likewise (the teacher's weights are in its fingerprint)
         "on_missing",  # policies for bad frames met from now on
         "on_mismatch",
     }
@@ -162,6 +163,10 @@ class TrainConfig:
     digest): raise naming the key and both sources, or skip it (counted with the missing)."""
     resident_teacher: str | None = None
     """Compute targets online with this teacher SPEC instead of the cache (comparison mode)."""
+    allow_random_weights: bool = False
+    """Let the resident teacher (hf:, hf-vlm:) run although its checkpoint lacks, renames or
+    mis-shapes some weights (they stay random; warned), as `build --allow-random-weights` does.
+    Needs resident_teacher; students take `--student-option allow_random_weights=true`."""
     checkpoint_every: int = 0
     """Save a checkpoint every N steps (0 = only at the end)."""
     resume: bool = False
@@ -238,6 +243,12 @@ class TrainConfig:
             )
         if self.resident_teacher is not None and self.teacher_layer is None:
             raise OptionError("Expected --teacher-layer with --resident-teacher, got none.")
+        if self.allow_random_weights and self.resident_teacher is None:
+            raise OptionError(
+                "Expected --allow-random-weights with --resident-teacher SPEC (it applies to "
+                "the resident teacher), got no resident teacher; for an hf student pass "
+                "--student-option allow_random_weights=true."
+            )
         if self.train_projector and self.lambda_align == 0:
             raise OptionError("Expected --lambda > 0 with --train-projector, got --lambda 0.")
         self.lora_settings()  # validates the LoRA fields

@@ -191,6 +191,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             [config.teacher_layer],
             device=str(device),
             trust_remote_code=config.trust_remote_code,
+            allow_random_weights=config.allow_random_weights,
         )
         target = teacher_target_spec(teacher)
 

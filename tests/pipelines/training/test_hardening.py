@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -155,6 +156,32 @@ def test_missing_keys(shards, tmp_path) -> None:
         tmp_path / "h", shards, [LAYER], key_features("10", 16, 24), drop_keys=[dropped]
     )
     _one_line(_cli(_train(shards, holey, tmp_path / "r", "--steps", "4")), 1, dropped, "skip")
+
+
+def test_resident_teacher_loads_honestly(shards, tmp_path) -> None:
+    """`train --resident-teacher hf:FOLDER` whose checkpoint lacks a tensor: refused naming it
+    (no run written); `--allow-random-weights` lets it run, only with a resident teacher."""
+    from safetensors.torch import save_file
+
+    from ..build.tiny_teachers import save_tiny_teacher  # a 32 px ViT: a 4x4 grid, as tiny-vla
+
+    folder = save_tiny_teacher("vit", tmp_path / "vit")
+    gone = "encoder.layer.1.output.dense.weight"
+    state = {k: v for k, v in load_file(folder / "model.safetensors").items() if k != gone}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    resident = ["--resident-teacher", f"hf:{folder}", "--teacher-layer", "1"]
+    result = _cli(_train(shards, None, tmp_path / "r", *resident))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = next(x for x in result.output.splitlines() if "featurecache train: error:" in x)
+    named = re.search(r"1 missing from the checkpoint \(([^)]*)\)", line)  # transformers' name
+    assert named and ".1." in named.group(1) and named.group(1).endswith(".weight"), line
+    assert str(folder) in line and "--allow-random-weights" in line, line
+    assert not (tmp_path / "r").exists()
+    result = _cli(_train(shards, None, tmp_path / "r", *resident, "--allow-random-weights"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["allow_random_weights"]
+    no_teacher = _train(shards, tmp_path / "c", tmp_path / "r2", "--allow-random-weights")
+    _one_line(_cli(no_teacher), 2, "--allow-random-weights", "--resident-teacher")
 
 
 def test_align_layer_out_of_range(shards, cache, tmp_path) -> None:
