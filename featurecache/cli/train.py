@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.config import EVAL_BATCH_SIZE, EVAL_DEVICE, TrainConfig
 
 # Every option's default is its TrainConfig field's (one place for them; the config module
 # imports no torch, so `featurecache --help` stays instant).
@@ -344,8 +344,15 @@ def _is_worker() -> bool:
     type=click.Path(dir_okay=False),
     help="Also write the results to this JSON file (its folder is created first).",
 )
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--batch-size", type=int, default=EVAL_BATCH_SIZE, show_default=True, help="Frames per forward."
+)
+@click.option(
+    "--device",
+    default=EVAL_DEVICE,
+    show_default=True,
+    help="Where the student runs: cpu, cuda, cuda:1 ...",
+)
 @click.option(
     "--trust-remote-code",
     is_flag=True,

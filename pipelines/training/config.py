@@ -17,6 +17,9 @@ LORA_TARGET_PRESETS: dict[str, str] = {
 }
 DEFAULT_LORA_RANK = 32  # the paper's r
 DEFAULT_LORA_TARGETS = "all-linear"
+# `evaluate_run` / `featurecache evaluate` (here, torch-free, so the CLI reads them without torch)
+EVAL_BATCH_SIZE: Final = 32  # frames per forward
+EVAL_DEVICE: Final = "cpu"  # where the run's student is loaded and run
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

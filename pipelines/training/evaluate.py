@@ -19,6 +19,7 @@ import torch
 
 from featurecache.errors import OptionError
 from featurecache.pipelines.training.checkpoint import load_run
+from featurecache.pipelines.training.config import EVAL_BATCH_SIZE, EVAL_DEVICE
 from featurecache.pipelines.training.stream import StreamConfig, iter_batches
 from featurecache.pipelines.training.targets import cache_target_spec
 from featurecache.reader import open_cache
@@ -32,8 +33,8 @@ def evaluate_run(
     frames: Sequence[str],
     *,
     cache: str | Path | None = None,
-    batch_size: int = 32,
-    device: str = "cpu",
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: str = EVAL_DEVICE,
     on_missing: str = "error",
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:

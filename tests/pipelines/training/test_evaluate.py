@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -79,6 +80,14 @@ def test_every_train_config_field_has_a_cli_option() -> None:
         if option not in ("frames", "lambda_align", "progress", "plot"):
             assert "--" + option.replace("_", "-") in out.output, option
     assert "--lambda" in out.output and "--no-progress" in out.output
+
+
+def test_evaluate_cli_defaults_are_evaluate_runs() -> None:
+    """One place for evaluate's defaults: the CLI shows evaluate_run's own."""
+    cli = {p.name: p.default for p in main.commands["evaluate"].params}
+    api = inspect.signature(evaluate_run).parameters
+    for name in ("batch_size", "device"):
+        assert cli[name] == api[name].default, name
 
 
 def test_cli_train_reports_bad_options(sample_data_dir: Path, tmp_path: Path) -> None:
