@@ -17,8 +17,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from featurecache.errors import OptionError
+
 DEFAULT_PROJECTOR_HIDDEN = 2048  # the paper's hidden width (OpenVLA-7B -> C-RADIOv3-L)
 DEFAULT_PROJECTOR_DROPOUT = 0.1
+# what sets each width, for the error message of an impossible one
+_WIDTH_SOURCE = {
+    "in_dim": "the student's hidden size (AlignmentHead student_dim=)",
+    "out_dim": "the teacher layer's token width",
+    "hidden": "AlignmentHead hidden= / train --projector-hidden",
+}
 
 
 class AlignmentProjector(nn.Module):
@@ -38,9 +46,14 @@ class AlignmentProjector(nn.Module):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("hidden", hidden)):
             if value < 1:
-                raise ValueError(f"The projector's `{name}` should be >= 1. Found {value}.")
+                raise OptionError(
+                    f"Expected the alignment projector's {name} >= 1, got {value} (from "
+                    f"{_WIDTH_SOURCE[name]})."
+                )
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"The projector's `dropout` should be in [0, 1). Found {dropout}.")
+            raise OptionError(
+                f"Expected the alignment projector's dropout in [0, 1), got {dropout}."
+            )
         self.in_dim, self.out_dim, self.hidden, self.dropout = in_dim, out_dim, hidden, dropout
         self.net = nn.Sequential(
             nn.LayerNorm(in_dim),

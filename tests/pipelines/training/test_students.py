@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from featurecache.errors import OptionError
 from featurecache.pipelines.training.students import (
     AlignmentProjector,
     ByteTokenizer,
@@ -47,8 +48,21 @@ def test_projector_seeded_frozen_by_default_and_independent_of_global_rng() -> N
     assert all(
         p.requires_grad for p in build_projector(16, 8, hidden=32, trainable=True).parameters()
     )
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(OptionError, match=r"projector's dropout in \[0, 1\), got 1.5"):
         AlignmentProjector(4, 4, dropout=1.5)
+
+
+@pytest.mark.parametrize(
+    ("widths", "named"),
+    [((0, 4, 8), "in_dim >= 1, got 0 (from the student's"),
+     ((4, -1, 8), "out_dim >= 1, got -1 (from the teacher"),
+     ((4, 4, 0), "hidden >= 1, got 0 (from AlignmentHead hidden=")],
+)  # fmt: skip
+def test_projector_widths_are_typed_errors(widths, named) -> None:
+    in_dim, out_dim, hidden = widths
+    with pytest.raises(OptionError) as e:
+        build_projector(in_dim, out_dim, hidden=hidden)
+    assert named in str(e.value)
 
 
 def test_byte_tokenizer() -> None:
