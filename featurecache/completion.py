@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -370,6 +371,8 @@ def read_header(store: Store) -> dict[str, Any]:
             f"Expected a featurecache cache directory or object prefix (a Zarr v3 group: "
             f"{GROUP_METADATA}) at {store.location!r}, found none"
         ) from exc
+    except NotADirectoryError as exc:  # a local path that is (or lies under) a file
+        raise _a_file_error(store) from exc
     except ValueError as exc:
         raise NotACacheError(
             f"Expected JSON in {where!r}, got unparsable bytes ({exc}): the object is corrupt"
@@ -397,6 +400,24 @@ def read_header(store: Store) -> dict[str, Any]:
             f"by a newer featurecache: upgrade to read it)"
         )
     return attrs
+
+
+def _a_file_error(store: Store) -> NotACacheError:
+    """The error for a cache path that names a file: a tar of frames gets the command that
+    checks frames against a cache."""
+    root = store.local_root
+    file = next((p for p in (root, *root.parents) if p.is_file()), root) if root else None
+    hint = "a cache is the folder that `featurecache build --out` writes"
+    if file is not None and tarfile.is_tarfile(file):
+        hint = (
+            f"{file} is a tar (frames?): check frames against a cache with `featurecache verify "
+            f"CACHE --frames {file}`; {hint}"
+        )
+    got = "a file" if file is None or file == root else f"a path under the file {file}"
+    return NotACacheError(
+        f"Expected a featurecache cache (a folder holding {GROUP_METADATA}) at "
+        f"{store.location!r}, got {got} ({hint})"
+    )
 
 
 def _read_json(store: Store, key: str) -> Any:

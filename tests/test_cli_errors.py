@@ -157,6 +157,24 @@ def test_inspect_and_verify_bad_caches(tmp_path: Path) -> None:
     assert code == 1 and "Traceback" not in out and str(shard) in out and "corrupt" in out
 
 
+def test_a_file_given_as_the_cache(tmp_path: Path) -> None:
+    """`verify FRAMES.tar` (the frames given where the cache goes): not a cache (exit 1, not a
+    storage error), with the command that checks frames; any other file: not a cache either."""
+    write_sample_data(tmp_path / "frames", frames=2, shard_size=2, image_size=16)
+    tar = tmp_path / "frames" / "frames-000000.tar"
+    for command in ("verify", "inspect"):
+        code, out = run(command, tar)
+        line = one_error_line(out, command)
+        assert code == 1 and "Expected a featurecache cache" in line and "got a file" in line
+        assert f"featurecache verify CACHE --frames {tar}`" in line, line
+    code, out = run("verify", tar / "sub")
+    assert code == 1 and f"got a path under the file {tar}" in one_error_line(out, "verify")
+    (tmp_path / "notes.txt").write_text("hello")
+    code, out = run("verify", tmp_path / "notes.txt")
+    line = one_error_line(out, "verify")
+    assert code == 1 and "got a file" in line and "--frames" not in line
+
+
 def test_verify_frames_truncated_and_empty_tars(tmp_path: Path) -> None:
     frames = tmp_path / "frames"
     write_sample_data(frames, frames=4, shard_size=4, image_size=16)
