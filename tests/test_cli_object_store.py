@@ -2,7 +2,8 @@
 fixture): frames streamed from tars in the bucket, the cache written into it, then inspect,
 verify, train and evaluate reading both from it. Oracle: the same build from the same frames on
 local disk (array for array, checksums included). Slow ones run the CLI in subprocesses: SIGKILL
-of the driver mid-build and a rerun; two concurrent builds into one cache."""
+of the driver mid-build and a rerun; two concurrent builds into one cache; a Ray build with two
+workers."""
 
 from __future__ import annotations
 
@@ -217,4 +218,31 @@ def test_two_concurrent_builds_into_one_s3_cache(
         assert f"pid {first.pid} on" in line and "--overwrite" not in line
     (tmp_path / "go").touch()
     assert first.communicate(timeout=300)[0] and first.returncode == 0
+    assert_same_cache(local_cache, cache)
+
+
+@pytest.mark.slow
+def test_ray_build_from_and_into_s3(
+    s3_bucket: str, frames_dir: Path, local_cache: Path, tmp_path: Path
+) -> None:
+    """Two Ray workers (separate processes, no shared folder with the driver's cache) stream
+    their tars from the bucket and write their blocks into it: the same arrays as the local
+    in-process build."""
+    import shutil
+    import tempfile
+
+    upload(frames_dir, f"{s3_bucket}/data/train")
+    cache = f"{s3_bucket}/caches/ray.zarr"
+    ray_tmp = tempfile.mkdtemp(prefix="fcray", dir="/tmp")  # short: Unix socket paths
+    try:
+        proc = subprocess.run(
+            [str(VENV_BIN / "featurecache"), "build", f"{s3_bucket}/data/train", *TEACHER,
+             "--batch-size", "4", "--ray", "--workers", "2", "--quiet", "--out", cache],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": ray_tmp},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 Ray worker(s)" in proc.stdout
     assert_same_cache(local_cache, cache)
