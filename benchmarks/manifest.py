@@ -18,7 +18,8 @@ shards of 64 rows) written to local disk and to a moto S3 server on 127.0.0.1, r
 one ranged GET per shard) and shuffled (one GET per row), from a freshly opened cache each
 time. Loopback is not a network: no bandwidth limit, ~0.1 ms round trips, and moto is a Python
 server sharing this machine's CPU; a cloud bucket adds 10-50 ms per request, which the
-sequential order amortises over a shard and the shuffled order pays per row.
+sequential order amortises over a shard and the shuffled order pays per row. Beside them, serial
+ranged GETs of 20 kB through obstore (the store layer) and through s3fs, same server, same run.
 """
 
 from __future__ import annotations
@@ -179,6 +180,36 @@ def _reads(location: str | Path, provider: str, rows: int, device: str) -> list[
     return out
 
 
+def _ranged_gets(bucket: str, key: str, device: str, n: int) -> list[harness.Result]:
+    """`n` serial ranged GETs of 20 kB at seeded offsets of one object, through obstore (the
+    store layer) and through s3fs (fsspec), against the same server: the store layer's choice."""
+    import s3fs
+
+    root = open_store(bucket)
+    size = root.size(key)
+    starts = np.random.default_rng(0).integers(0, size - 20_000, n).tolist()
+    out = []
+    t_obstore = []
+    for a in starts:
+        t = time.perf_counter()
+        root.read_ranges(key, [(a, a + 20_000)])
+        t_obstore.append((time.perf_counter() - t) * 1e3)
+    fs = s3fs.S3FileSystem(
+        key=os.environ["AWS_ACCESS_KEY_ID"], secret=os.environ["AWS_SECRET_ACCESS_KEY"],
+        client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]},
+    )  # fmt: skip
+    path = f"{bucket.removeprefix('s3://')}/{key}"
+    t_s3fs = []
+    for a in starts:
+        t = time.perf_counter()
+        fs.cat_file(path, start=a, end=a + 20_000)
+        t_s3fs.append((time.perf_counter() - t) * 1e3)
+    for name, times in (("obstore", t_obstore), ("s3fs", t_s3fs)):
+        out.append(harness.result("ranged GET 20 kB, serial", name, times, "ms", device,
+                                  requests_per_s=1e3 / float(np.median(times))))  # fmt: skip
+    return out
+
+
 def _throughput(folder: Path, rows: int, device: str) -> list[harness.Result]:
     """Read throughput: local disk vs the local S3 server (same cache, same reads)."""
     s3 = _local_s3()
@@ -192,11 +223,13 @@ def _throughput(folder: Path, rows: int, device: str) -> list[harness.Result]:
         _write_read_cache(remote, rows)
         local_rows = _reads(local, "local disk", rows, device)
         s3_rows = _reads(remote, "S3 (moto, 127.0.0.1)", rows, device)
+        gets = _ranged_gets(bucket, "caches/read.zarr/features/x/c/0/0/0", device, 50 if rows
+                            < 1024 else 200)  # fmt: skip
     finally:
         server.stop()  # type: ignore[attr-defined]
     for lr, sr in zip(local_rows, s3_rows, strict=True):
         sr.extra["slower_than_local"] = lr.extra["rows_per_s"] / sr.extra["rows_per_s"]
-    return local_rows + s3_rows
+    return local_rows + s3_rows + gets
 
 
 def run(json_path: str | Path | None = None, quick: bool = False) -> list[harness.Result]:
