@@ -8,12 +8,15 @@ Teacher features: efficientnet-lite0 layer "10" (the demo's offline teacher) of 
 computed once, and the same features with massive-activation channels put in (2 channels x100,
 1/64 of them x4: what ViT teachers have and int8 handles badly, emulated on a real teacher's
 features since this machine has no trained ViT). Each is written into fp16, int8 and int8c caches
-(int8c calibrated on the first 16 frames, as a build does). Three `train()` runs per teacher with
-the same seed, student, data order and steps differ only in the cache; each logs
+(int8c calibrated on the first 16 frames, as a build does), and, to see what fidelity training
+needs, into a fourth (fp16) cache holding what a 4-bit codec would return (`_int4`: channel
+scale, then groups of 16 channels with an absmax / 7 scale: ~3.2x smaller than fp16 if packed,
+not a codec of the format). The `train()` runs per teacher with the same seed, student, data
+order and steps differ only in the cache; each logs
 `align_cosine` (mean cosine of the projected tokens to the targets, as the loss sees them) per
-step in RUN/metrics.jsonl. Reported per quantized codec: the max and the final
-|cosine - fp16's cosine| over the run, the largest action-loss difference, and the fp16 run's own
-cosine range for scale.
+step in RUN/metrics.jsonl. Reported per quantized variant: the targets' own mean cosine to the
+float features, the max and the final |cosine - fp16's cosine| over the run, the largest
+action-loss difference, and the fp16 run's own cosine range for scale.
 
     python -m featurecache.benchmarks.target_codecs [--json FILE] [--quick]
 """
@@ -31,6 +34,8 @@ from featurecache.benchmarks import harness
 
 TITLE = "Training on fp16 vs int8 vs int8c targets (same run otherwise)"
 CODECS = ("fp16", "int8", "int8c")
+INT4 = "int4 g16 (emulated)"  # not a codec: 4-bit targets, written dequantized into fp16
+INT4_GROUP = 16  # channels per 4-bit group scale (divides efficientnet-lite0's 112)
 TEACHER_LAYER = "10"  # efficientnet-lite0 block 10: stride 16, a 7x7 grid at 112 px, 4x4 at 64
 CALIBRATION_FRAMES = 16  # int8c: frames its channel scale is calibrated on (the build's default)
 
@@ -79,10 +84,25 @@ def _teacher_rows(shards: list[Path], image: int) -> list[tuple[list[str], list,
     return out
 
 
+def _int4(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """What a 4-bit codec would hand back: x / c in groups of INT4_GROUP channels, each group
+    scaled by its absmax / 7 (float16 scales), rounded to -7..7, times the scale and c."""
+    n, t, d = x.shape
+    y = (x / c).reshape(n, t, d // INT4_GROUP, INT4_GROUP)
+    scale = (np.abs(y).max(-1, keepdims=True) / 7).astype(np.float16).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)
+    return (np.clip(np.rint(y / safe), -7, 7) * scale).reshape(n, t, d) * c
+
+
 def _write(path: Path, rows: list[tuple[list[str], list, np.ndarray]], codec: str) -> None:
-    """One block per shard; int8c calibrated on the first CALIBRATION_FRAMES frames."""
+    """One block per shard; int8c calibrated on the first CALIBRATION_FRAMES frames; INT4: the
+    emulated 4-bit targets (same calibration) in an fp16 cache."""
     import featurecache as fc
 
+    if codec == INT4:
+        c = fc.calibrate_channel_scale(rows[0][2][:CALIBRATION_FRAMES])
+        _write(path, [(k, d, _int4(f, c)) for k, d, f in rows], "fp16")
+        return
     tokens, dim = rows[0][2].shape[1:]
     spec = fc.CacheSpec((fc.LayerSpec(TEACHER_LAYER, tokens, dim),), codec, 16, {"bench": 1})
     plan = fc.plan_blocks([(f"shard-{i}", len(r[0])) for i, r in enumerate(rows)], 16)
@@ -94,6 +114,17 @@ def _write(path: Path, rows: list[tuple[list[str], list, np.ndarray]], codec: st
         bw = writer.open_block(block.index)
         bw.append(keys, {TEACHER_LAYER: feats}, digests)
         writer.mark_done(bw.finish())
+
+
+def _mean_cos(cache: Path, rows: list[tuple[list[str], list, np.ndarray]]) -> float:
+    """Mean cosine over tokens between the cache's (dequantized) targets and the float ones."""
+    import featurecache as fc
+
+    opened = fc.open_cache(cache)
+    keys = [k for keys, _, _ in rows for k in keys]
+    x = np.concatenate([f for _, _, f in rows]).astype(np.float64)
+    y = opened.read(keys, TEACHER_LAYER).numpy().astype(np.float64)
+    return float(((x * y).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)).mean())
 
 
 def run(json_path: str | Path | None = None, quick: bool = False) -> list[harness.Result]:
@@ -120,9 +151,11 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
         }
         for t, (label, teacher_rows) in enumerate(teachers.items()):
             curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-            for codec in CODECS:
-                cache, out = root / f"cache-{t}-{codec}", root / f"run-{t}-{codec}"
+            fidelity: dict[str, float] = {}
+            for i, codec in enumerate((*CODECS, INT4)):
+                cache, out = root / f"cache-{t}-{i}", root / f"run-{t}-{i}"
                 _write(cache, teacher_rows, codec)
+                fidelity[codec] = _mean_cos(cache, teacher_rows)
                 train(
                     TrainConfig(
                         frames=frames, out=str(out), cache=str(cache),
@@ -134,7 +167,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                 curves[codec] = _metrics(out)
             ref_cos, ref_act = curves["fp16"]
             spans.append(f"{label}: {ref_cos.min():.3f}..{ref_cos.max():.3f}")
-            for codec in CODECS[1:]:
+            for codec in (*CODECS[1:], INT4):
                 cos, act = curves[codec]
                 diff = np.abs(cos - ref_cos)
                 rows.append(
@@ -148,6 +181,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                         device=device,
                         revision=harness.git_revision(),
                         extra={
+                            "targets_mean_cos": f"{fidelity[codec]:.6f}",
                             "final_d_cos": f"{abs(cos[-1] - ref_cos[-1]):.2e}",
                             "max_d_action_loss": f"{float(np.abs(act - ref_act).max()):.2e}",
                             "fp16_cos_range": f"{ref_cos.min():.4f}..{ref_cos.max():.4f}",
@@ -159,7 +193,9 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
         note = (
             f"Measured on {device} ({harness.load_note()}). Teacher features computed once per "
             f"frame ({sizes['frames']} frames); each variant written into fp16, int8 and int8c "
-            f"caches; three tiny-vla runs per variant, seed 0, {sizes['steps']} steps, "
+            f"caches and an fp16 cache of emulated 4-bit targets ({INT4}: groups of "
+            f"{INT4_GROUP} channels, absmax / 7 scales); four tiny-vla runs per variant, seed 0, "
+            f"{sizes['steps']} steps, "
             "identical but for the cache. Figures: over the run's logged steps, abs(align_cosine "
             "- the fp16 run's align_cosine) (median column = its max; spread p20..p80), the final "
             "step's difference, the largest action-loss difference, and the fp16 run's cosine "
