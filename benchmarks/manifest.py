@@ -39,8 +39,9 @@ import numpy as np
 from featurecache.audit import verify_cache
 from featurecache.benchmarks import harness
 from featurecache.completion import DoneRecord, load_state, record_key
-from featurecache.format import CacheSpec, LayerSpec, plan_blocks
+from featurecache.manifest import plan_blocks
 from featurecache.reader import open_cache
+from featurecache.spec import CacheSpec, LayerSpec
 from featurecache.store import open_store
 from featurecache.writer import create_cache
 

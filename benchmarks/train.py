@@ -56,8 +56,10 @@ def _sizes(quick: bool) -> dict[str, Any]:
 
 def _write_cache(path: Path, shards: list[Path], teacher: Any, codec: str = "int8") -> Path:
     """What the build job writes, in-process (no Ray): one block per shard, teacher forward."""
-    from featurecache.format import CacheSpec, plan_blocks, sample_digest
+    from featurecache.format import sample_digest
+    from featurecache.manifest import plan_blocks
     from featurecache.samples import decode_image, iter_samples
+    from featurecache.spec import CacheSpec
     from featurecache.writer import create_cache
 
     samples = [list(iter_samples(s)) for s in shards]

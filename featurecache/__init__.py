@@ -38,8 +38,9 @@ if TYPE_CHECKING:
         UnknownLayerError,
         UnsupportedURLError,
     )
-    from featurecache.format import Block, CacheSpec, LayerSpec, Manifest, plan_blocks
+    from featurecache.manifest import Block, Manifest, plan_blocks
     from featurecache.reader import FeatureCache, open_cache
+    from featurecache.spec import CacheSpec, LayerSpec
     from featurecache.writer import CacheWriter, create_cache, open_writer
 
 _EXPORTS = {
@@ -70,8 +71,9 @@ _EXPORTS = {
         "UnknownLayerError",
         "UnsupportedURLError",
     ),
-    "featurecache.format": ("Block", "CacheSpec", "LayerSpec", "Manifest", "plan_blocks"),
+    "featurecache.manifest": ("Block", "Manifest", "plan_blocks"),
     "featurecache.reader": ("FeatureCache", "open_cache"),
+    "featurecache.spec": ("CacheSpec", "LayerSpec"),
     "featurecache.block_writer": ("BlockResult", "BlockWriter"),
     "featurecache.writer": ("CacheWriter", "create_cache", "open_writer"),
 }

@@ -30,7 +30,6 @@ from featurecache.format import (
     KEYS_ARRAY,
     SCALE_DTYPE,
     SCALED_CODECS,
-    Block,
     cache_cameras,
     channel_scale_arrays,
     channel_scales_path,
@@ -41,6 +40,7 @@ from featurecache.format import (
     shard_file,
 )
 from featurecache.integrity import array_problems, table_problems
+from featurecache.manifest import Block
 from featurecache.reader import decode_keys
 from featurecache.samples import BadFrameError, expand_frame_paths, iter_keys, iter_samples
 from featurecache.store import Store, open_store

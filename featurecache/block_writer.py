@@ -40,14 +40,14 @@ from featurecache.format import (
     DIGESTS_ARRAY,
     GROUP_METADATA,
     KEYS_ARRAY,
-    Block,
-    CacheSpec,
     checksum_arrays,
     features_path,
     scales_path,
     shard_file,
 )
 from featurecache.layout import read_channel_scales
+from featurecache.manifest import Block
+from featurecache.spec import CacheSpec
 from featurecache.store import open_store
 
 _FP16_MAX = float(np.finfo(np.float16).max)

@@ -46,10 +46,9 @@ from featurecache.format import (
     GROUP_METADATA,
     STATUS_DONE,
     STATUS_PENDING,
-    Block,
-    CacheSpec,
-    Manifest,
 )
+from featurecache.manifest import Block, Manifest
+from featurecache.spec import CacheSpec
 from featurecache.store import Store
 
 META_PREFIX: Final = "featurecache/"  # not a Zarr node: plain JSON objects
@@ -184,7 +183,7 @@ class BlockTable:
         return i
 
     def block(self, index: int) -> Block:
-        """Block `index` as a format.Block (one object, built on demand)."""
+        """Block `index` as a manifest.Block (one object, built on demand)."""
         i = self.check_index(index)
         done = bool(self.done[i])
         return Block(
@@ -250,7 +249,7 @@ class BlockTable:
     # ---- JSON forms -------------------------------------------------------------------------
     @classmethod
     def from_blocks(cls, blocks: Sequence[Block]) -> BlockTable:
-        """A table from format.Block objects (a version-1 manifest, or a plan)."""
+        """A table from manifest.Block objects (a version-1 manifest, or a plan)."""
         table = cls(
             [b.source for b in blocks],
             [b.row_start for b in blocks],
@@ -347,7 +346,7 @@ class CacheState:
 
     @property
     def blocks(self) -> tuple[Block, ...]:
-        """Every block as a format.Block (built on each access: small caches, tools, tests)."""
+        """Every block as a manifest.Block (built on each access: small caches, tools, tests)."""
         return tuple(self.table.blocks())
 
     @property
@@ -355,7 +354,7 @@ class CacheState:
         return tuple(self.table.block(i) for i in self.table.done_indices().tolist())
 
     def manifest(self) -> Manifest:
-        """The whole table as a format.Manifest of Block objects (small caches, tools, tests)."""
+        """The whole table as a manifest.Manifest of Block objects (small caches, tools, tests)."""
         blocks = tuple(self.table.blocks())
         return Manifest(spec=self.spec, blocks=blocks, rows=self.rows, version=self.version)
 

@@ -40,11 +40,11 @@ from featurecache.format import (
     KEYS_ARRAY,
     SCALE_DTYPE,
     SCALED_CODECS,
-    CacheSpec,
     channel_scales_path,
     features_path,
     scales_path,
 )
+from featurecache.spec import CacheSpec
 
 __all__ = [
     "ArrayLayout",

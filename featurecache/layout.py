@@ -45,13 +45,13 @@ from featurecache.format import (
     SCALE_DTYPE,
     SCALED_CODECS,
     STATUS_PENDING,
-    Block,
-    CacheSpec,
     channel_scale_arrays,
     channel_scales_path,
     features_path,
     scales_path,
 )
+from featurecache.manifest import Block
+from featurecache.spec import CacheSpec
 from featurecache.store import Store, open_store
 
 

@@ -1,5 +1,5 @@
 """One build at a time in an object store: a lease, the object-store counterpart of the local
-build lock (`format.acquire_build_lock`, an fcntl lock on a file in the cache folder).
+build lock (`manifest.acquire_build_lock`, an fcntl lock on a file in the cache folder).
 
     lease = acquire_lease(store)    # CacheBusyError naming the holder when another build has it
     ...                             # a thread renews it every LEASE_SECONDS / 4

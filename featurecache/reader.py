@@ -49,15 +49,14 @@ from featurecache.format import (
     FEATURE_DTYPE,
     KEYS_ARRAY,
     SCALED_CODECS,
-    Block,
-    CacheSpec,
-    Manifest,
     channel_scales_path,
     features_path,
     scales_path,
     shard_file,
 )
 from featurecache.integrity import check_cache
+from featurecache.manifest import Block, Manifest
+from featurecache.spec import CacheSpec
 from featurecache.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -130,7 +129,7 @@ class FeatureCache:
 
     @property
     def manifest(self) -> Manifest:
-        """Every block as a format.Block (built on each access: for small caches and tools; the
+        """Every block as a manifest.Block (built on each access: for small caches and tools; the
         reader itself works on `.table`)."""
         return self.state.manifest()
 

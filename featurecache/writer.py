@@ -56,9 +56,6 @@ from featurecache.format import (
     GROUP_METADATA,
     KEYS_ARRAY,
     STATUS_PENDING,
-    Block,
-    CacheSpec,
-    acquire_build_lock,
     shard_file,
 )
 from featurecache.layout import (
@@ -69,6 +66,8 @@ from featurecache.layout import (
     write_new_cache,
 )
 from featurecache.lease import LEASE_PREFIX, Lease, acquire_lease, holds_only_leases
+from featurecache.manifest import Block, acquire_build_lock
+from featurecache.spec import CacheSpec
 from featurecache.store import Store, open_store
 
 __all__ = ["BlockResult", "BlockWriter", "CacheWriter", "create_cache", "open_writer"]

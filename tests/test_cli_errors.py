@@ -20,7 +20,8 @@ import featurecache as fc
 from featurecache.cli import bench as bench_cli
 from featurecache.cli import main
 from featurecache.cli.main import EXIT_CODES, EXIT_INTERNAL, EXIT_INTERRUPTED, exit_code_of
-from featurecache.format import GROUP_METADATA, acquire_build_lock
+from featurecache.format import GROUP_METADATA
+from featurecache.manifest import acquire_build_lock
 from featurecache.pipelines.demo.sample_data import write_sample_data
 
 

@@ -5,7 +5,7 @@ patterns and Python iterables), lists every shard's keys (tar headers only), ref
 and keys repeated across the input (naming both shards), checks that the output is nothing, an
 empty folder or a cache, loads the teacher on the driver's CPU (an unknown spec or a layer out of
 range fails here) and returns the cache spec and block plan: one block per input shard, aligned
-to Zarr shards (`featurecache.format.plan_blocks`). With cameras, every teacher layer is cached
+to Zarr shards (`featurecache.manifest.plan_blocks`). With cameras, every teacher layer is cached
 once per camera, as cache layer `<camera>/<layer>` (`featurecache.format.camera_layer`).
 """
 
@@ -24,15 +24,13 @@ from featurecache.format import (
     DEFAULT_CODEC,
     DEFAULT_SHARD_ROWS,
     GROUP_METADATA,
-    Block,
-    CacheSpec,
-    LayerSpec,
     camera_layer,
-    plan_blocks,
 )
 from featurecache.lease import holds_only_leases
+from featurecache.manifest import Block, plan_blocks
 from featurecache.pipelines.build.frames import FrameShard, TarShard, shards_from_frames
 from featurecache.samples import DEFAULT_CAMERA, check_camera
+from featurecache.spec import CacheSpec, LayerSpec
 from featurecache.store import is_url, open_store
 
 __all__ = [

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from featurecache.codecs import calibrate_channel_scale
-from featurecache.format import CHANNEL_SCALED_CODECS, GROUP_METADATA, Block
+from featurecache.format import CHANNEL_SCALED_CODECS, GROUP_METADATA
+from featurecache.manifest import Block
 from featurecache.pipelines.build.build_worker import (
     BuildWorker,
     Progress,

@@ -30,14 +30,9 @@ from featurecache.errors import (
     ManifestError,
     NotACacheError,
 )
-from featurecache.format import (
-    ATTRS_KEY,
-    FORMAT_VERSION,
-    CacheSpec,
-    LayerSpec,
-    Manifest,
-    plan_blocks,
-)
+from featurecache.format import ATTRS_KEY, FORMAT_VERSION
+from featurecache.manifest import Manifest, plan_blocks
+from featurecache.spec import CacheSpec, LayerSpec
 from featurecache.store import open_store
 
 SPEC = CacheSpec((LayerSpec("4", 4, 8),), "fp16", 8, {"model": "t"})

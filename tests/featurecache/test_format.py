@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import featurecache as fc
-from featurecache.format import Manifest
+from featurecache.manifest import Manifest
 
 
 def test_plan_blocks_start_on_shard_boundaries() -> None:

@@ -21,7 +21,8 @@ import zarr
 
 import featurecache as fc
 from featurecache.audit import verify_cache
-from featurecache.format import ATTRS_KEY, GROUP_METADATA, acquire_build_lock, sample_digest
+from featurecache.format import ATTRS_KEY, GROUP_METADATA, sample_digest
+from featurecache.manifest import acquire_build_lock
 from featurecache.store import LocalStore
 
 LAYER = fc.LayerSpec("x", tokens=4, dim=8, grid=(2, 2))

@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 
 from featurecache.errors import FeatureCacheError, UnknownLayerError
-from featurecache.format import LayerSpec
 from featurecache.pipelines.model_loading import tensors_sha256
 from featurecache.pipelines.resample import resample_tokens
+from featurecache.spec import LayerSpec
 
 __all__ = [
     "FINGERPRINT_VERSION",

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from featurecache.codecs import calibrate_channel_scale
-from featurecache.format import CacheSpec, LayerSpec, plan_blocks
+from featurecache.manifest import plan_blocks
 from featurecache.samples import decode_image, iter_samples
+from featurecache.spec import CacheSpec, LayerSpec
 from featurecache.writer import create_cache
 
 FeatureFn = Callable[[list[str], list[Any]], dict[str, np.ndarray]]

@@ -26,8 +26,8 @@ from featurecache.errors import (
     ShapeMismatchError,
     UnknownKeyError,
 )
-from featurecache.format import CacheSpec, LayerSpec, plan_blocks
 from featurecache.kernels import cosine_alignment_loss
+from featurecache.manifest import plan_blocks
 from featurecache.pipelines.training import (
     AlignmentHead,
     AlignmentTargets,
@@ -41,6 +41,7 @@ from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.targets import TargetSpec
 from featurecache.reader import open_cache
 from featurecache.samples import BadFrameError, expand_frame_paths
+from featurecache.spec import CacheSpec, LayerSpec
 from featurecache.writer import create_cache
 
 from ._train_helpers import TINY_OPTIONS, all_keys, key_features, one_thread, write_cache

@@ -20,10 +20,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from featurecache.cli.main import main
-from featurecache.format import LayerSpec
 from featurecache.pipelines.training.alignment import AlignmentHead
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.samples import expand_frame_paths
+from featurecache.spec import LayerSpec
 
 from ._train_helpers import TINY_OPTIONS, all_keys, key_features, one_thread, write_cache
 

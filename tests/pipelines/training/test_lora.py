@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from featurecache.errors import FeatureCacheError, OptionError, SpecMismatchError
-from featurecache.format import LayerSpec
 from featurecache.pipelines.training import loop
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.config import TrainConfig
@@ -33,6 +32,7 @@ from featurecache.pipelines.training.students.lora import (
 )
 from featurecache.pipelines.training.students.pi0 import save_tiny_pi0
 from featurecache.samples import expand_frame_paths
+from featurecache.spec import LayerSpec
 
 from ._train_helpers import key_features, one_thread, write_cache
 

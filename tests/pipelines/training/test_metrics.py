@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from featurecache.cli.main import main
-from featurecache.format import LayerSpec
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.metrics import LOGGED, TENSORBOARD_DIR, read_metrics
 from featurecache.samples import expand_frame_paths
+from featurecache.spec import LayerSpec
 
 from ._train_helpers import TINY_OPTIONS, key_features, one_thread, write_cache
 

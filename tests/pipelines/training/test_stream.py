@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from featurecache.errors import UnknownKeyError
-from featurecache.format import LayerSpec
 from featurecache.pipelines.training.stream import StreamConfig, check_shards_per_rank, iter_batches
 from featurecache.samples import expand_frame_paths
+from featurecache.spec import LayerSpec
 
 from ._train_helpers import all_keys, key_features, key_vector, one_thread, write_cache
 

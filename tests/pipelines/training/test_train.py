@@ -18,13 +18,13 @@ from featurecache.errors import (
     SpecMismatchError,
     UnknownLayerError,
 )
-from featurecache.format import LayerSpec
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.errors import RunExistsError
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.metrics import read_metrics
 from featurecache.samples import expand_frame_paths
+from featurecache.spec import LayerSpec
 
 from ._train_helpers import (
     TEACHER,

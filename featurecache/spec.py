@@ -1,0 +1,156 @@
+"""The typed description of what a cache holds: `LayerSpec` (one cached teacher layer: tokens,
+width, token grid) and `CacheSpec` (its layers, codec, rows per shard, teacher fingerprint, key
+width), frozen dataclasses validated on construction and parsed from the manifest's JSON with
+`json_int` (never a silent int()). The on-disk names they refer to live in `featurecache.format`;
+the block table and the manifest built on them in `featurecache.manifest`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from featurecache.errors import SpecError, UnknownLayerError
+from featurecache.format import CODECS, DEFAULT_KEY_BYTES, DEFAULT_SHARD_ROWS, Codec
+
+# A cache layer: the teacher's layer name, prefixed by the camera in multi-camera caches
+# ("top/16": features/top/16, a nested Zarr group per camera; `format.camera_layer`).
+_LAYER_NAME = re.compile(r"^([a-z][a-z0-9_\-]*/)?[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One cached teacher layer: `tokens` rows of `dim` features per sample; `grid` the token grid
+    (h, w) when the tokens are patches of one (h * w may be < tokens, e.g. with a CLS token)."""
+
+    name: str
+    tokens: int
+    dim: int
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _LAYER_NAME.match(self.name):
+            raise SpecError(
+                f"Expected a layer name of letters, digits, '_', '.', '-', optionally after "
+                f"'<camera>/', "
+                f"got {self.name!r}"
+            )
+        for what, value in (("tokens", self.tokens), ("dim", self.dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise SpecError(
+                    f"Expected a positive int for layer {self.name!r} {what}, got {value!r}"
+                )
+        if self.grid is not None:
+            grid = tuple(int(g) for g in self.grid)
+            if len(grid) != 2 or min(grid) <= 0:
+                raise SpecError(
+                    f"Expected grid (h, w) of positive ints for layer {self.name!r}, "
+                    f"got {self.grid!r}"
+                )
+            if grid[0] * grid[1] > self.tokens:
+                raise SpecError(
+                    f"Expected layer {self.name!r} grid h * w <= tokens {self.tokens} (the grid's "
+                    f"patches are among the tokens), got {grid[0]}x{grid[1]}"
+                )
+            object.__setattr__(self, "grid", grid)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tokens": self.tokens,
+            "dim": self.dim,
+            "grid": list(self.grid) if self.grid else None,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LayerSpec:
+        grid = d.get("grid")
+        name = d["name"]
+        tokens, dim = (
+            json_int(d, "tokens", f"layer {name!r}"),
+            json_int(d, "dim", f"layer {name!r}"),
+        )
+        if grid is not None and not (isinstance(grid, list) and all(is_json_int(g) for g in grid)):
+            raise SpecError(f"Expected layer {name!r} grid [h, w] of ints or null, got {grid!r}")
+        return cls(name, tokens, dim, tuple(grid) if grid else None)
+
+
+def is_json_int(value: Any) -> bool:
+    """An int of parsed JSON (bool, a subclass of int, is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_int(d: dict[str, Any], key: str, what: str, default: int | None = None) -> int:
+    """The integer field `key` of a parsed JSON object: SpecError naming `what` and the key when
+    it is absent (without a default), a string, a float or a bool, never a silent int()."""
+    value = d.get(key, default)
+    if not is_json_int(value):
+        raise SpecError(f"Expected {what} {key} to be an integer, got {value!r}")
+    return value
+
+
+def _canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint as it reads back from JSON (tuples -> lists), so comparisons hold."""
+    try:
+        return json.loads(json.dumps(fingerprint, sort_keys=True))
+    except TypeError as exc:
+        raise SpecError(f"Expected a JSON-able fingerprint dict, got {exc}") from exc
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds: its layers, codec ("fp16" lossless, "int8" per-token absmax, "int8c"
+    per-token absmax of channel-scaled tokens), rows per Zarr shard, the teacher fingerprint
+    (JSON-able dict) and the key width in bytes."""
+
+    layers: tuple[LayerSpec, ...]
+    codec: Codec
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    key_bytes: int = DEFAULT_KEY_BYTES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers or not all(isinstance(x, LayerSpec) for x in self.layers):
+            raise SpecError(f"Expected one or more LayerSpec, got {self.layers!r}")
+        names = [x.name for x in self.layers]
+        if len(set(names)) != len(names):
+            raise SpecError(f"Expected distinct layer names, got {names}")
+        if self.codec not in CODECS:
+            raise SpecError(f"Expected codec in {CODECS}, got {self.codec!r}")
+        for what, value in (("shard_rows", self.shard_rows), ("key_bytes", self.key_bytes)):
+            if not isinstance(value, int) or value <= 0:
+                raise SpecError(f"Expected a positive int {what}, got {value!r}")
+        object.__setattr__(self, "fingerprint", _canonical(dict(self.fingerprint)))
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(x.name for x in self.layers)
+
+    def layer(self, name: str) -> LayerSpec:
+        """The LayerSpec called `name`; UnknownLayerError naming the known layers otherwise."""
+        for x in self.layers:
+            if x.name == str(name):
+                return x
+        raise UnknownLayerError(f"Expected a layer in {list(self.layer_names)}, got {name!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layers": [x.to_json() for x in self.layers],
+            "codec": self.codec,
+            "shard_rows": self.shard_rows,
+            "key_bytes": self.key_bytes,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CacheSpec:
+        return cls(
+            layers=tuple(LayerSpec.from_json(x) for x in d["layers"]),
+            codec=d["codec"],
+            shard_rows=json_int(d, "shard_rows", "the spec"),
+            fingerprint=d.get("fingerprint") or {},
+            key_bytes=json_int(d, "key_bytes", "the spec", DEFAULT_KEY_BYTES),
+        )
