@@ -125,10 +125,8 @@ class HFVLM(Student):
     def prepare(self, images: torch.Tensor, instructions: list[str]) -> Any:
         """(B, 3, S, S) float in [0, 1] + B instructions -> the processor's VLMBatch (inputs on
         CPU; image_positions (B, T) int64)."""
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-        frames = [
-            Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).cpu().numpy())) for p in pixels
-        ]
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        frames = [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).numpy())) for p in pixels]
         prompts = [build_prompt(self._vlm, text) for text in instructions]
         return prepare_batch(self._vlm, frames, prompts)
 

@@ -142,7 +142,8 @@ class HFPi0(Student):
     def states(self, meta: list[dict] | None, batch: int) -> torch.Tensor:
         """The batch's robot states zero-padded to (B, max_state_dim) float32 (see docstring)."""
         key = self._options["state_key"]
-        values = [_lookup(m, key) for m in (meta or [{}] * batch)]
+        rows = meta or [{}] * batch
+        values = [_lookup(m, key) for m in rows]
         present = [v is not None for v in values]
         out = torch.zeros((batch, self.max_state_dim), dtype=torch.float32)
         if not any(present):
@@ -158,13 +159,15 @@ class HFPi0(Student):
             if v is None:
                 raise FeatureCacheError(
                     f"Expected every sample of the batch to carry the state {key!r} (others "
-                    f"do), got sample {i} without it."
+                    f"do), got sample {i} (episode {rows[i].get('episode')}, step "
+                    f"{rows[i].get('step')}) without it: give every "
+                    f"frame's json a state, or none."
                 )
             row = torch.as_tensor(v, dtype=torch.float32).flatten()
             if row.numel() > self.max_state_dim:
                 raise FeatureCacheError(
                     f"Expected a state {key!r} of at most max_state_dim {self.max_state_dim} "
-                    f"values, got {row.numel()}."
+                    f"values (this checkpoint's), got {row.numel()}."
                 )
             out[i, : row.numel()] = row
         return out
@@ -178,10 +181,14 @@ class HFPi0(Student):
         if steps > self.chunk_size or dims > self.max_action_dim:
             raise FeatureCacheError(
                 f"Expected action chunks of at most ({self.chunk_size}, {self.max_action_dim}) "
-                f"(chunk_size, max_action_dim), got ({steps}, {dims})."
+                f"(this checkpoint's chunk_size, max_action_dim), got ({steps}, {dims}) from "
+                f"action.npy (--student-option chunk_size=N raises the chunk length)."
             )
         if not torch.isfinite(actions).all():
-            raise FeatureCacheError("Expected finite actions for pi0's loss, got NaN/Inf.")
+            raise FeatureCacheError(
+                "Expected finite actions for pi0's loss, got NaN/Inf (a frame without "
+                "action.npy, or a corrupt one)."
+            )
         shape = (b, self.chunk_size, self.max_action_dim)
         chunk = actions.new_zeros(shape)
         chunk[:, :steps, :dims] = actions

@@ -121,7 +121,7 @@ def test_state_from_the_sample_json(pi0_path) -> None:
     states = s.states(meta, 2)
     assert states.shape == (2, 8) and states[1, :4].tolist() == [5, 6, 7, 8]
     assert states[:, 4:].abs().sum() == 0
-    with pytest.raises(FeatureCacheError, match="sample 1 without it"):
+    with pytest.raises(FeatureCacheError, match=r"sample 1 \(episode None, step None\) without it"):
         s.states([meta[0], {}], 2)
     with pytest.raises(FeatureCacheError, match="at most max_state_dim 8"):
         s.states([{"positions": {"gripper": list(range(9))}}], 1)
