@@ -18,10 +18,11 @@ AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP; GOOGLE_SERV
 GOOGLE_APPLICATION_CREDENTIALS; instance metadata on cloud VMs) and are never written anywhere.
 A Store pickles as its location, so a copy in another process reopens the same place.
 
-Why obstore and not fsspec/s3fs: against the same local S3 server (moto), one ranged GET of 20 kB
-costs 5.8 ms through obstore and 14.5 ms through s3fs (172 vs 69 requests/s, serial, 2-core
-CPU; benchmarks/RESULTS.md "manifest"); obstore also gives one conditional-create call for S3,
-GCS and memory, and zarr-python reads it natively (zarr.storage.ObjectStore).
+Why obstore and not fsspec/s3fs: against the same local S3 server (moto), one serial ranged GET
+of 20 kB costs 2.9 ms through obstore and 7.9 ms through s3fs (348 vs 127 requests/s, CPU AMD
+EPYC 2 cores, shared; `featurecache bench manifest`, benchmarks/RESULTS.md "manifest"); obstore
+also gives one conditional-create call for S3, GCS and memory, and zarr-python reads it
+natively (zarr.storage.ObjectStore).
 """
 
 from __future__ import annotations
