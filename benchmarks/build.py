@@ -255,6 +255,7 @@ def _local_vs_ray(quick: bool, device: str) -> tuple[list[harness.Result], str]:
                         out=out,
                         batch_size=batch,
                         local=local,
+                        num_cpus=os.cpu_count() or 2,  # the same cores (and torch threads)
                         ray_temp_dir=ray_temp,
                         progress=False,
                     )
@@ -286,7 +287,8 @@ def _local_vs_ray(quick: bool, device: str) -> tuple[list[harness.Result], str]:
         shutil.rmtree(ray_temp, ignore_errors=True)
     note = (
         "Local vs Ray end to end from a cold start (the Ray build starts and stops its own "
-        "instance, as `featurecache build` does; one CPU worker either way): "
+        "instance, as `featurecache build` does; one CPU worker either way, with num_cpus = "
+        "all cores: the Ray actor's torch threads and the local build's alike): "
         + "; ".join(notes)
         + "."
     )

@@ -25,6 +25,7 @@ from featurecache.samples import BadFrameError
 
 __all__ = ["BuildWorker", "Progress", "RemoteProgress", "calibration_features"]
 
+SKIP_HINT = "use --on-bad-frame skip to skip and record such frames"
 Report = Callable[[int, int], None]  # (block index, frames processed since the last call)
 
 
@@ -117,9 +118,7 @@ class BuildWorker:
                 keys.append(key)
             except BadFrameError as err:
                 if self.config.on_bad_frame == "fail":
-                    raise BadFrameError(
-                        f"{err} (use --on-bad-frame skip to skip and record such frames)"
-                    ) from None
+                    raise BadFrameError(f"{err} ({SKIP_HINT})") from None
                 bad.append(key)
         inputs = self.teacher.preprocess(images) if images else None
         return keys, inputs, bad, (None if None in digests else digests)
@@ -173,8 +172,9 @@ def calibration_features(config: BuildConfig, teacher: Any, shard: FrameShard) -
     """The teacher's features of the first `config.calibration_frames` decodable frames of
     `shard`, per cache layer: {layer: float32 tensor (n, tokens, dim)}, {} when none decodes.
     The sample an int8c cache's channel scales are calibrated on, before any block is written
-    (one vector per layer, fixed at creation: docs/FORMAT.md). Frames that do not decode are
-    passed over here; their block decides what to do with them."""
+    (one vector per layer, fixed at creation: docs/FORMAT.md). With on_bad_frame "fail" a frame
+    that does not decode (or lacks a camera) fails here, naming it, as its block would; with
+    "skip" it is passed over (its block records it)."""
     import torch
 
     cameras = config.camera_names
@@ -185,7 +185,9 @@ def calibration_features(config: BuildConfig, teacher: Any, shard: FrameShard) -
             break
         try:
             images += shard.images(raw, key, cameras)
-        except BadFrameError:
+        except BadFrameError as err:
+            if config.on_bad_frame == "fail":
+                raise BadFrameError(f"{err} ({SKIP_HINT})") from None
             continue
         frames += 1
     parts: dict[str, list[Any]] = {}

@@ -88,7 +88,9 @@ class BuildConfig:
         teacher's default.
     decode_threads: image decode + preprocess threads per actor (they run ahead of the model).
     max_retries: times a block is retried after its actor died, before the build fails.
-    num_cpus: CPUs of a local Ray instance (None = all); ignored with `address`.
+    num_cpus: CPUs of a local Ray instance (None = all; a CPU worker's torch threads follow
+        it), or torch threads of a local build on CPU (None = this process's setting, e.g.
+        OMP_NUM_THREADS); ignored with `address`.
     ray_temp_dir: the local Ray instance's temp dir (tests give each run its own).
     progress: show the tqdm progress bar on the driver.
     fault_kill_marker: TEST ONLY: a path; the first actor to finish a batch of block 1 while this

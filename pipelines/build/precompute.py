@@ -209,6 +209,9 @@ def _run_local(
     worker = BuildWorker(
         config, fingerprint, device, report, teacher=teacher if device == "cpu" else None
     )
+    threads = torch.get_num_threads()
+    if device == "cpu" and config.num_cpus:  # as a Ray CPU worker given num_cpus cores
+        torch.set_num_threads(config.num_cpus)
     run_start, cpu_start = time.perf_counter(), time.process_time()
     try:
         for n, block in enumerate(todo, 1):
@@ -216,6 +219,7 @@ def _run_local(
             if n % SNAPSHOT_EVERY == 0:
                 writer.snapshot()
     finally:
+        torch.set_num_threads(threads)  # the caller's setting, back
         if bar is not None:
             bar.close()
     return 1, time.perf_counter() - run_start, time.process_time() - cpu_start

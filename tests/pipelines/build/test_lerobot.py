@@ -200,3 +200,81 @@ def test_cli_import_then_two_camera_build(lerobot_v3, tmp_path: Path) -> None:
                 progress=False,
             )
         )
+
+
+def test_image_features_stored_in_parquet(tmp_path: Path) -> None:
+    """LeRobot's `image` dtype (encoded images inside the data parquet, no video) round-trips
+    exactly; the task comes from a plain `task` column of meta/tasks.parquet."""
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "images_v3"
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    encoded = []
+    for frame in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="PNG")
+        encoded.append({"bytes": buf.getvalue(), "path": None})
+    (root / "meta/episodes/chunk-000").mkdir(parents=True)
+    (root / "data/chunk-000").mkdir(parents=True)
+    features = {
+        "observation.image": {"dtype": "image", "shape": [8, 8, 3], "names": None},
+        "action": {"dtype": "float32", "shape": [14], "names": None},
+        **{
+            k: {"dtype": "int64", "shape": [1], "names": None}
+            for k in ("frame_index", "episode_index", "index", "task_index")
+        },
+        "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+    }
+    info = {
+        "codebase_version": "v3.0",
+        "fps": 5,
+        "features": features,
+        "chunks_size": 1000,
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": None,
+    }
+    (root / "meta/info.json").write_text(json.dumps(info))
+    actions = rng.normal(size=(4, 14)).astype(np.float32)
+    pq.write_table(
+        pa.table(
+            {
+                "observation.image": pa.array(encoded),
+                "action": pa.array(actions.tolist(), pa.list_(pa.float32())),
+                "timestamp": pa.array([0.0, 0.2, 0.0, 0.2], pa.float32()),
+                "frame_index": pa.array([0, 1, 0, 1]),
+                "episode_index": pa.array([0, 0, 1, 1]),
+                "index": pa.array([0, 1, 2, 3]),
+                "task_index": pa.array([0, 0, 0, 0]),
+            }
+        ),
+        root / "data/chunk-000/file-000.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "episode_index": [0, 1],
+                "length": [2, 2],
+                "data/chunk_index": [0, 0],
+                "data/file_index": [0, 0],
+            }
+        ),
+        root / "meta/episodes/chunk-000/file-000.parquet",
+    )
+    pq.write_table(pa.table({"task": ["stack"], "task_index": [0]}), root / "meta/tasks.parquet")
+    import_lerobot(root, tmp_path / "out", progress=False)
+    samples = _read(tmp_path / "out")
+    assert [s.key for s in samples] == [
+        "ep000000-f000000",
+        "ep000000-f000001",
+        "ep000001-f000000",
+        "ep000001-f000001",
+    ]
+    for i, s in enumerate(samples):
+        np.testing.assert_array_equal(np.asarray(decode_image(*s.image("image"))), pixels[i])
+        np.testing.assert_array_equal(s.array("action"), actions[i])  # 14-D, as stored
+        assert s.meta()["instruction"] == "stack"

@@ -203,6 +203,35 @@ def test_local_and_iterable_builds_equal_the_ray_build(
         build_cache(_config([[("a.1", np.zeros((4, 4, 3), np.uint8))]], tmp_path / "dots"))
 
 
+def test_local_build_resumes_after_a_failure(
+    eff_cache: Path, sample_data_dir: Path, tmp_path: Path
+) -> None:
+    """A local build stopped by a bad frame in its last block keeps the blocks it finished; the
+    same command on the repaired shard writes only that block and equals the uninterrupted
+    build (the manifest, the writer and the fingerprint are the Ray build's)."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for tar in sorted(sample_data_dir.glob("*.tar")):
+        (frames / tar.name).write_bytes(tar.read_bytes())
+    last = frames / "frames-000002.tar"
+    good = last.read_bytes()
+    with tarfile.open(sample_data_dir / last.name) as src, tarfile.open(last, "w") as dst:
+        for info in src:
+            data = src.extractfile(info).read()
+            if info.name.endswith(".png"):
+                data = b"\x89PNG broken"
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    config = _config(frames, tmp_path / "cache", codec="fp16", local=True)
+    with pytest.raises(BadFrameError):
+        build_cache(config)
+    assert [b.done for b in read_manifest(tmp_path / "cache").blocks] == [True, True, False]
+    last.write_bytes(good)
+    summary = build_cache(_config(frames, tmp_path / "cache", codec="fp16", local=True))
+    assert summary.blocks_resumed == 2 and summary.new_frames == 16
+    _assert_same_cache(eff_cache, tmp_path / "cache")
+
+
 class _MapStyle:
     """A map-style dataset (like torch.utils.data.Dataset): __len__ and __getitem__ only."""
 
