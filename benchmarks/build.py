@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from featurecache.benchmarks import harness
+from featurecache.format import DEFAULT_CODEC
 
 TITLE = "Build: pipeline overhead vs bare teacher forward, 1 vs 2 workers, local vs Ray"
 
@@ -86,6 +87,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
     else:
         frames, shard, size, spec, batch, repeats = 256, 64, 224, "efficientnet-lite0", 32, 3
     layer = "10"  # stride 16: 14x14 x 112 at 224 px (what the cache benchmark's fidelity uses)
+    codec = DEFAULT_CODEC
     cpus = os.cpu_count() or 2
     device = harness.device_name("cpu")
     root = Path(tempfile.mkdtemp(prefix="fcbench-build-"))
@@ -174,7 +176,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                     "frames/s",
                     device,
                     **extra,
-                    int8_compression=round(compression, 2),
+                    compression=round(compression, 2),
                 )
             )
             e2e_ratio = round(harness.summarize(e2e_fps)[0] / bare_median, 3)
@@ -201,8 +203,8 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
         ratio = running_median[1] / bare_median
         note = (
             f"Procedural sample frames (PNG in WebDataset tars, {frames} frames in "
-            f"{frames // shard} shards), efficientnet-lite0 at {size} px, layer {layer}, int8 "
-            f"codec, batch {batch}, on {device} ({harness.load_note()}). "
+            f"{frames // shard} shards), efficientnet-lite0 at {size} px, layer {layer}, "
+            f"{codec} codec (the default), batch {batch}, on {device} ({harness.load_note()}). "
             f"Bare = teacher.forward on pre-decoded, preprocessed batches in a Ray actor with "
             f"{cpus} CPUs, as a 1-worker build's actor; build = build_cache with Ray already "
             f"running (Ray start-up excluded); "
