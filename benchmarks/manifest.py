@@ -38,7 +38,8 @@ import numpy as np
 
 from featurecache.audit import verify_cache
 from featurecache.benchmarks import harness
-from featurecache.completion import DoneRecord, load_state, record_key
+from featurecache.block_table import DoneRecord
+from featurecache.completion import load_state, record_key
 from featurecache.manifest import plan_blocks
 from featurecache.reader import open_cache
 from featurecache.spec import CacheSpec, LayerSpec

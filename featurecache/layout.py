@@ -20,14 +20,9 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore
 
+from featurecache.block_table import BlockTable
 from featurecache.codecs import check_channel_scale, inner_codecs
-from featurecache.completion import (
-    PLAN_OBJECT,
-    BlockTable,
-    CacheState,
-    header_json,
-    plan_bytes,
-)
+from featurecache.completion import PLAN_OBJECT, CacheState, header_json, plan_bytes
 from featurecache.errors import (
     InvalidFeaturesError,
     SpecMismatchError,

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from featurecache.block_table import BlockTable
 from featurecache.codecs import dequantize_int8
-from featurecache.completion import BlockTable, CacheState, load_state
+from featurecache.completion import CacheState, load_state
 from featurecache.errors import (
     BlockNotDoneError,
     DigestMismatchError,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from featurecache.block_table import BlockTable
 from featurecache.codecs import (
     ChunkError,
     chunk_present,
@@ -27,7 +28,6 @@ from featurecache.codecs import (
     decode_shard_index,
     direct_layout,
 )
-from featurecache.completion import BlockTable
 from featurecache.errors import CorruptShardError, StorageError
 from featurecache.format import (
     CHANNEL_SCALED_CODECS,

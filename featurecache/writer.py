@@ -31,11 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from featurecache.block_table import BlockTable, DoneRecord
 from featurecache.block_writer import BlockResult, BlockWriter
 from featurecache.completion import (
-    BlockTable,
     CacheState,
-    DoneRecord,
     clear_record,
     commit_record,
     is_done,

@@ -10,12 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from featurecache.block_table import BlockTable, DoneRecord
 from featurecache.completion import (
     DONE_PREFIX,
     PLAN_OBJECT,
     SNAPSHOT_PREFIX,
-    BlockTable,
-    DoneRecord,
     clear_record,
     commit_record,
     is_done,

@@ -116,7 +116,8 @@ def test_kill_during_record_commits(tmp_path: Path) -> None:
     fc.create_cache(path, SPEC, fc.plan_blocks([(f"s{i}", 1) for i in range(5000)], 8))
     code = (
         "import sys\n"
-        "from featurecache.completion import DoneRecord, commit_record\n"
+        "from featurecache.block_table import DoneRecord\n"
+        "from featurecache.completion import commit_record\n"
         "from featurecache.store import open_store\n"
         "st = open_store(sys.argv[1])\n"
         "for i in range(5000):\n"
