@@ -1,20 +1,18 @@
 """The block table and the version-1 manifest: `Block` (a row block owned by one source, on whole
 shards), `plan_blocks`, the table's rules (`check_block_table`), `Manifest` (spec + blocks + rows,
-the `featurecache` group attribute of version 1), and their file I/O: reading zarr.json, the
-manifest lock with an atomic read-modify-write (temp file + fsync + replace), and the build lock.
-Version 2 keeps the table as a plan + completion records (`featurecache.completion`).
+the `featurecache` group attribute of version 1, parsed by `featurecache.completion.load_state`),
+and the build lock. Version 2 keeps the table as a plan + completion records
+(`featurecache.completion`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import json
 import math
 import os
 import re
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,26 +21,20 @@ from featurecache.errors import (
     CacheBusyError,
     FormatVersionError,
     ManifestError,
-    NotACacheError,
     SpecError,
-    StorageError,
     UnknownBlockError,
 )
 from featurecache.format import (
-    ATTRS_KEY,
     BUILD_LOCK_FILE,
     CHECKSUM_PREFIX,
     CODEC_SINCE_VERSION,
     FORMAT_VERSION,
-    GROUP_METADATA,
-    LOCK_FILE,
     STATUS_DONE,
     STATUS_PENDING,
     STATUSES,
     Status,
 )
 from featurecache.spec import CacheSpec, is_json_int, json_int
-from featurecache.store import local_path
 
 _CHECKSUM = re.compile(rf"^{CHECKSUM_PREFIX}[0-9a-f]{{64}}$")
 
@@ -246,61 +238,7 @@ def plan_blocks(sources: Sequence[tuple[str, int]], shard_rows: int) -> list[Blo
     return blocks
 
 
-# ---- manifest I/O: read, lock, atomic read-modify-write -------------------------------------
-
-
-def read_group_metadata(path: str | Path) -> dict[str, Any]:
-    """The group's zarr.json as a dict; NotACacheError naming the path when it is not one."""
-    path = local_path(path, "the cache")
-    meta_file = path / GROUP_METADATA
-    if not path.is_dir():
-        raise NotACacheError(f"Expected a featurecache cache directory, got {str(path)!r}")
-    try:
-        meta = json.loads(meta_file.read_bytes())
-    except FileNotFoundError as exc:
-        raise NotACacheError(
-            f"Expected a Zarr v3 group ({GROUP_METADATA}) at {str(path)!r}, found none"
-        ) from exc
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise NotACacheError(
-            f"Expected JSON in {str(meta_file)!r}, got unparsable bytes ({exc}): the file is "
-            f"corrupt; restore it from a backup or rebuild the cache"
-        ) from exc
-    if not isinstance(meta, dict):
-        raise NotACacheError(
-            f"Expected a JSON object in {str(meta_file)!r}, got a {type(meta).__name__}"
-        )
-    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
-        raise NotACacheError(
-            f"Expected a Zarr v3 group in {str(meta_file)!r}, got zarr_format="
-            f"{meta.get('zarr_format')!r} node_type={meta.get('node_type')!r}"
-        )
-    return meta
-
-
-def read_manifest(path: str | Path) -> Manifest:
-    """Parse and validate the manifest of the cache at `path`."""
-    meta = read_group_metadata(path)
-    attrs = (meta.get("attributes") or {}).get(ATTRS_KEY)
-    if not isinstance(attrs, dict):
-        raise NotACacheError(
-            f"Expected attribute {ATTRS_KEY!r} in {str(Path(path) / GROUP_METADATA)!r}: "
-            f"a Zarr group but not a featurecache cache"
-        )
-    return Manifest.from_json(attrs, where=str(Path(path) / GROUP_METADATA))
-
-
-@contextlib.contextmanager
-def manifest_lock(path: str | Path) -> Iterator[None]:
-    """An exclusive cross-process lock (fcntl.flock on featurecache.lock) for manifest updates."""
-    lock_path = Path(path) / LOCK_FILE
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+# ---- the build lock ----------------------------------------------------------------------
 
 
 def acquire_build_lock(folder: str | Path, cache: str | Path) -> int:
@@ -322,37 +260,3 @@ def acquire_build_lock(folder: str | Path, cache: str | Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
     return fd
-
-
-def write_group_metadata(path: str | Path, meta: dict[str, Any]) -> None:
-    """Write zarr.json atomically: temp file in the same folder, fsync, os.replace, fsync dir."""
-    path = Path(path)
-    tmp = path / f".{GROUP_METADATA}.{os.getpid()}.tmp"
-    data = json.dumps(meta, indent=2).encode()
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / GROUP_METADATA)
-    except OSError as exc:  # disk full, read-only: the old zarr.json stays as it was
-        tmp.unlink(missing_ok=True)
-        raise StorageError(
-            f"Expected to write {str(path / GROUP_METADATA)!r}, got {exc.strerror or exc} (the "
-            f"manifest is unchanged; free space or fix permissions, then rerun to resume)"
-        ) from exc
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def update_manifest(path: str | Path, change: Callable[[Manifest], Manifest]) -> Manifest:
-    """Read-modify-write the manifest under the lock; `change` gets the current manifest."""
-    with manifest_lock(path):
-        meta = read_group_metadata(path)
-        manifest = change(read_manifest(path))
-        meta.setdefault("attributes", {})[ATTRS_KEY] = manifest.to_json()
-        write_group_metadata(path, meta)
-        return manifest

@@ -1,4 +1,7 @@
-"""benchmarks/train.py runs end to end at quick sizes (slow: it trains 2 students x 4 modes in 2 rounds)."""
+"""benchmarks/train.py runs end to end at quick sizes.
+
+Slow: it trains 2 students x 4 modes in 2 rounds.
+"""
 
 from __future__ import annotations
 
