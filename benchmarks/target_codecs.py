@@ -11,8 +11,10 @@ features since this machine has no trained ViT). Each is written into fp16, int8
 (int8c calibrated on the first 16 frames, as a build does), and, to see what fidelity training
 needs, into a fourth (fp16) cache holding what a 4-bit codec would return (`_int4`: channel
 scale, then groups of 16 channels with an absmax / 7 scale: ~3.2x smaller than fp16 if packed,
-not a codec of the format). The `train()` runs per teacher with the same seed, student, data
-order and steps differ only in the cache; each logs
+not a codec of the format), and, as a control, into an fp16 cache of the targets times
+(1 + 1e-3 N(0, 1)) (cosine ~1 - 5e-7 to the float): how far a run drifts from the fp16 run under
+any perturbation of its targets. The `train()` runs per teacher with the same seed, student,
+data order and steps differ only in the cache; each logs
 `align_cosine` (mean cosine of the projected tokens to the targets, as the loss sees them) per
 step in RUN/metrics.jsonl. Reported per quantized variant: the targets' own mean cosine to the
 float features, the max and the final |cosine - fp16's cosine| over the run, the largest
@@ -36,6 +38,9 @@ TITLE = "Training on fp16 vs int8 vs int8c targets (same run otherwise)"
 CODECS = ("fp16", "int8", "int8c")
 INT4 = "int4 g16 (emulated)"  # not a codec: 4-bit targets, written dequantized into fp16
 INT4_GROUP = 16  # channels per 4-bit group scale (divides efficientnet-lite0's 112)
+# Control: fp16 targets times (1 + 1e-3 N(0, 1)) elementwise (cosine to the float ~1 - 5e-7):
+# how far a run drifts from any perturbation of its targets, whatever the codec.
+CONTROL = "fp16 + 1e-3 noise (control)"
 TEACHER_LAYER = "10"  # efficientnet-lite0 block 10: stride 16, a 7x7 grid at 112 px, 4x4 at 64
 CALIBRATION_FRAMES = 16  # int8c: frames its channel scale is calibrated on (the build's default)
 
@@ -103,6 +108,11 @@ def _write(path: Path, rows: list[tuple[list[str], list, np.ndarray]], codec: st
         c = fc.calibrate_channel_scale(rows[0][2][:CALIBRATION_FRAMES])
         _write(path, [(k, d, _int4(f, c)) for k, d, f in rows], "fp16")
         return
+    if codec == CONTROL:
+        rng = np.random.default_rng(0)
+        noisy = [(k, d, f * (1 + 1e-3 * rng.standard_normal(f.shape))) for k, d, f in rows]
+        _write(path, [(k, d, f.astype(np.float32)) for k, d, f in noisy], "fp16")
+        return
     tokens, dim = rows[0][2].shape[1:]
     spec = fc.CacheSpec((fc.LayerSpec(TEACHER_LAYER, tokens, dim),), codec, 16, {"bench": 1})
     plan = fc.plan_blocks([(f"shard-{i}", len(r[0])) for i, r in enumerate(rows)], 16)
@@ -152,7 +162,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
         for t, (label, teacher_rows) in enumerate(teachers.items()):
             curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
             fidelity: dict[str, float] = {}
-            for i, codec in enumerate((*CODECS, INT4)):
+            for i, codec in enumerate((*CODECS, INT4, CONTROL)):
                 cache, out = root / f"cache-{t}-{i}", root / f"run-{t}-{i}"
                 _write(cache, teacher_rows, codec)
                 fidelity[codec] = _mean_cos(cache, teacher_rows)
@@ -167,7 +177,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                 curves[codec] = _metrics(out)
             ref_cos, ref_act = curves["fp16"]
             spans.append(f"{label}: {ref_cos.min():.3f}..{ref_cos.max():.3f}")
-            for codec in (*CODECS[1:], INT4):
+            for codec in (CONTROL, *CODECS[1:], INT4):
                 cos, act = curves[codec]
                 diff = np.abs(cos - ref_cos)
                 rows.append(
@@ -194,8 +204,9 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
             f"Measured on {device} ({harness.load_note()}). Teacher features computed once per "
             f"frame ({sizes['frames']} frames); each variant written into fp16, int8 and int8c "
             f"caches and an fp16 cache of emulated 4-bit targets ({INT4}: groups of "
-            f"{INT4_GROUP} channels, absmax / 7 scales); four tiny-vla runs per variant, seed 0, "
-            f"{sizes['steps']} steps, "
+            f"{INT4_GROUP} channels, absmax / 7 scales) and of the control ({CONTROL}: the "
+            "drift any perturbation of the targets causes); five tiny-vla runs per variant, "
+            f"seed 0, {sizes['steps']} steps, "
             "identical but for the cache. Figures: over the run's logged steps, abs(align_cosine "
             "- the fp16 run's align_cosine) (median column = its max; spread p20..p80), the final "
             "step's difference, the largest action-loss difference, and the fp16 run's cosine "
