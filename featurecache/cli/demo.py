@@ -43,7 +43,7 @@ def demo(
        baseline) and probe the aligned layer (objects, colours, positions)
     5. write OUT/report.md (success criteria, tables, cache, timings) and OUT/losses.png
 
-    About 10 minutes on 2 quiet CPU cores at the default sizes (one seed).
+    About 10-12 minutes of CPU time at the default sizes (one seed); --full about 30.
     """
     from featurecache.pipelines.demo.experiment import run_demo  # torch, Ray: only when run
 

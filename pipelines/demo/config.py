@@ -16,8 +16,8 @@ SPLITS: tuple[str, ...] = ("train", "ood-vision", "ood-semantic", "ood-execution
 
 @dataclass(kw_only=True, slots=True)
 class DemoConfig:
-    """Sizes of the miniature experiment. The defaults take about 10 minutes on 2 quiet CPU
-    cores (one seed); `full()` three seeds."""
+    """Sizes of the miniature experiment. The defaults (one seed) cost 10-12 minutes of CPU time
+    in one thread (measured: 595-693 s, README); `full()` three seeds, about 30 minutes."""
 
     out: str = "demo-out"
     """The demo folder: data/, cache.zarr, runs/, report.md, losses.png, report.json."""

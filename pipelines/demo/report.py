@@ -40,9 +40,10 @@ def format_table(report: DemoReport) -> str:
     for split in plain:
         p, a, b = plain[split], aligned[split], report.baseline[split]
         gain = [1 - x / b for x in p]
+        side = "below" if statistics.mean(gain) >= 0 else "above"
         lines.append(
             f"| {split} | {mean(p)} | {mean(a)} | {mean(_diff(a, p), sign=True)} | {b:.4f} "
-            f"| {mean(gain, pct=True)} below |"
+            f"| {mean([abs(g) for g in gain], pct=True)} {side} |"
         )
     lines += [
         "",
