@@ -29,7 +29,8 @@ def import_group() -> None:
     default=None,
     metavar="C[,C...]",
     help="Cameras to keep, by name (top) or feature key (observation.images.top). "
-    "Default: every image/video feature.",
+    "Default: every image/video feature. One camera is written as the plain key.png "
+    "(what build without --cameras and train read).",
 )
 @click.option(
     "--shard-size",

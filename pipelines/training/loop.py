@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,12 @@ from featurecache.pipelines.training.stream import (
     Batch,
     StreamConfig,
     check_shards_per_rank,
+    first_action_width,
     iter_batches,
 )
 from featurecache.pipelines.training.students import load_student, parameter_counts
+from featurecache.pipelines.training.students.base import ACTION_DIM
+from featurecache.pipelines.training.students.loader import takes_action_dim
 from featurecache.pipelines.training.students.tiny_vla import TinyVLA
 from featurecache.pipelines.training.targets import cache_target_spec, teacher_target_spec
 from featurecache.reader import open_cache
@@ -150,6 +153,18 @@ def train(config: TrainConfig) -> TrainSummary:
         return _train(config, dist)
 
 
+def _with_action_dim(config: TrainConfig, shards: list[Path]) -> TrainConfig:
+    """`config` with the student's `action_dim` option set to the frames' action width (LeRobot
+    robots have 6 to 14+ dims), unless given, the student pads actions itself (pi0), or the
+    data's width is the default (so runs recorded before this option resume unchanged)."""
+    if not takes_action_dim(config.student) or "action_dim" in config.student_options:
+        return config
+    width = first_action_width(shards)
+    if width is None or width == ACTION_DIM:
+        return config
+    return replace(config, student_options={**config.student_options, "action_dim": width})
+
+
 def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
     rank, world, device = dist.rank, dist.world, dist.device
     if config.wandb and rank == 0:
@@ -157,6 +172,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
     run = Path(config.out)
     shards = expand_frame_paths(config.frames)
     check_shards_per_rank(shards, world, config.num_workers)
+    config = _with_action_dim(config, shards)
     if (run / CHECKPOINT_DIR).exists() and not config.resume:
         raise RunExistsError(
             f"Expected --out to name a new run folder, got {run}, which holds a run: pass "

@@ -16,7 +16,9 @@ sequentially, a file at a time; the frame used for a row is the decoded frame ne
 a frame period. Features of dtype "image" are the encoded images stored in the parquet.
 
 What is written per frame (featurecache.samples contract), key `ep{episode:06d}-f{frame:06d}`:
-    key.<camera>.png        one image per camera ("observation.images.top" -> camera "top")
+    key.<camera>.png        one image per camera ("observation.images.top" -> camera "top");
+                            with one camera chosen, the plain key.png (what `build` without
+                            --cameras and `train` read), its name in the json's "camera"
     key.json                instruction (the frame's task), episode, step (= frame_index),
                             timestamp, index, task_index, and every scalar feature by name
     key.action.npy          float32 (A,) as stored (A from the data: 6, 7, 14, ...)
@@ -37,7 +39,7 @@ import numpy as np
 from featurecache.errors import FeatureCacheError, OptionError
 from featurecache.pipelines.build.importers import DEFAULT_SHARD_SIZE
 from featurecache.pipelines.build.importers.tars import ImageFormat, TarShardWriter
-from featurecache.samples import decode_image
+from featurecache.samples import DEFAULT_CAMERA, decode_image
 
 __all__ = [
     "Episode",
@@ -446,7 +448,8 @@ def import_lerobot(
     progress: bool = True,
 ) -> ImportSummary:
     """Convert the LeRobot dataset at `root` into WebDataset shards under `out` (a new or empty
-    folder): `shard_size` frames per shard, one image per camera of `cameras` (default: all)."""
+    folder): `shard_size` frames per shard, one image per camera of `cameras` (default: all;
+    a single camera is written as the plain image, see the module docstring)."""
     dataset = LeRobotDataset(root)
     chosen = dataset.select_cameras(cameras)
     bar = None
@@ -457,7 +460,11 @@ def import_lerobot(
     try:
         with TarShardWriter(out, shard_size=shard_size, image_format=image_format) as writer:
             for frame in dataset.frames(list(chosen)):
-                writer.write(frame.key, images=frame.images, meta=frame.meta, arrays=frame.arrays)
+                images, meta = frame.images, frame.meta
+                if len(chosen) == 1:  # one camera: the plain single-camera sample
+                    ((camera, image),) = images.items()
+                    images, meta = {DEFAULT_CAMERA: image}, {**meta, "camera": camera}
+                writer.write(frame.key, images=images, meta=meta, arrays=frame.arrays)
                 if bar is not None:
                     bar.update(1)
     finally:

@@ -53,6 +53,7 @@ HF_VLM_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "image_size": None,  # None: the vision tower's input size
     "allow_random_weights": False,
+    "action_dim": ACTION_DIM,  # `featurecache train` sets it from the frames' action.npy
 }
 _ONE_TILE = ("idefics3", "smolvlm")  # families fed one tile per frame (image splitting off)
 _LANGUAGE_MODELS = ("language_model", "text_model")  # the base model's text stack, by family
@@ -112,7 +113,7 @@ class HFVLM(Student):
         self.visual_grid = grid
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.head = action_head(self.hidden_size, ACTION_DIM).to(dtype)
+            self.head = action_head(self.hidden_size, int(o["action_dim"])).to(dtype)
 
     @property
     def processor(self) -> Any:

@@ -27,6 +27,12 @@ def parse_student_spec(spec: str) -> tuple[str, str | None]:
     raise OptionError(f"Expected --student to be one of {', '.join(STUDENT_SPECS)}, got {spec!r}.")
 
 
+def takes_action_dim(spec: str) -> bool:
+    """Whether the student named by `spec` sizes its action head by an `action_dim` option
+    (tiny-vla, hf-vlm; hf-pi0 pads actions to its own max_action_dim instead)."""
+    return parse_student_spec(spec)[0] in ("tiny-vla", "hf-vlm")
+
+
 def load_student(
     spec: str,
     *,

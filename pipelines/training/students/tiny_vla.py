@@ -46,6 +46,7 @@ TINY_VLA_DEFAULTS: dict[str, Any] = {
     "num_layers": 2,
     "num_heads": 4,
     "max_text_bytes": 48,
+    "action_dim": ACTION_DIM,  # `featurecache train` sets it from the frames' action.npy
 }
 
 
@@ -123,7 +124,7 @@ class TinyVLA(Student):
                     eos_token_id=ByteTokenizer.EOS,
                 )
             )
-            self.head = action_head(d, ACTION_DIM)
+            self.head = action_head(d, int(o["action_dim"]))
 
     def options(self) -> dict[str, Any]:
         return dict(self._options)

@@ -98,7 +98,8 @@ def test_cameras_names_and_bad_inputs(lerobot_v3, tmp_path: Path) -> None:
         progress=False,
     )
     assert summary.cameras == ("top",)
-    assert _read(tmp_path / "top")[3].cameras == ("top",)
+    one = _read(tmp_path / "top")[3]  # one camera: the plain image, named in the json
+    assert one.cameras == ("",) and one.meta()["camera"] == "top"
     with pytest.raises(OptionError, match=r"among \['top', 'wrist'\].*'side'"):
         import_lerobot(lerobot_v3.root, tmp_path / "x", cameras=["side"], progress=False)
     with pytest.raises(LeRobotError, match=r"meta/info\.json"):
@@ -275,6 +276,33 @@ def test_image_features_stored_in_parquet(tmp_path: Path) -> None:
         "ep000001-f000001",
     ]
     for i, s in enumerate(samples):
-        np.testing.assert_array_equal(np.asarray(decode_image(*s.image("image"))), pixels[i])
+        np.testing.assert_array_equal(np.asarray(decode_image(*s.image())), pixels[i])
         np.testing.assert_array_equal(s.array("action"), actions[i])  # 14-D, as stored
-        assert s.meta()["instruction"] == "stack"
+        assert s.meta()["instruction"] == "stack" and s.meta()["camera"] == "image"
+
+
+def test_one_camera_import_trains_with_the_data_action_width(lerobot_v3, tmp_path: Path) -> None:
+    """One camera imports as plain frames that `featurecache train` reads; the student's action
+    head takes the data's width (6 here, not the 7 of the procedural data) and the run reloads."""
+    import json
+
+    from featurecache.pipelines.training.checkpoint import load_run
+
+    frames = tmp_path / "frames"
+    import_lerobot(lerobot_v3.root, frames, cameras=["wrist"], shard_size=8, progress=False)
+    options = ["image_size=32", "stem_width=4", "hidden_size=32", "num_layers=1", "num_heads=2"]
+    args = ["train", str(frames), "--student", "tiny-vla", "--out", str(tmp_path / "run")]
+    args += ["--steps", "2", "--batch-size", "4", "--no-progress", "--lambda", "0"]
+    for option in options:
+        args += ["--student-option", option]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["student_options"]["action_dim"] == 6
+    run = load_run(tmp_path / "run")
+    out = run.student(torch.zeros(2, 3, 32, 32), ["pick", "pick"], 1)
+    assert out.actions.shape == (2, 6)
+    # resuming with the same command is not refused by the derived option
+    more = [*args[: args.index("--steps") + 1], "3", *args[args.index("--steps") + 2 :]]
+    result = CliRunner().invoke(main, [*more, "--resume"])
+    assert result.exit_code == 0, result.output
