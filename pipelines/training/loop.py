@@ -155,8 +155,8 @@ def train(config: TrainConfig) -> TrainSummary:
 
 def _with_action_dim(config: TrainConfig, shards: list[Path]) -> TrainConfig:
     """`config` with the student's `action_dim` option set to the frames' action width (LeRobot
-    robots have 6 to 14+ dims), unless given, the student pads actions itself (pi0), or the
-    data's width is the default (so runs recorded before this option resume unchanged)."""
+    robots have 6 to 14+ dims), unless given, or the data's width is the default (so runs
+    recorded before this option resume unchanged)."""
     if not takes_action_dim(config.student) or "action_dim" in config.student_options:
         return config
     width = first_action_width(shards)

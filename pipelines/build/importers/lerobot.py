@@ -20,9 +20,11 @@ What is written per frame (featurecache.samples contract), key `ep{episode:06d}-
                             with one camera chosen, the plain key.png (what `build` without
                             --cameras and `train` read), its name in the json's "camera"
     key.json                instruction (the frame's task), episode, step (= frame_index),
-                            timestamp, index, task_index, and every scalar feature by name
+                            timestamp, index, task_index, state (a list), and every scalar
+                            feature by name
     key.action.npy          float32 (A,) as stored (A from the data: 6, 7, 14, ...)
-    key.state.npy           "observation.state"; other vector features as key.<name>.npy
+    key.state.npy           "observation.state" as stored (its dtype; the json's copy is for
+                            readers of json); other vector features as key.<name>.npy
 """
 
 from __future__ import annotations
@@ -290,6 +292,8 @@ class LeRobotDataset:
                 value = values[i]
                 if isinstance(value, np.generic | int | float | bool | str):
                     meta[column] = value.item() if isinstance(value, np.generic) else value
+        if "state" in arrays:  # the json's state (DESIGN's sample contract; pi0's state_key)
+            meta["state"] = [float(x) for x in np.ravel(arrays["state"])]
         return LeRobotFrame(key, episode.index, frame, images, meta, arrays)
 
 

@@ -28,9 +28,10 @@ def parse_student_spec(spec: str) -> tuple[str, str | None]:
 
 
 def takes_action_dim(spec: str) -> bool:
-    """Whether the student named by `spec` sizes its action head by an `action_dim` option
-    (tiny-vla, hf-vlm; hf-pi0 pads actions to its own max_action_dim instead)."""
-    return parse_student_spec(spec)[0] in ("tiny-vla", "hf-vlm")
+    """Whether the student named by `spec` takes an `action_dim` option, the width of the
+    actions it predicts (tiny-vla, hf-vlm: their action head; hf-pi0: the dims of its padded
+    chunk it returns)."""
+    return parse_student_spec(spec)[0] in ("tiny-vla", "hf-vlm", "hf-pi0")
 
 
 def load_student(

@@ -53,6 +53,7 @@ PI0_DEFAULTS: dict[str, Any] = {
     "max_text_tokens": 48,  # PI0Processor's max_length
     "num_inference_steps": None,  # None: the checkpoint's
     "allow_random_weights": False,
+    "action_dim": ACTION_DIM,  # dims returned (<= max_action_dim); train sets it from the data
 }
 
 
@@ -115,6 +116,11 @@ class HFPi0(Student):
         self.default_projector_hidden = 2048
         self.chunk_size, self.max_action_dim = int(cfg.chunk_size), int(cfg.max_action_dim)
         self.max_state_dim = int(cfg.max_state_dim)
+        if not 1 <= int(o["action_dim"]) <= self.max_action_dim:
+            raise OptionError(
+                f"Expected action_dim in 1..{self.max_action_dim} (the checkpoint's "
+                f"max_action_dim) for {path}, got {o['action_dim']!r}."
+            )
         mean, std = _image_stats(root)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -247,7 +253,8 @@ class HFPi0(Student):
                 pixel_attention_mask=cameras,
                 num_steps=self._options["num_inference_steps"],
             )
-            return StudentOutput(actions=chunk[:, 0, :ACTION_DIM].float(), visual=visual)
+            width = self._options["action_dim"]
+            return StudentOutput(actions=chunk[:, 0, :width].float(), visual=visual)
 
         target, valid = self.action_chunk(actions.to(device, dtype))
         noise = torch.randn_like(target)
@@ -265,7 +272,7 @@ class HFPi0(Student):
         # one-step estimate of the clean chunk: x_t - t * v (x_t = t * noise + (1 - t) * a)
         t = time[:, None, None]
         estimate = (t * noise + (1 - t) * target) - t * fm.logits
-        dims = min(ACTION_DIM, actions.shape[-1])
+        dims = min(self._options["action_dim"], actions.shape[-1])
         return StudentOutput(actions=estimate[:, 0, :dims].float(), visual=visual, action_loss=loss)
 
 

@@ -67,6 +67,7 @@ def test_import_round_trip(version: str, lerobot_v3, lerobot_v21, tmp_path: Path
             s = by_key[frame_key(e, t)]
             np.testing.assert_array_equal(s.array("action"), actions[t])
             np.testing.assert_array_equal(s.array("state"), fx.states[e][t])
+            assert np.array_equal(np.float32(s.meta()["state"]), fx.states[e][t])
             assert s.array("action").dtype == np.float32
             meta = s.meta()
             assert meta["instruction"] == fx.tasks[e] and meta["episode"] == e
