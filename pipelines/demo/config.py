@@ -45,13 +45,17 @@ class DemoConfig:
     """One pair of runs (plain, aligned) per seed; the data stay the same."""
     workers: int = 1
     """Teacher workers of the build: 1 builds in-process, more run a local Ray job."""
+    parallel_runs: int = 2
+    """Training runs at once, each in its own process with one torch thread (2 uses both cores
+    of a 2-core machine and halves the training wall time; 1 trains in this process, one run
+    after the other). The runs are the same either way: each is a pure function of its seed."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
         for name in (
             "train_frames", "eval_frames", "frames_per_episode", "shard_size", "steps",
-            "batch_size", "workers",
+            "batch_size", "workers", "parallel_runs",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"The `{name}` should be >= 1. Found {getattr(self, name)}.")

@@ -19,15 +19,18 @@ Every number in the report is read from those runs as they happened; nothing is 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from featurecache.audit import inspect_cache
 from featurecache.pipelines.build.precompute import BuildConfig, build_cache
@@ -104,13 +107,18 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoRepo
 
     runs: dict[str, list[Path]] = {name: [] for name in RUNS}
     shutil.rmtree(out / "runs", ignore_errors=True)  # the demo's own runs: always start over
-    for seed in config.seeds:
-        for name, lam in zip(RUNS, (0.0, config.lambda_align), strict=True):
-            run = out / "runs" / f"{name}-seed{seed}"
-            with clock(f"3. train {name} (seed {seed})"):
-                result = train(_train_config(config, data["train"], cache, run, lam, seed))
-            runs[name].append(run)
-            report.final_losses.setdefault(name, []).append(result.losses)
+    jobs = [
+        (name, _train_config(config, data["train"], cache, out / "runs" / f"{name}-seed{seed}",
+                             lam, seed))
+        for seed in config.seeds
+        for name, lam in zip(RUNS, (0.0, config.lambda_align), strict=True)
+    ]  # fmt: skip
+    at_once = min(config.parallel_runs, len(jobs))
+    with clock(f"3. train {len(jobs)} runs ({at_once} at a time)"):
+        all_losses = _train_all([job for _, job in jobs], at_once)
+        for (name, job), losses in zip(jobs, all_losses, strict=True):
+            runs[name].append(Path(job.out))
+            report.final_losses.setdefault(name, []).append(losses)
 
     with clock("4. evaluate"):
         # The constant predictor a run must beat: the train split's per-dimension median action.
@@ -149,6 +157,26 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoRepo
     log(format_table(report))
     log(f"\nreport: {out / 'report.md'}")
     return report
+
+
+def _train_all(configs: list[TrainConfig], at_once: int) -> list[dict[str, float]]:
+    """Train every run; `at_once` > 1 runs them in that many spawned processes with one torch
+    thread each (two threads per process on shared cores are far slower than one). Returns each
+    run's final losses, in the order of `configs`."""
+    if at_once <= 1:
+        return [train(c).losses for c in configs]
+    quiet = [replace(c, progress=False) for c in configs]  # bars of two processes would interleave
+    context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+    with ProcessPoolExecutor(at_once, mp_context=context, initializer=_one_thread) as pool:
+        return list(pool.map(_train_losses, quiet))
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _train_losses(config: TrainConfig) -> dict[str, float]:
+    return train(config).losses
 
 
 def teacher_spec(config: DemoConfig) -> str:
