@@ -31,6 +31,7 @@ OPTION_TO_FIELD = {
     "lora_dropout": "lora_dropout",
     "lora_targets": "lora_targets",
     "teacher_layer": "teacher_layer",
+    "cameras": "cameras",
     "align_layer": "align_layer",
     "lambda_align": "lambda_align",
     "loss": "loss",
@@ -165,6 +166,15 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
 @click.option(
     "--teacher-layer",
     help="Cache layer to align to (default: the cache's only layer).",
+)
+@click.option(
+    "--cameras",
+    metavar="CAM1,CAM2",
+    default=",".join(DEFAULTS["cameras"]),
+    help="Multi-camera frames (key.<camera>.png): feed the student these cameras' images "
+    "(tiny-vla) and align each camera's visual tokens with its own cache layer "
+    "(<camera>/<teacher layer>, a cache built with `build --cameras`); the loss averages the "
+    "cameras. Default: the plain image key.png.",
 )
 @click.option(
     "--align-layer",
@@ -311,6 +321,7 @@ def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: A
     from featurecache.pipelines.training.loop import train as run_training
 
     # a bad value raises OptionError naming the option: the CLI's handler prints it (status 2)
+    options["cameras"] = tuple(c.strip() for c in options["cameras"].split(",") if c.strip())
     config = TrainConfig(frames=frames, student_options=_student_options(student_option), **options)
     summary = run_training(config)  # under torchrun, the process group lives inside this call
     if summary and not _is_worker():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from torch import nn
 
 from featurecache.errors import RemoteCodeError, SpecMismatchError
 from featurecache.pipelines.training.alignment import AlignmentHead, AlignmentTargets
+from featurecache.pipelines.training.cameras import camera_alignment_loss
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.distributed import barrier
 from featurecache.pipelines.training.errors import CheckpointError, RunNotFoundError
@@ -48,9 +50,11 @@ class AlignedModel(nn.Module):
     """Student + alignment head as one module (what DDP wraps; its state dict is the
     checkpoint's: student.* and head.projector.*).
 
-    forward(images (B, 3, S, S), instructions, targets or None, actions=, meta=)
-    -> the student's output (actions (B, A), its own action_loss or None), lambda * (1 - cos)
-    (a 0-d tensor) or None without targets. actions/meta go to students that use them (pi0)."""
+    forward(images (B, 3, S, S) or (B, C, 3, S, S), instructions, targets or None, actions=,
+    meta=) -> the student's output (actions (B, A), its own action_loss or None), lambda *
+    (1 - cos) (a 0-d tensor) or None without targets. targets: AlignmentTargets, or a list of
+    one per camera (cameras.camera_alignment_loss: their mean). actions/meta go to students that
+    use them (pi0)."""
 
     def __init__(self, student: Student, head: AlignmentHead | None, align_layer: int) -> None:
         super().__init__()
@@ -65,7 +69,7 @@ class AlignedModel(nn.Module):
         self,
         images: torch.Tensor,
         instructions: list[str],
-        targets: AlignmentTargets | None,
+        targets: AlignmentTargets | Sequence[AlignmentTargets] | None,
         *,
         actions: torch.Tensor | None = None,
         meta: list[dict] | None = None,
@@ -73,6 +77,8 @@ class AlignedModel(nn.Module):
         out = self.student(images, instructions, self.align_layer, actions=actions, meta=meta)
         if targets is None or self.head is None:
             return out, None
+        if isinstance(targets, Sequence):
+            return out, camera_alignment_loss(self.head, self.student, out.visual, targets)
         return out, self.head(out.visual, targets)
 
 

@@ -135,6 +135,10 @@ class TrainConfig:
     """The cache (or resident teacher) layer to align to; default: the cache's only layer."""
     align_layer: int | None = None
     """Student hidden_states index whose visual tokens are aligned; default: the middle layer."""
+    cameras: tuple[str, ...] = ()
+    """Cameras of multi-camera frames (`key.<camera>.<ext>`) the student reads, in this order,
+    each aligned with its own cache layer `<camera>/<teacher layer>` (a cache built with
+    `build --cameras`); the loss averages them. Empty: the plain image `key.<ext>`."""
     lambda_align: float = 0.2
     """Weight of the alignment loss; 0 trains the plain action-only baseline."""
     loss: Literal["l1", "mse"] = "l1"
@@ -198,6 +202,11 @@ class TrainConfig:
         if isinstance(self.frames, str):
             self.frames = (self.frames,)
         self.frames = tuple(str(f) for f in self.frames)
+        self.cameras = tuple(str(c) for c in self.cameras)
+        if len(set(self.cameras)) != len(self.cameras) or not all(self.cameras):
+            raise OptionError(
+                f"Expected --cameras to name distinct, non-empty cameras, got {list(self.cameras)}."
+            )
         if not self.frames:
             raise OptionError("Expected FRAMES: at least one frames pattern, got none.")
         local_path(self.out, "--out (the run folder)")  # never a local folder named `s3:`
@@ -246,6 +255,11 @@ class TrainConfig:
             )
         if self.resident_teacher is not None and self.teacher_layer is None:
             raise OptionError("Expected --teacher-layer with --resident-teacher, got none.")
+        if self.cameras and self.resident_teacher is not None:
+            raise OptionError(
+                "Expected --cache with --cameras (each camera's targets come from its cache "
+                "layer), got --resident-teacher; build a cache with --cameras instead."
+            )
         if self.allow_random_weights and self.resident_teacher is None:
             raise OptionError(
                 "Expected --allow-random-weights with --resident-teacher SPEC (it applies to "
@@ -287,4 +301,5 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "frames" else v) for k, v in data.items() if k in known})
+        tuples = ("frames", "cameras")
+        return cls(**{k: (tuple(v) if k in tuples else v) for k, v in data.items() if k in known})

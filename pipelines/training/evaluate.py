@@ -18,6 +18,11 @@ from typing import Any
 import torch
 
 from featurecache.errors import OptionError
+from featurecache.pipelines.training.cameras import (
+    camera_cosines,
+    camera_target_spec,
+    teacher_layer_name,
+)
 from featurecache.pipelines.training.checkpoint import load_run
 from featurecache.pipelines.training.config import EVAL_BATCH_SIZE, EVAL_DEVICE
 from featurecache.pipelines.training.stream import StreamConfig, iter_batches
@@ -45,6 +50,7 @@ def evaluate_run(
     RUN/config.json (load_run refuses a run that needs it when it is not given here)."""
     loaded = load_run(run, device, trust_remote_code=trust_remote_code)
     student, head = loaded.student, loaded.head
+    cameras = loaded.config.cameras  # the run's (empty: the plain image)
     shards = expand_frame_paths(list(frames))
     target = None
     if cache is not None:
@@ -53,14 +59,20 @@ def evaluate_run(
                 f"Expected a run trained with alignment targets to compare against cache "
                 f"{cache}, got run {run} trained without (lambda 0 and no cache)."
             )
-        target = cache_target_spec(open_cache(cache), loaded.target.layer)
+        opened = open_cache(cache)
+        target = (
+            camera_target_spec(opened, cameras, teacher_layer_name(loaded.target.layer))
+            if cameras
+            else cache_target_spec(opened, loaded.target.layer)
+        )
         head.retarget(target)  # this cache's grid; refuses another width
     stream = StreamConfig(
         shards=shards,
         image_size=student.image_size,
         batch_size=batch_size,
         cache=cache,
-        layer=target.layer if target else None,
+        layer=(teacher_layer_name(target.layer) if cameras else target.layer) if target else None,
+        cameras=cameras or None,
         shuffle=False,
         on_missing=on_missing,  # type: ignore[arg-type]
     )
@@ -80,7 +92,16 @@ def evaluate_run(
             samples += len(batch)
             goal = batch.alignment_targets()
             if head is not None and goal is not None:
-                cos = head.cosines(out.visual, goal)  # (B, T)
+                cos = (
+                    camera_cosines(
+                        head,
+                        student,
+                        out.visual,
+                        [batch.alignment_targets(c) for c in range(len(cameras))],
+                    )
+                    if cameras
+                    else head.cosines(out.visual, goal)
+                )  # (B, [C*]T)
                 cos_sum += float(cos.sum())
                 cos_count += cos.numel()
     if samples == 0:

@@ -29,6 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from featurecache.pipelines.training.alignment import AlignmentTargets
+from featurecache.pipelines.training.cameras import (
+    camera_target_spec,
+    check_camera_student,
+    teacher_layer_name,
+    with_camera_option,
+)
 from featurecache.pipelines.training.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -172,7 +178,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
     run = Path(config.out)
     shards = expand_frame_paths(config.frames)
     check_shards_per_rank(shards, world, config.num_workers)
-    config = _with_action_dim(config, shards)
+    config = with_camera_option(_with_action_dim(config, shards))
     if (run / CHECKPOINT_DIR).exists() and not config.resume:
         raise RunExistsError(
             f"Expected --out to name a new run folder, got {run}, which holds a run: pass "
@@ -189,6 +195,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
         lora=config.lora_settings(),
         **config.student_options,
     )
+    check_camera_student(student, config.cameras)
     align_layer = student.default_align_layer if config.align_layer is None else config.align_layer
     student.check_align_layer(align_layer)
 
@@ -196,7 +203,11 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
     cache, teacher, target = None, None, None
     if config.cache is not None:
         cache = open_cache(config.cache)
-        target = cache_target_spec(cache, config.teacher_layer)
+        target = (
+            camera_target_spec(cache, config.cameras, config.teacher_layer)
+            if config.cameras
+            else cache_target_spec(cache, config.teacher_layer)
+        )
     elif config.resident_teacher is not None:
         # imported here on purpose: a cached run never loads teacher code (a test checks it)
         from featurecache.pipelines.build.teachers import load_teacher
@@ -275,7 +286,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             image_size=student.image_size,
             batch_size=config.batch_size,
             cache=config.cache if project else None,
-            layer=target.layer if (project and cache is not None) else None,
+            layer=teacher_layer_name(target.layer) if (project and cache is not None) else None,
+            cameras=config.cameras or None,
             seed=config.seed,
             epoch=position["epoch"],
             shuffle_buffer=config.shuffle_buffer,
@@ -296,14 +308,16 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             got_any = True
             data_wait = time.perf_counter() - tick  # the loader's share of this step
             position["batches"] += 1
-            images = batch.images.to(device, non_blocking=True)  # (B, 3, S, S)
+            images = batch.images.to(device, non_blocking=True)  # (B, [C,] 3, S, S)
             actions = batch.actions.to(device, non_blocking=True)  # (B, 7)
 
             lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            goal = None
-            if project:  # as stored (int8 + scales, fp16), or the resident teacher's forward
+            goal: Any = None
+            if project and config.cameras:  # one per camera, each from its own cache layer
+                goal = [batch.alignment_targets(c) for c in range(len(config.cameras))]
+            elif project:  # as stored (int8 + scales, fp16), or the resident teacher's forward
                 goal = batch.alignment_targets() if teacher is None else _teacher(teacher, batch)
             # forward: actions (B, 7) (or the student's own action loss: pi0's flow matching)
             # and lambda * (1 - cos) from the AlignmentHead

@@ -16,8 +16,9 @@ ACTION_DIM = 7  # end-effector delta (xyz, rpy) + gripper, as in the paper's Wid
 @dataclass(frozen=True, slots=True)
 class StudentOutput:
     """actions: (B, 7) float32 predicted actions.
-    visual: (B, T, hidden) the language model's hidden states at the aligned layer, at the T
-    visual-token positions (image patches in grid order, row-major).
+    visual: (B, C*T, hidden) the language model's hidden states at the aligned layer, at the
+    visual-token positions (image patches in grid order, row-major; C cameras one after the
+    other, `Student.camera_tokens(c)` picks camera c's; C = 1 for most students).
     action_loss: () float32, the student's own action loss against the `actions` given to
     forward (pi0: flow matching), or None: the loop then applies `--loss` to `actions`."""
 
@@ -32,6 +33,8 @@ class Student(nn.Module):
     spec: how it was named (`tiny-vla`, `hf-llava:PATH`).
     image_size: the square input size in pixels the stream resizes frames to.
     visual_grid: (rows, cols) of visual tokens; their count is what the cache must match.
+    cameras: images per sample (tiny-vla's `cameras` option; 1 for the others): `visual` holds
+        cameras x num_visual_tokens tokens, camera c's at camera_tokens(c).
     hidden_size: width of the language model's hidden states (the projector's input).
     num_layers: number of decoder layers; `align_layer` indexes hidden_states[0..num_layers].
     default_projector_hidden: the projector width that suits this student's size.
@@ -46,6 +49,7 @@ class Student(nn.Module):
     spec: str
     image_size: int
     visual_grid: tuple[int, int]
+    cameras: int = 1
     hidden_size: int
     num_layers: int
     default_projector_hidden: int
@@ -57,6 +61,11 @@ class Student(nn.Module):
     @property
     def num_visual_tokens(self) -> int:
         return self.visual_grid[0] * self.visual_grid[1]
+
+    def camera_tokens(self, camera: int) -> slice:
+        """Where camera `camera`'s T visual tokens lie in StudentOutput.visual (B, C*T, d)."""
+        t = self.num_visual_tokens
+        return slice(camera * t, (camera + 1) * t)
 
     @property
     def default_align_layer(self) -> int:

@@ -9,6 +9,12 @@
     LlamaModel (causal) -> hidden_states[k] at positions 1..T = the aligned visual tokens
                         -> final hidden state at the last real token -> MLP -> 7-D action
 
+With `cameras=C` > 1 the sample's C images (B, C, 3, S, S) go through the same conv stem and
+projector one by one; camera c's T tokens get a learned camera embedding on top of the position
+embedding and sit at sequence positions 1 + c*T .. (c+1)*T (camera order as given), so `visual`
+is (B, C*T, d) and `camera_tokens(c)` picks camera c's (B, T, d). One stem for all cameras keeps
+the parameter count of one camera; the embedding tells the decoder which view a token is from.
+
 It is the paper's OpenVLA-7B in miniature: same token layout (BOS at 0, the visual patch tokens
 at 1..T, text after), same aligned-layer convention (`hidden_states[k]`, the middle by default).
 At the default 112 px the grid is 7x7 = 49 tokens, the grid of the `efficientnet-lite0@112`
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featurecache.errors import ShapeMismatchError
 from featurecache.pipelines.training.students.base import (
     ACTION_DIM,
     ByteTokenizer,
@@ -47,6 +54,7 @@ TINY_VLA_DEFAULTS: dict[str, Any] = {
     "num_heads": 4,
     "max_text_bytes": 48,
     "action_dim": ACTION_DIM,  # `featurecache train` sets it from the frames' action.npy
+    "cameras": 1,  # images per sample; `featurecache train --cameras` sets it
 }
 
 
@@ -88,6 +96,8 @@ class TinyVLA(Student):
                 f"tiny-vla's `image_size` should be a positive multiple of {patch}. "
                 f"Found {o['image_size']}."
             )
+        if not isinstance(o["cameras"], int) or o["cameras"] < 1:
+            raise ValueError(f"tiny-vla's `cameras` should be an int >= 1. Found {o['cameras']!r}.")
         if o["hidden_size"] % o["num_heads"]:
             raise ValueError(
                 f"tiny-vla's `hidden_size` should be a multiple of num_heads {o['num_heads']}. "
@@ -102,6 +112,7 @@ class TinyVLA(Student):
         self.visual_grid = (side, side)
         self.hidden_size = o["hidden_size"]
         self.num_layers = o["num_layers"]
+        self.cameras = o["cameras"]
         self.default_projector_hidden = 256
         self.tokenizer = ByteTokenizer(max_length=o["max_text_bytes"])
         d = o["hidden_size"]
@@ -110,6 +121,8 @@ class TinyVLA(Student):
             self.stem, stem_out = conv_stem(o["stem_width"])
             self.vision_proj = nn.Sequential(nn.Linear(stem_out, d), nn.GELU(), nn.Linear(d, d))
             self.position = nn.Parameter(torch.zeros(1, side * side, d))  # (1, T, d)
+            if self.cameras > 1:  # (none for one camera: its checkpoints stay as they were)
+                self.camera_embedding = nn.Parameter(torch.zeros(self.cameras, 1, d))  # (C, 1, d)
             self.decoder = LlamaModel(
                 LlamaConfig(
                     vocab_size=ByteTokenizer.vocab_size,
@@ -118,7 +131,10 @@ class TinyVLA(Student):
                     num_attention_heads=o["num_heads"],
                     num_key_value_heads=o["num_heads"],
                     intermediate_size=4 * d,
-                    max_position_embeddings=1 + side * side + o["max_text_bytes"] + 8,
+                    max_position_embeddings=1
+                    + self.cameras * side * side
+                    + o["max_text_bytes"]
+                    + 8,
                     pad_token_id=ByteTokenizer.PAD,
                     bos_token_id=ByteTokenizer.BOS,
                     eos_token_id=ByteTokenizer.EOS,
@@ -138,10 +154,16 @@ class TinyVLA(Student):
         actions: torch.Tensor | None = None,
         meta: list[dict] | None = None,
     ) -> StudentOutput:
-        b, t = images.shape[0], self.num_visual_tokens
-        pixels = (images - 0.5) / 0.25  # [0, 1] -> about unit scale for the first conv
-        grid = self.stem(pixels)  # (B, 8w, S/16, S/16)
-        visual = self.vision_proj(grid.flatten(2).transpose(1, 2)) + self.position  # (B, T, d)
+        views = self._views(images)  # (B, C, 3, S, S)
+        b, c = views.shape[:2]
+        t = c * self.num_visual_tokens
+        pixels = (views.flatten(0, 1) - 0.5) / 0.25  # [0, 1] -> about unit scale for the conv
+        grid = self.stem(pixels)  # (B*C, 8w, S/16, S/16)
+        visual = self.vision_proj(grid.flatten(2).transpose(1, 2)) + self.position  # (B*C, T, d)
+        visual = visual.unflatten(0, (b, c))  # (B, C, T, d)
+        if c > 1:
+            visual = visual + self.camera_embedding
+        visual = visual.flatten(1, 2)  # (B, C*T, d), camera by camera
         ids, text_mask = self.tokenizer.batch(instructions)
         ids, text_mask = ids.to(images.device), text_mask.to(images.device)
         bos = torch.full((b, 1), ByteTokenizer.BOS, dtype=torch.long, device=images.device)
@@ -151,6 +173,18 @@ class TinyVLA(Student):
             [torch.ones((b, 1 + t), dtype=torch.long, device=images.device), text_mask], 1
         )
         out = self.decoder(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True)
-        aligned = out.hidden_states[align_layer][:, 1 : 1 + t]  # (B, T, d)
+        aligned = out.hidden_states[align_layer][:, 1 : 1 + t]  # (B, C*T, d)
         actions_out = self.head(last_token_states(out.last_hidden_state, mask))  # (B, 7)
         return StudentOutput(actions=actions_out.float(), visual=aligned)
+
+    def _views(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) (one camera) or (B, C, 3, S, S) -> (B, C, 3, S, S); refuses a
+        camera count other than the student's."""
+        views = images.unsqueeze(1) if images.dim() == 4 else images
+        if views.dim() != 5 or views.shape[1] != self.cameras:
+            raise ShapeMismatchError(
+                f"Expected tiny-vla images of shape (B, {self.cameras}, 3, S, S) (its `cameras` "
+                f"option){' or (B, 3, S, S)' if self.cameras == 1 else ''}, got "
+                f"{tuple(images.shape)}; train with --cameras naming as many cameras."
+            )
+        return views
