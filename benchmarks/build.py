@@ -79,7 +79,8 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
     benchmarks/RESULTS.md."""
     import ray
 
-    from featurecache.pipelines.build.precompute import BuildConfig, build_cache
+    from featurecache.pipelines.build.config import BuildConfig
+    from featurecache.pipelines.build.precompute import build_cache
     from featurecache.pipelines.demo.sample_data import write_sample_data
 
     if quick:
@@ -229,7 +230,8 @@ def _local_vs_ray(quick: bool, device: str) -> tuple[list[harness.Result], str]:
     """End-to-end frames/s of local and Ray builds from a cold start, per frame count."""
     import ray
 
-    from featurecache.pipelines.build.precompute import BuildConfig, build_cache
+    from featurecache.pipelines.build.config import BuildConfig
+    from featurecache.pipelines.build.precompute import build_cache
     from featurecache.pipelines.demo.sample_data import write_sample_data
 
     assert not ray.is_initialized()  # cold start: the Ray build pays for its own instance

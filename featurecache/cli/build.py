@@ -1,15 +1,24 @@
 """`featurecache sample-data` and `featurecache build`: frames in, a feature cache out.
 
 Thin click layers over `featurecache.pipelines.demo.sample_data.write_sample_data` and
-`featurecache.pipelines.build.precompute.build_cache` (BuildConfig); heavy imports happen inside.
+`featurecache.pipelines.build.precompute.build_cache`; heavy imports happen inside. Each build
+option maps onto the `BuildConfig` field of its name (`--quiet`: not `progress`).
 """
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
+from typing import get_args
+
 import click
 
-from featurecache.format import CODECS, DEFAULT_CODEC, DEFAULT_SHARD_ROWS
+from featurecache.format import CODECS
+from featurecache.pipelines.build.config import BuildConfig, OnBadFrame
 from featurecache.pipelines.demo.config import SPLITS
+
+# Every build option's default is its BuildConfig field's (one place for them; the config
+# module imports no torch, so `featurecache --help` stays fast).
+DEFAULTS = {f.name: f.default for f in fields(BuildConfig) if f.default is not MISSING}
 
 
 @click.command("sample-data")
@@ -122,7 +131,7 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--codec",
     type=click.Choice(list(CODECS)),
-    default=DEFAULT_CODEC,
+    default=DEFAULTS["codec"],
     show_default=True,
     help="int8c: int8 with per-token and per-channel scales (calibrated on the first frames), "
     "~2x smaller than fp16, mean cosine >= 0.9999 on every feature kind benchmarked; int8: "
@@ -131,20 +140,20 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=32,
+    default=DEFAULTS["batch_size"],
     show_default=True,
     help="Frames per teacher forward.",
 )
 @click.option(
     "--shard-rows",
     type=click.IntRange(min=1),
-    default=DEFAULT_SHARD_ROWS,
+    default=DEFAULTS["shard_rows"],
     show_default=True,
     help="Rows per Zarr shard (the read and write unit).",
 )
 @click.option(
     "--cameras",
-    default=None,
+    default=DEFAULTS["cameras"],
     metavar="C[,C...]",
     help="Cache these cameras' images (members key.<camera>.<ext>); layers become "
     "<camera>/<layer>, e.g. top/4. Default: the plain image key.<ext>.",
@@ -152,34 +161,34 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--local/--ray",
     "local",
-    default=None,
+    default=DEFAULTS["local"],
     help="--local: build in this process (no Ray start-up; one worker); --ray: a Ray job. "
     "Default: local unless --address, --workers > 1 or several GPUs.",
 )
 @click.option(
     "--address",
-    default=None,
+    default=DEFAULTS["address"],
     help="Ray cluster address (e.g. 'auto' or '10.0.0.1:6379') for a Ray job over a "
     "cluster; without it a Ray job starts a local Ray instance.",
 )
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=None,
+    default=DEFAULTS["workers"],
     help="Teacher actors. Default: the cluster's GPUs / --gpus-per-worker, or 1 "
     "CPU worker using all cores.",
 )
 @click.option(
     "--gpus-per-worker",
     type=float,
-    default=1.0,
+    default=DEFAULTS["gpus_per_worker"],
     show_default=True,
     help="GPUs per actor when the cluster has GPUs (0.5 packs two per GPU).",
 )
 @click.option(
     "--on-bad-frame",
-    type=click.Choice(["fail", "skip"]),
-    default="fail",
+    type=click.Choice(get_args(OnBadFrame)),
+    default=DEFAULTS["on_bad_frame"],
     show_default=True,
     help="fail: stop, naming shard and key; skip: record the key in the manifest.",
 )
@@ -187,7 +196,7 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
 @click.option(
     "--grid",
     callback=_parse_grid,
-    default=None,
+    default=DEFAULTS["grid"],
     metavar="HxW",
     help="Resample every layer's patch grid to HxW (bilinear), e.g. 16x16.",
 )
@@ -204,14 +213,14 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
 )
 @click.option(
     "--prompt",
-    default=None,
+    default=DEFAULTS["prompt"],
     help="hf-vlm only: the instruction, wrapped in the model's chat template (a prompt that "
     "holds the processor's image token, e.g. '<image>', is used as it is).",
 )
 @click.option(
     "--decode-threads",
     type=click.IntRange(min=1),
-    default=2,
+    default=DEFAULTS["decode_threads"],
     show_default=True,
     help="Image decode threads per worker, running ahead of the teacher (raise on GPUs).",
 )
@@ -247,8 +256,8 @@ def build(
     (s3://BUCKET/d/frames-*.tar, gs://...: listed, then streamed). Keys must be unique and
     hold no dots; a sample is key.png (+ key.json, key.action.npy), or one image per
     camera, key.<camera>.png, read with --cameras. LeRobot datasets: see
-    'featurecache import lerobot'. Python iterables: BuildConfig(frames=[...]) in
-    featurecache.pipelines.build.precompute.
+    'featurecache import lerobot'. Python iterables: build_cache(BuildConfig(frames=[...]))
+    (featurecache.pipelines.build.precompute and .config).
 
     \b
     Teachers:
@@ -289,7 +298,7 @@ def build(
       featurecache build 'data/frames-{000000..000099}.tar' --teacher hf:/models/dinov2-base \\
           --layers 8 --grid 16x16 --address auto --workers 8 --out /data/dino8.zarr
     """
-    from featurecache.pipelines.build.precompute import BuildConfig, build_cache
+    from featurecache.pipelines.build.precompute import build_cache
 
     config = BuildConfig(
         frames=list(frames),

@@ -14,13 +14,13 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from featurecache.errors import SpecMismatchError
 from featurecache.format import camera_layer, sample_digest
+from featurecache.pipelines.build.config import BuildConfig
 from featurecache.pipelines.build.frames import FrameShard
-from featurecache.pipelines.build.plan import BuildConfig, load_build_teacher
+from featurecache.pipelines.build.plan import load_build_teacher
 from featurecache.samples import BadFrameError
 
 __all__ = ["BuildWorker", "Progress", "RemoteProgress", "calibration_features"]
@@ -157,15 +157,8 @@ class BuildWorker:
             block.skip(key)
         if keys:
             block.append(keys, feats, digests)
-        self._maybe_die(index)
         if self.report is not None:
             self.report(index, len(keys) + len(bad))
-
-    def _maybe_die(self, index: int) -> None:
-        marker = self.config.fault_kill_marker
-        if marker and index == 1 and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(1)  # fault injection: the actor process dies mid-block
 
 
 def calibration_features(config: BuildConfig, teacher: Any, shard: FrameShard) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The build: run a frozen teacher once over every frame into a feature cache, in this process
 (`local`) or as a Ray job over a pool of workers.
 
+    # BuildConfig: featurecache.pipelines.build.config
     summary = build_cache(BuildConfig(frames=["data/train"], teacher="efficientnet-lite0",
                                       layers=["4"], out="cache.zarr"))
 
@@ -45,13 +46,12 @@ from featurecache.pipelines.build.build_worker import (
     RemoteProgress,
     calibration_features,
 )
+from featurecache.pipelines.build.config import BuildConfig, BuildError
 from featurecache.pipelines.build.frames import FrameShard, IterableShard, TarShard
-from featurecache.pipelines.build.plan import BuildConfig, BuildError, BuildPlan, prepare_build
+from featurecache.pipelines.build.plan import BuildPlan, prepare_build
 from featurecache.store import open_store
 
 __all__ = [
-    "BuildConfig",
-    "BuildError",
     "BuildSummary",
     "BuildWorker",
     "FrameShard",

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from featurecache.audit import inspect_cache
-from featurecache.pipelines.build.precompute import BuildConfig, build_cache
+from featurecache.pipelines.build.config import BuildConfig
+from featurecache.pipelines.build.precompute import build_cache
 from featurecache.pipelines.demo import probes
 from featurecache.pipelines.demo.config import DemoConfig
 from featurecache.pipelines.demo.report import HELDOUT, format_report, format_table, plot_losses

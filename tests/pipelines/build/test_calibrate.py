@@ -14,7 +14,8 @@ import pytest
 
 import featurecache as fc
 from featurecache.pipelines.build import precompute
-from featurecache.pipelines.build.precompute import BuildConfig, build_cache
+from featurecache.pipelines.build.config import BuildConfig
+from featurecache.pipelines.build.precompute import build_cache
 
 
 def _config(frames: Path, out: Path, codec: str, **kw) -> BuildConfig:

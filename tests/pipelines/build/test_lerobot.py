@@ -16,6 +16,7 @@ from PIL import Image
 from featurecache import open_cache
 from featurecache.cli import main
 from featurecache.errors import OptionError
+from featurecache.pipelines.build.config import BuildConfig
 from featurecache.pipelines.build.importers.lerobot import (
     LeRobotDataset,
     LeRobotError,
@@ -24,7 +25,7 @@ from featurecache.pipelines.build.importers.lerobot import (
     frame_key,
     import_lerobot,
 )
-from featurecache.pipelines.build.precompute import BuildConfig, build_cache
+from featurecache.pipelines.build.precompute import build_cache
 from featurecache.pipelines.build.teachers import load_teacher
 from featurecache.samples import decode_image, expand_frame_paths, iter_samples
 

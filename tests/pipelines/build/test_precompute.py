@@ -32,12 +32,10 @@ from featurecache.errors import (
     SpecMismatchError,
     UnknownLayerError,
 )
-from featurecache.pipelines.build.precompute import (
-    BuildConfig,
-    BuildError,
-    IterableShard,
-    build_cache,
-)
+from featurecache.pipelines.build import precompute
+from featurecache.pipelines.build.build_worker import BuildWorker
+from featurecache.pipelines.build.config import BuildConfig, BuildError
+from featurecache.pipelines.build.precompute import IterableShard, build_cache
 from featurecache.pipelines.build.teachers import UnknownTeacherError, load_teacher
 from featurecache.samples import BadFrameError, FramesNotFoundError, decode_image, iter_samples
 from featurecache.store import open_store
@@ -245,13 +243,33 @@ class _MapStyle:
         return self.items[i]
 
 
+def _dying_worker(marker: Path) -> type[BuildWorker]:
+    """A BuildWorker whose process dies (os._exit, as a crashed node would) right after writing
+    its first batch of block 1, once: the first actor to get there creates `marker` and dies; the
+    block's retry finds the marker and goes on. A class local to this function, so Ray ships it to
+    the actors by value (cloudpickle) and the fault lives in the test alone."""
+
+    class DyingWorker(BuildWorker):
+        def __init__(self, config, fingerprint, device, report=None, teacher=None) -> None:
+            def die_then_report(index: int, frames: int) -> None:
+                # called after each batch is written, before the block is done
+                if index == 1 and not marker.exists():
+                    marker.write_text(str(os.getpid()))
+                    os._exit(1)
+                if report is not None:
+                    report(index, frames)
+
+            super().__init__(config, fingerprint, device, die_then_report, teacher)
+
+    return DyingWorker
+
+
 def test_dead_worker_is_replaced_and_result_unchanged(
-    eff_cache: Path, sample_data_dir: Path, tmp_path: Path
+    eff_cache: Path, sample_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     marker = tmp_path / "killed"
-    config = _config(sample_data_dir, tmp_path / "faulty", codec="fp16")
-    config.fault_kill_marker = str(marker)
-    summary = build_cache(config)
+    monkeypatch.setattr(precompute, "BuildWorker", _dying_worker(marker))  # the driver's actors
+    summary = build_cache(_config(sample_data_dir, tmp_path / "faulty", codec="fp16"))
     assert marker.exists()  # the actor did die mid-block (after its first batch of block 1)
     assert summary.retries == 1 and summary.frames == 48
     _assert_same_cache(eff_cache, tmp_path / "faulty")

@@ -16,7 +16,8 @@ from PIL import Image
 
 from featurecache import open_cache
 from featurecache.errors import RemoteCodeError
-from featurecache.pipelines.build.precompute import BuildConfig, build_cache
+from featurecache.pipelines.build.config import BuildConfig
+from featurecache.pipelines.build.precompute import build_cache
 from featurecache.pipelines.build.teachers import UnknownTeacherError, load_teacher
 from featurecache.pipelines.demo.sample_data import write_sample_data
 from featurecache.pipelines.model_loading import IncompleteWeightsError
