@@ -481,7 +481,7 @@ def test_two_node_cluster_through_address(sample_data_dir: Path, tmp_path: Path)
         )
         output = build.communicate(timeout=300)[0]
         assert build.returncode == 0, output
-        assert "48 frames in 3 blocks" in output and "2 worker(s)" in output
+        assert "48 frames in 3 blocks" in output and "2 Ray worker(s)" in output
         assert open_cache(tmp_path / "two").keys[0] == "train-e00000-s000"
     finally:
         if build is not None and build.poll() is None:
