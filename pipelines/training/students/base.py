@@ -129,6 +129,18 @@ class ByteTokenizer:
         return ids, mask
 
 
+def merge_options(kind: str, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`defaults` updated by `options`; OptionError naming the student `kind` (`tiny-vla`, ...)
+    and its known options when `options` holds a name it does not know."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise OptionError(
+            f"Expected {kind} options among {sorted(defaults)} (--student-option NAME=VALUE), "
+            f"got {sorted(unknown)}."
+        )
+    return {**defaults, **options}
+
+
 def last_token_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """hidden (B, L, D), mask (B, L) (padding on either side) -> (B, D) at each row's last real
     token."""

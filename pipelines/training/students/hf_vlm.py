@@ -37,6 +37,7 @@ from featurecache.pipelines.training.students.base import (
     StudentOutput,
     action_head,
     last_token_states,
+    merge_options,
 )
 from featurecache.pipelines.vlm import (
     UnsupportedVLMError,
@@ -69,12 +70,7 @@ class HFVLM(Student):
         self, path: str, *, seed: int = 0, trust_remote_code: bool = False, **options: Any
     ) -> None:
         super().__init__()
-        unknown = set(options) - set(HF_VLM_DEFAULTS)
-        if unknown:
-            raise OptionError(
-                f"Expected hf-vlm options among {sorted(HF_VLM_DEFAULTS)}, got {sorted(unknown)}."
-            )
-        o = {**HF_VLM_DEFAULTS, **options}
+        o = merge_options("hf-vlm", options, HF_VLM_DEFAULTS)
         dtype = getattr(torch, str(o["dtype"]), None)
         if not isinstance(dtype, torch.dtype):
             raise OptionError(f"Expected dtype float32|bfloat16|float16, got {o['dtype']!r}.")

@@ -42,7 +42,12 @@ from featurecache.pipelines.model_loading import (
     ModelLoadError,
     load_pretrained,
 )
-from featurecache.pipelines.training.students.base import ACTION_DIM, Student, StudentOutput
+from featurecache.pipelines.training.students.base import (
+    ACTION_DIM,
+    Student,
+    StudentOutput,
+    merge_options,
+)
 
 __all__ = ["PI0_DEFAULTS", "HFPi0"]
 
@@ -68,12 +73,7 @@ class HFPi0(Student):
         self, path: str, *, seed: int = 0, trust_remote_code: bool = False, **options: Any
     ) -> None:
         super().__init__()
-        unknown = set(options) - set(PI0_DEFAULTS)
-        if unknown:
-            raise OptionError(
-                f"Expected hf-pi0 options among {sorted(PI0_DEFAULTS)}, got {sorted(unknown)}."
-            )
-        o = {**PI0_DEFAULTS, **options}
+        o = merge_options("hf-pi0", options, PI0_DEFAULTS)
         try:
             from transformers import AutoTokenizer, PI0ForConditionalGeneration
         except ImportError as err:  # transformers before pi0 landed

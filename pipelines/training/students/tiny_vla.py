@@ -43,6 +43,7 @@ from featurecache.pipelines.training.students.base import (
     StudentOutput,
     action_head,
     last_token_states,
+    merge_options,
 )
 
 STEM_STAGES = 4  # stride-2 stages: the grid is image_size / 2**4
@@ -83,13 +84,7 @@ class TinyVLA(Student):
 
     def __init__(self, *, seed: int = 0, **options: Any) -> None:
         super().__init__()
-        unknown = set(options) - set(TINY_VLA_DEFAULTS)
-        if unknown:
-            raise ValueError(
-                f"Unknown tiny-vla option(s) {sorted(unknown)}; expected some of "
-                f"{sorted(TINY_VLA_DEFAULTS)}."
-            )
-        o = {**TINY_VLA_DEFAULTS, **options}
+        o = merge_options("tiny-vla", options, TINY_VLA_DEFAULTS)
         patch = 2**STEM_STAGES
         if o["image_size"] % patch or o["image_size"] < patch:
             raise ValueError(

@@ -94,7 +94,7 @@ def test_tiny_vla_shapes_defaults_and_seeding() -> None:
     assert out.visual.shape == (3, 16, 64)
     with pytest.raises(ValueError, match="align-layer"):
         small.check_align_layer(3)
-    with pytest.raises(ValueError, match="Unknown tiny-vla option"):
+    with pytest.raises(ValueError, match="Expected tiny-vla options among"):
         load_student("tiny-vla", depth=3)
 
 
