@@ -8,6 +8,7 @@ option maps onto the `BuildConfig` field of its name (`--quiet`: not `progress`)
 from __future__ import annotations
 
 from dataclasses import MISSING, fields
+from inspect import Parameter, signature
 from typing import get_args
 
 import click
@@ -15,10 +16,17 @@ import click
 from featurecache.format import CODECS
 from featurecache.pipelines.build.config import BuildConfig, OnBadFrame
 from featurecache.pipelines.demo.config import SPLITS
+from featurecache.pipelines.demo.sample_data import write_sample_data
 
 # Every build option's default is its BuildConfig field's (one place for them; the config
 # module imports no torch, so `featurecache --help` stays fast).
 DEFAULTS = {f.name: f.default for f in fields(BuildConfig) if f.default is not MISSING}
+# sample-data's defaults are write_sample_data's (numpy + PIL only: no torch).
+SAMPLE_DEFAULTS = {
+    name: p.default
+    for name, p in signature(write_sample_data).parameters.items()
+    if p.default is not Parameter.empty
+}
 
 
 @click.command("sample-data")
@@ -30,21 +38,21 @@ DEFAULTS = {f.name: f.default for f in fields(BuildConfig) if f.default is not M
 @click.option(
     "--image-size",
     type=click.IntRange(min=16),
-    default=224,
+    default=SAMPLE_DEFAULTS["image_size"],
     show_default=True,
     help="Square frame size in pixels.",
 )
 @click.option(
     "--seed",
     type=int,
-    default=0,
+    default=SAMPLE_DEFAULTS["seed"],
     show_default=True,
     help="Episodes are a pure function of (seed, split, episode index).",
 )
 @click.option(
     "--split",
     type=click.Choice(SPLITS),
-    default="train",
+    default=SAMPLE_DEFAULTS["split"],
     show_default=True,
     help="train; or an OOD split: unseen table textures/backgrounds (ood-vision), unseen "
     "object colours/shapes named in the instruction (ood-semantic), unseen object "
@@ -53,7 +61,7 @@ DEFAULTS = {f.name: f.default for f in fields(BuildConfig) if f.default is not M
 @click.option(
     "--frames-per-episode",
     type=click.IntRange(min=1),
-    default=12,
+    default=SAMPLE_DEFAULTS["frames_per_episode"],
     show_default=True,
     help="Steps rendered per episode (a pick-and-place takes 8-11).",
 )
@@ -80,8 +88,6 @@ def sample_data(
       featurecache sample-data data/train --frames 1200 --shard-size 200
       featurecache sample-data data/ood-vision --frames 240 --shard-size 120 --split ood-vision
     """
-    from featurecache.pipelines.demo.sample_data import write_sample_data
-
     paths = write_sample_data(
         out,
         frames=frames,
