@@ -6,7 +6,8 @@ and keys repeated across the input (naming both shards), checks that the output 
 empty folder or a cache, loads the teacher on the driver's CPU (an unknown spec or a layer out of
 range fails here) and returns the cache spec and block plan: one block per input shard, aligned
 to Zarr shards (`featurecache.manifest.plan_blocks`). With cameras, every teacher layer is cached
-once per camera, as cache layer `<camera>/<layer>` (`featurecache.format.camera_layer`).
+once per camera, as cache layer `<camera>/<layer>` (`featurecache.format.camera_layer`). Layer
+sizes are measured on the first decodable frame of the first shard (`probe_frame`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from featurecache.completion import load_state
 from featurecache.errors import NotACacheError
@@ -27,6 +30,7 @@ from featurecache.lease import holds_only_leases
 from featurecache.manifest import Block, plan_blocks
 from featurecache.pipelines.build.config import BuildConfig, BuildError
 from featurecache.pipelines.build.frames import FrameShard, TarShard, shards_from_frames
+from featurecache.samples import BadFrameError
 from featurecache.spec import CacheSpec, LayerSpec
 from featurecache.store import open_store
 
@@ -35,10 +39,12 @@ __all__ = [
     "cache_layers",
     "load_build_teacher",
     "prepare_build",
+    "probe_frame",
     "scan_shards",
 ]
 
 SCAN_THREADS = 16  # tar shards whose keys the plan lists at once
+PROBE_TRIES = 16  # frames of the first shard tried for the layer-size probe
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,26 @@ def cache_layers(teacher_layers: Sequence[LayerSpec], cameras: Sequence[str]) ->
     ]
 
 
+def probe_frame(shard: FrameShard, cameras: Sequence[str]) -> Image.Image | None:
+    """The first image (first camera) of the first of `shard`'s first PROBE_TRIES frames that
+    decodes: what the teacher's layer sizes are measured on, because some families' token counts
+    follow the frame's size and aspect ratio (SigLIP2 NaFlex, Qwen2-VL, Idefics3, ...). None when
+    none decodes (the teacher then measures a blank square probe; the bad frames fail or are
+    skipped in their block as usual)."""
+    frames = shard.iter_frames()
+    try:
+        for _, (key, raw) in zip(range(PROBE_TRIES), frames, strict=False):
+            try:
+                return shard.images(raw, key, cameras)[0]
+            except BadFrameError:
+                continue
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()  # a generator over a tar (or a store object's stream): release it now
+    return None
+
+
 def prepare_build(config: BuildConfig, teacher: Any | None = None) -> tuple[BuildPlan, Any]:
     """Check everything and plan the build; returns (plan, the teacher loaded on the CPU)."""
     shards = shards_from_frames(config.frames)
@@ -140,8 +166,9 @@ def prepare_build(config: BuildConfig, teacher: Any | None = None) -> tuple[Buil
     counted = scan_shards(shards)
     if teacher is None:
         teacher = load_build_teacher(config, "cpu")
+    probe = probe_frame(counted[0][0], config.camera_names)
     spec = CacheSpec(
-        layers=tuple(cache_layers(teacher.layer_specs(), config.camera_names)),
+        layers=tuple(cache_layers(teacher.layer_specs(probe), config.camera_names)),
         codec=config.codec,
         shard_rows=config.shard_rows,
         fingerprint=teacher.fingerprint(),

@@ -17,6 +17,7 @@ from PIL import Image
 from featurecache import open_cache
 from featurecache.errors import RemoteCodeError
 from featurecache.pipelines.build.config import BuildConfig
+from featurecache.pipelines.build.frames import IterableShard
 from featurecache.pipelines.build.precompute import build_cache
 from featurecache.pipelines.build.teachers import UnknownTeacherError, load_teacher
 from featurecache.pipelines.demo.sample_data import write_sample_data
@@ -277,3 +278,36 @@ def test_plugin_protocol_violations_are_named(tmp_path: Path) -> None:
         load_teacher(f"py:{module}:nope", ["a"])
     with pytest.raises(UnknownTeacherError, match="importable"):
         load_teacher("py:no_such_featurecache_plugin:make", ["a"])
+
+
+def test_layer_sizes_are_measured_on_a_real_frame(tmp_path: Path) -> None:
+    """NaFlex's token count follows the frame's aspect ratio: the build measures layer sizes on
+    the first real frame (a blank square probe would plan 16 tokens for these 64x32 frames and
+    the write would fail), and the cache equals the model on the processor's own inputs."""
+    torch.set_num_threads(1)
+    path = save_tiny_teacher("siglip2", tmp_path / "s2")
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    keys = [f"wide-{i}" for i in range(3)]
+    config = BuildConfig(
+        frames=[IterableShard(list(zip(keys, images, strict=True)), name="wide")],
+        teacher=f"hf:{path}",
+        layers=["2"],
+        out=tmp_path / "cache",
+        codec="fp16",
+        local=True,
+        workers=1,
+        progress=False,
+    )
+    build_cache(config)
+    inputs = transformers.AutoImageProcessor.from_pretrained(path)(images, return_tensors="pt")
+    n = int(inputs["pixel_attention_mask"][0].sum())
+    assert n != 16  # what the blank square probe measures
+    model = transformers.AutoModel.from_pretrained(path).eval().vision_model
+    with torch.inference_mode():
+        want = model(**inputs, output_hidden_states=True).hidden_states[2][:, :n]
+    cache = open_cache(tmp_path / "cache")
+    assert cache.spec.layers[0].tokens == n
+    torch.testing.assert_close(
+        cache.read(keys, "2").float(), want.half().float(), atol=2e-3, rtol=2e-3
+    )
