@@ -40,7 +40,7 @@ from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.targets import TargetSpec
 from featurecache.reader import open_cache
-from featurecache.samples import BadFrameError, expand_frame_paths
+from featurecache.samples import BadFrameError
 from featurecache.spec import CacheSpec, LayerSpec
 from featurecache.writer import create_cache
 
@@ -50,11 +50,6 @@ README = Path(__file__).resolve().parents[3] / "README.md"
 LAYER = LayerSpec("10", 16, 24, (4, 4))
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-@pytest.fixture(scope="module")
-def shards(sample_data_dir: Path) -> list[Path]:
-    return expand_frame_paths([str(sample_data_dir)])
 
 
 @pytest.fixture(scope="module", params=["int8", "fp16"])

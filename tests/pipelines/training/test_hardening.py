@@ -22,18 +22,12 @@ from safetensors.torch import load_file
 from featurecache.cli.main import main
 from featurecache.pipelines.training.alignment import AlignmentHead
 from featurecache.pipelines.training.config import TrainConfig
-from featurecache.samples import expand_frame_paths
 from featurecache.spec import LayerSpec
 
 from ._train_helpers import TINY_OPTIONS, all_keys, key_features, one_thread, write_cache
 
 LAYER = LayerSpec("10", 16, 24, (4, 4))
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
-
-
-@pytest.fixture(scope="module")
-def shards(sample_data_dir: Path) -> list[Path]:
-    return expand_frame_paths([str(sample_data_dir)])
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.metrics import read_metrics
 from featurecache.pipelines.training.students import load_student
 from featurecache.pipelines.training.students.pi0 import save_tiny_pi0
-from featurecache.samples import expand_frame_paths
 
 from ._train_helpers import TEACHER, TEACHER_LAYER, one_thread, teacher_features, write_cache
 
@@ -161,11 +160,6 @@ def test_options_are_checked(pi0_path) -> None:
 
 
 # --- pi0 in the training loop: a real cache from a real teacher forward ------------------------
-
-
-@pytest.fixture(scope="module")
-def shards(sample_data_dir):
-    return expand_frame_paths([str(sample_data_dir)])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 
 from featurecache.errors import UnknownKeyError
 from featurecache.pipelines.training.stream import StreamConfig, check_shards_per_rank, iter_batches
-from featurecache.samples import expand_frame_paths
 from featurecache.spec import LayerSpec
 
 from ._train_helpers import all_keys, key_features, key_vector, one_thread, write_cache
@@ -21,11 +20,6 @@ LAYER = LayerSpec("mid", 16, 24, (4, 4))
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def shards(sample_data_dir: Path) -> list[Path]:
-    return expand_frame_paths([str(sample_data_dir)])
 
 
 @pytest.fixture(scope="module", params=["fp16", "int8"])

@@ -44,11 +44,6 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def shards(sample_data_dir: Path) -> list[Path]:
-    return expand_frame_paths([str(sample_data_dir)])
-
-
-@pytest.fixture(scope="module")
 def teacher():
     from featurecache.pipelines.build.teachers import load_teacher
 
