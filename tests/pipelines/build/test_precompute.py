@@ -2,30 +2,23 @@
 iterables array for array, resume, dead workers, bad inputs.
 
 The fast Ray tests share one local Ray instance (module fixture; build_cache reuses a running Ray
-and leaves it running). The slow ones run the CLI in subprocesses: SIGKILL of the driver mid-build,
-and a two-node local cluster driven through --address.
+and leaves it running). The slow subprocess tests (driver SIGKILL, a two-node cluster) are in
+test_precompute_processes.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from featurecache import open_cache
-from featurecache.completion import CacheState, load_state
 from featurecache.errors import (
     FeatureCacheError,
     NotACacheError,
@@ -38,14 +31,8 @@ from featurecache.pipelines.build.config import BuildConfig, BuildError
 from featurecache.pipelines.build.precompute import IterableShard, build_cache
 from featurecache.pipelines.build.teachers import UnknownTeacherError, load_teacher
 from featurecache.samples import BadFrameError, FramesNotFoundError, decode_image, iter_samples
-from featurecache.store import open_store
 
-VENV_BIN = Path(sys.executable).parent
-
-
-def read_manifest(path) -> CacheState:
-    """The cache's state: spec, version and every block (plan + completion records)."""
-    return load_state(open_store(path))
+from ._build_helpers import assert_same_cache, cache_arrays, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -75,40 +62,6 @@ def _config(frames: Path | list, out: Path, **kw) -> BuildConfig:
     items = frames if isinstance(frames, list) else [frames]
     frames = [str(f) if isinstance(f, Path) else f for f in items]
     return BuildConfig(frames=frames, out=out, **base)
-
-
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of the cache, as plain zarr reads it (keys, features/*, scales/*)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*not recognized as a component")
-    group = zarr.open_group(str(path), mode="r")
-    out = {}
-    for name, array in group.arrays():
-        out[name] = array[...]
-    for sub in ("features", "scales"):
-        if sub in group:
-            for name, array in group[sub].arrays():
-                out[f"{sub}/{name}"] = array[...]
-    return out
-
-
-def _assert_same_cache(a: Path, b: Path, *, encoded: bool = True) -> None:
-    """Array for array equal; `encoded=False` when `b` was built from decoded images (Python
-    iterables): it has no source digests (zeros), so digests and block checksums differ."""
-    xa, xb = _arrays(a), _arrays(b)
-    assert sorted(xa) == sorted(xb)
-    for name in xa:
-        if name == "digests" and not encoded:
-            assert not xb[name].any()
-            continue
-        np.testing.assert_array_equal(xa[name], xb[name], err_msg=name)
-    ma, mb = read_manifest(a), read_manifest(b)
-    assert [(x.count, x.skipped, x.status) for x in ma.blocks] == [
-        (x.count, x.skipped, x.status) for x in mb.blocks
-    ]
-    if encoded:
-        assert [x.checksum for x in ma.blocks] == [x.checksum for x in mb.blocks]
 
 
 def _direct(teacher_spec: str, layers: list[str], frames_dir: Path) -> tuple[list, dict]:
@@ -166,10 +119,10 @@ def test_build_efficientnet_equals_direct_forward_and_resumes(
     got = cache.read(keys, "4")
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want["4"], atol=2e-3, rtol=2e-3)
-    before = _arrays(eff_cache)
+    before = cache_arrays(eff_cache)
     again = build_cache(_config(sample_data_dir, eff_cache, codec="fp16"))  # nothing left to do
     assert again.blocks_resumed == 3 and again.new_frames == 0 and again.frames == 48
-    after = _arrays(eff_cache)
+    after = cache_arrays(eff_cache)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert [b.done for b in read_manifest(eff_cache).blocks] == [True] * 3
 
@@ -179,7 +132,7 @@ def test_local_and_iterable_builds_equal_the_ray_build(
 ) -> None:
     local = build_cache(_config(sample_data_dir, tmp_path / "local", codec="fp16", local=True))
     assert local.local and local.workers == 1 and local.frames == 48
-    _assert_same_cache(eff_cache, tmp_path / "local")
+    assert_same_cache(eff_cache, tmp_path / "local")
     # the same frames as Python iterables: one list of (key, PIL image) per tar, and one
     # map-style dataset of (key, uint8 array); one block each, like the tars
     shards = []
@@ -192,7 +145,7 @@ def test_local_and_iterable_builds_equal_the_ray_build(
     for mode, out in ((True, "iter-local"), (False, "iter-ray")):
         summary = build_cache(_config(shards, tmp_path / out, codec="fp16", local=mode))
         assert summary.frames == 48 and summary.local == mode
-        _assert_same_cache(eff_cache, tmp_path / out, encoded=False)
+        assert_same_cache(eff_cache, tmp_path / out, encoded=False)
     assert read_manifest(tmp_path / "iter-ray").blocks[1].source == "iterable-000001"
     # a one-shot generator is refused (it would be read twice), keys with dots too
     with pytest.raises(FeatureCacheError, match="one-shot generator"):
@@ -227,7 +180,7 @@ def test_local_build_resumes_after_a_failure(
     last.write_bytes(good)
     summary = build_cache(_config(frames, tmp_path / "cache", codec="fp16", local=True))
     assert summary.blocks_resumed == 2 and summary.new_frames == 16
-    _assert_same_cache(eff_cache, tmp_path / "cache")
+    assert_same_cache(eff_cache, tmp_path / "cache")
 
 
 class _MapStyle:
@@ -272,7 +225,7 @@ def test_dead_worker_is_replaced_and_result_unchanged(
     summary = build_cache(_config(sample_data_dir, tmp_path / "faulty", codec="fp16"))
     assert marker.exists()  # the actor did die mid-block (after its first batch of block 1)
     assert summary.retries == 1 and summary.frames == 48
-    _assert_same_cache(eff_cache, tmp_path / "faulty")
+    assert_same_cache(eff_cache, tmp_path / "faulty")
 
 
 def test_bad_frames_fail_or_skip(ray_session: None, sample_data_dir: Path, tmp_path: Path) -> None:
@@ -386,133 +339,6 @@ def _dup(src: Path, dst: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(src.read_bytes())
     return dst
-
-
-# ---------------------------------------------------------------- slow: processes and clusters
-
-
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(VENV_BIN / "featurecache"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: we kill only what we started
-        **kw,
-    )
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_of_the_driver(
-    sample_data_dir: Path, tmp_path: Path, ray_temp_dir: str
-) -> None:
-    """Kill the whole build (driver + its local Ray) after the first block is done, rerun the
-    same command, and compare with an uninterrupted build array for array."""
-    common = [
-        str(sample_data_dir),
-        "--teacher",
-        "efficientnet-lite0@64",
-        "--layers",
-        "4",
-        "--batch-size",
-        "4",
-        "--shard-rows",
-        "8",
-        "--quiet",
-    ]
-    env = {**os.environ, "RAY_TMPDIR": ray_temp_dir}  # short: Unix socket paths are limited
-    clean = _cli("build", *common, "--out", str(tmp_path / "clean"), env=env)
-    assert clean.wait(timeout=300) == 0, clean.stdout.read()
-
-    out = tmp_path / "killed"
-    proc = _cli("build", *common, "--out", str(out), env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if (out / "zarr.json").exists() and any(b.done for b in read_manifest(out).blocks):
-            break
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = sum(b.done for b in read_manifest(out).blocks)
-    assert 1 <= done < 3, done  # killed mid-build
-    rerun = _cli("build", *common, "--out", str(out), env=env)
-    output = rerun.communicate(timeout=300)[0]
-    assert rerun.returncode == 0, output
-    assert f"({done} already done" in output
-    _assert_same_cache(tmp_path / "clean", out)
-
-
-@pytest.mark.slow
-def test_two_node_cluster_through_address(sample_data_dir: Path, tmp_path: Path) -> None:
-    """`ray start --head` + a second `ray start --address` (1 CPU each) on this machine; the
-    build connects with --address and runs 2 workers, which need 1 CPU each, so one per node.
-    Afterwards only our own cluster's processes are killed."""
-    import shutil
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = Path("/tmp") / f"fc2n{os.getpid()}"
-    ray = str(VENV_BIN / "ray")
-    # Ray >= 2.5x turns token auth on for `ray start --head`; a local test cluster opts out.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    address = f"127.0.0.1:{port}"
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    head = ["--head", "--port", str(port), "--temp-dir", str(temp), "--include-dashboard", "false"]
-    build = None
-    try:
-        for extra in (head, ["--address", address]):
-            started = subprocess.run(
-                [ray, "start", *extra, *common],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                start_new_session=True,
-                env=env,
-            )
-            assert started.returncode == 0, started.stdout + started.stderr
-        build = _cli(
-            *["build", str(sample_data_dir), "--teacher", "efficientnet-lite0@64"],
-            *["--layers", "4", "--batch-size", "8", "--shard-rows", "8", "--quiet"],
-            *["--address", address, "--workers", "2", "--out", str(tmp_path / "two")],
-            env=env,
-        )
-        output = build.communicate(timeout=300)[0]
-        assert build.returncode == 0, output
-        assert "48 frames in 3 blocks" in output and "2 Ray worker(s)" in output
-        assert open_cache(tmp_path / "two").keys[0] == "train-e00000-s000"
-    finally:
-        if build is not None and build.poll() is None:
-            os.killpg(build.pid, signal.SIGKILL)
-        _kill_ray_processes_under(temp)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _kill_ray_processes_under(temp: Path) -> None:
-    """Stop only the Ray processes of our own cluster: those whose command line names our unique
-    temp dir or that hold a file open under it (Ray's agents rename their process title). Never
-    `ray stop`, which would stop other users' Ray instances on this machine too."""
-    mine = []
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
-            continue
-        try:
-            hit = str(temp) in (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if not hit:
-                for fd in (pid_dir / "fd").iterdir():
-                    with contextlib.suppress(OSError):
-                        if os.readlink(fd).startswith(str(temp)):
-                            hit = True
-                            break
-        except OSError:
-            continue
-        if hit:
-            mine.append(int(pid_dir.name))
-    for pid in mine:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.gpu
