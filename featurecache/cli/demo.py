@@ -36,11 +36,11 @@ def demo(
     \b
     1. sample-data: plain-table train split, held-out train episodes, and the three OOD
        splits (vision: textured tables; semantic: unseen objects; execution: unseen positions)
-    2. build: an int8 cache of the real efficientnet-lite0 teacher at 112 px (7x7 grid)
+    2. build: an int8c cache of the real efficientnet-lite0 teacher at 112 px (7x7 grid)
     3. train tiny-vla twice per seed, same data: --lambda 0 (plain) and --lambda 0.2 (aligned),
        with no teacher in memory
     4. evaluate both on every split (action error over the live dims, against a constant
-       baseline) and probe the aligned layer (objects, colours, positions)
+       baseline) and probe the aligned layer (object colour/shape, positions)
     5. write OUT/report.md (success criteria, tables, cache, timings) and OUT/losses.png
 
     About 10-12 minutes of CPU time at the default sizes (one seed); --full about 30.

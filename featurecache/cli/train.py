@@ -35,6 +35,7 @@ OPTION_TO_FIELD = {
     "align_layer": "align_layer",
     "lambda_align": "lambda_align",
     "loss": "loss",
+    "action_dims": "action_dims",
     "steps": "steps",
     "batch_size": "batch_size",
     "lr": "lr",
@@ -61,6 +62,17 @@ OPTION_TO_FIELD = {
     "wandb_project": "wandb_project",
     "trust_remote_code": "trust_remote_code",
 }
+
+
+def _indices(value: str, option: str) -> tuple[int, ...]:
+    """ "0,1,2" -> (0, 1, 2); BadParameter naming `option` for anything but integers."""
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"Expected comma-separated integers (e.g. 0,1,2,5,6), got {value!r}.",
+            param_hint=option,
+        ) from None
 
 
 def _student_options(values: tuple[str, ...]) -> dict[str, Any]:
@@ -197,6 +209,13 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     help="Action loss (hf-pi0 trains with its own flow-matching loss instead).",
 )
 @click.option(
+    "--action-dims",
+    metavar="I,J,...",
+    default=",".join(map(str, DEFAULTS["action_dims"])),
+    help="Action dimensions the action loss covers (indices into action.npy, e.g. 0,1,2,5,6 "
+    "when roll and pitch never move). Default: all.",
+)
+@click.option(
     "--steps",
     type=int,
     default=DEFAULTS["steps"],
@@ -322,6 +341,7 @@ def train(frames: tuple[str, ...], student_option: tuple[str, ...], **options: A
 
     # a bad value raises OptionError naming the option: the CLI's handler prints it (status 2)
     options["cameras"] = tuple(c.strip() for c in options["cameras"].split(",") if c.strip())
+    options["action_dims"] = _indices(options["action_dims"], "--action-dims")
     config = TrainConfig(frames=frames, student_options=_student_options(student_option), **options)
     summary = run_training(config)  # under torchrun, the process group lives inside this call
     if summary and not _is_worker():

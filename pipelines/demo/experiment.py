@@ -1,14 +1,15 @@
 """The paper's experiment in miniature (`featurecache demo`), end to end, on built-in data.
 
     1. sample-data  train (plain tables) + held-out train episodes + the three OOD splits
-    2. build        an int8 cache of a real ImageNet-pretrained teacher (efficientnet-lite0 at
-                    112 px, block 10: a 7x7 grid like tiny-vla's); in-process, or a local
-                    Ray job with workers > 1
+    2. build        an int8c cache (the default codec) of a real ImageNet-pretrained teacher
+                    (efficientnet-lite0 at 112 px, block 10: a 7x7 grid like tiny-vla's);
+                    in-process, or a local Ray job with workers > 1
     3. train        tiny-vla twice per seed, same data: lambda 0 (plain) and lambda 0.2 (aligned);
                     no teacher in the training process, targets come from the cache
     4. evaluate     (b) action error on every split over the live action dims; the alignment
-                    cosine reached; (a) linear probes of the aligned layer (objects, colours,
-                    positions) after fine-tuning, beside the random-init student and the teacher
+                    cosine reached; (a) linear probes of the aligned layer (object colour and
+                    shape at their cells, positions) after fine-tuning, beside the random-init
+                    student and the teacher
     5. report       OUT/report.md (tables, success criteria, cache, timings), OUT/losses.png,
                     OUT/report.json
 
@@ -97,7 +98,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoRepo
         summary = build_cache(
             BuildConfig(
                 frames=[str(data["train"])], teacher=teacher_spec(config), out=cache,
-                layers=[TEACHER_LAYER], codec="int8", workers=config.workers, overwrite=True,
+                layers=[TEACHER_LAYER], workers=config.workers, overwrite=True,
                 progress=config.progress,
             )
         )  # fmt: skip
@@ -199,9 +200,9 @@ def _train_config(
     return TrainConfig(
         frames=(str(frames),), out=str(run), cache=str(cache), student="tiny-vla",
         student_options={"image_size": config.image_size}, teacher_layer=TEACHER_LAYER,
-        lambda_align=lam, loss="mse", lr=config.lr, warmup_steps=config.warmup_steps,
-        steps=config.steps, batch_size=config.batch_size, seed=seed, progress=config.progress,
-        resume=False,
+        lambda_align=lam, loss="mse", action_dims=LIVE_ACTION_DIMS, lr=config.lr,
+        warmup_steps=config.warmup_steps, steps=config.steps, batch_size=config.batch_size,
+        seed=seed, progress=config.progress, resume=False,
     )  # fmt: skip
 
 

@@ -120,6 +120,13 @@ def _background(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarr
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def image_fraction(xy: tuple[float, float] | np.ndarray) -> tuple[float, float]:
+    """Table units -> (x, y) as fractions of the image's width and height (any image size; the
+    geometry of `Canvas.px` without its pixel rounding of the wall band)."""
+    m = _MARGIN
+    return (m + float(xy[0]) * (1 - 2 * m), _BAND + m + float(xy[1]) * (1 - _BAND - 2 * m))
+
+
 class Canvas:
     """Maps table units to pixels for one image size and draws scene parts."""
 

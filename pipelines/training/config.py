@@ -143,6 +143,9 @@ class TrainConfig:
     """Weight of the alignment loss; 0 trains the plain action-only baseline."""
     loss: Literal["l1", "mse"] = "l1"
     """Action loss of students that have none of their own (pi0 trains with its flow matching)."""
+    action_dims: tuple[int, ...] = ()
+    """Action dimensions the action loss covers (indices into action.npy's last axis, e.g. the
+    five that move when roll and pitch are always 0); empty: all of them."""
     steps: int = 300
     """Optimizer steps in total (a resumed run continues up to this count)."""
     batch_size: int = 16
@@ -203,6 +206,14 @@ class TrainConfig:
             self.frames = (self.frames,)
         self.frames = tuple(str(f) for f in self.frames)
         self.cameras = tuple(str(c) for c in self.cameras)
+        self.action_dims = tuple(self.action_dims)
+        if len(set(self.action_dims)) != len(self.action_dims) or not all(
+            isinstance(d, int) and d >= 0 for d in self.action_dims
+        ):
+            raise OptionError(
+                f"Expected --action-dims to name distinct action indices >= 0, got "
+                f"{list(self.action_dims)}."
+            )
         if len(set(self.cameras)) != len(self.cameras) or not all(self.cameras):
             raise OptionError(
                 f"Expected --cameras to name distinct, non-empty cameras, got {list(self.cameras)}."
@@ -301,5 +312,5 @@ class TrainConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        tuples = ("frames", "cameras")
+        tuples = ("frames", "cameras", "action_dims")
         return cls(**{k: (tuple(v) if k in tuples else v) for k, v in data.items() if k in known})

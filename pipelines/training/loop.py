@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featurecache.errors import OptionError
 from featurecache.pipelines.training.alignment import AlignmentTargets
 from featurecache.pipelines.training.cameras import (
     camera_target_spec,
@@ -71,7 +72,7 @@ from featurecache.pipelines.training.stream import (
 )
 from featurecache.pipelines.training.students import load_student, parameter_counts
 from featurecache.pipelines.training.students.base import ACTION_DIM
-from featurecache.pipelines.training.students.loader import takes_action_dim
+from featurecache.pipelines.training.students.loader import parse_student_spec, takes_action_dim
 from featurecache.pipelines.training.students.tiny_vla import TinyVLA
 from featurecache.pipelines.training.targets import cache_target_spec, teacher_target_spec
 from featurecache.reader import open_cache
@@ -171,6 +172,23 @@ def _with_action_dim(config: TrainConfig, shards: list[Path]) -> TrainConfig:
     return replace(config, student_options={**config.student_options, "action_dim": width})
 
 
+def _check_action_dims(config: TrainConfig) -> None:
+    """Refuse --action-dims past the action width, or for a student with its own action loss."""
+    if not config.action_dims:
+        return
+    if parse_student_spec(config.student)[0] == "hf-pi0":
+        raise OptionError(
+            "Expected no --action-dims for hf-pi0: it trains with its own flow-matching loss "
+            "over every dim of its chunk."
+        )
+    width = int(config.student_options.get("action_dim", ACTION_DIM))
+    if max(config.action_dims) >= width:
+        raise OptionError(
+            f"Expected --action-dims below the frames' action width {width}, got "
+            f"{list(config.action_dims)}."
+        )
+
+
 def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
     rank, world, device = dist.rank, dist.world, dist.device
     if config.wandb and rank == 0:
@@ -179,6 +197,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
     shards = expand_frame_paths(config.frames)
     check_shards_per_rank(shards, world, config.num_workers)
     config = with_camera_option(_with_action_dim(config, shards))
+    _check_action_dims(config)
     if (run / CHECKPOINT_DIR).exists() and not config.resume:
         raise RunExistsError(
             f"Expected --out to name a new run folder, got {run}, which holds a run: pass "
@@ -275,6 +294,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
         }
 
     action_loss_fn = F.l1_loss if config.loss == "l1" else F.mse_loss
+    live = list(config.action_dims) or None  # columns of the action loss; None: all
     project = target is not None and config.lambda_align > 0
     bar = progress_bar(config.steps, step) if rank == 0 and config.progress else None
     last: dict[str, float] = {}
@@ -325,7 +345,9 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
                 images, batch.instructions, goal, actions=actions, meta=batch.meta
             )
             action_loss = out.action_loss
-            if action_loss is None:
+            if action_loss is None and live is not None:  # --action-dims: those columns only
+                action_loss = action_loss_fn(out.actions[:, live], actions[:, live])
+            elif action_loss is None:
                 action_loss = action_loss_fn(out.actions, actions)
             if weighted is not None:
                 loss = action_loss + weighted

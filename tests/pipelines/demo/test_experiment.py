@@ -62,7 +62,7 @@ def test_demo_writes_report_plot_and_table(demo_run: tuple[Path, DemoReport]) ->
     assert set(report.errors) == {"plain", "aligned"} and set(report.errors["plain"]) == splits
     assert set(report.baseline) == splits and all(b > 0 for b in report.baseline.values())
     assert set(report.probe) == {"plain", "aligned", "random init"}
-    assert report.cache["codec"] == "int8" and report.cache["blocks_done"] >= 1
+    assert report.cache["codec"] == "int8c" and report.cache["blocks_done"] >= 1
     assert -1.0 <= report.align_cosine["aligned"][0] <= 1.0
 
 
