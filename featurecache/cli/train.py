@@ -40,6 +40,7 @@ OPTION_TO_FIELD = {
     "batch_size": "batch_size",
     "lr": "lr",
     "warmup_steps": "warmup_steps",
+    "lr_schedule": "lr_schedule",
     "weight_decay": "weight_decay",
     "grad_clip": "grad_clip",
     "seed": "seed",
@@ -237,6 +238,13 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     help="AdamW learning rate (constant after the warm-up).",
 )
 @click.option("--warmup-steps", type=int, default=DEFAULTS["warmup_steps"], show_default=True)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cosine"]),
+    default=DEFAULTS["lr_schedule"],
+    show_default=True,
+    help="After the warmup: a constant --lr, or a half cosine from --lr down to 0 at --steps.",
+)
 @click.option("--weight-decay", type=float, default=DEFAULTS["weight_decay"], show_default=True)
 @click.option(
     "--grad-clip", type=float, default=DEFAULTS["grad_clip"], show_default=True, help="0 = off."

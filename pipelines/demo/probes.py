@@ -10,9 +10,10 @@ episode is on both sides):
   (4 train colours, chance 0.25) or shape (3 train shapes, chance 1/3); multinomial logistic
   regression, balanced accuracy. Objects under or in the gripper (centre within OCCLUDED table
   units of it) are left out: their cell shows the gripper. The named target is where it is now
-  (`positions.target`: it moves once grasped), the others where they were placed. A per-cell probe, because presence
-  anywhere on the table is not linear in a token grid: a presence probe on mean-pooled tokens
-  stayed at chance even for raw pixels (0.50 objects, 0.57 colours on 7x7 RGB means).
+  (`positions.target`: it moves once grasped), the others where they were placed. A per-cell
+  probe, because presence anywhere on the table is not linear in a token grid: a presence probe
+  on mean-pooled tokens stayed at chance even for raw pixels (0.50 objects, 0.57 colours on 7x7
+  RGB means).
 - `gripper xy`, `plate xy`: ridge regression of the gripper's / the plate's table xy from the
   flattened token grid, held-out R^2 (0 = no better than the mean position).
 

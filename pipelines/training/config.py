@@ -54,6 +54,15 @@ class LoraSettings:
         """alpha, with the released default min(rank, 16) filled in."""
         return float(min(self.rank, 16) if self.alpha is None else self.alpha)
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based): a linear warmup over
+        warmup_steps, then `lr` (constant) or a half cosine from `lr` down to 0 at `steps`."""
+        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.lr_schedule == "constant" or step < self.warmup_steps:
+            return self.lr * warm
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -151,9 +160,11 @@ class TrainConfig:
     batch_size: int = 16
     """Samples per step and rank."""
     lr: float = 3e-4
-    """AdamW learning rate (constant after warmup)."""
+    """AdamW learning rate after the warmup (the peak, with a cosine schedule)."""
     warmup_steps: int = 10
     """Linear learning-rate warmup from 0."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After the warmup: keep `lr`, or decay it to 0 by `steps` along a half cosine."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -239,6 +250,7 @@ class TrainConfig:
             ("num_workers", self.num_workers >= 0, ">= 0"),
             ("shuffle_buffer", self.shuffle_buffer >= 1, ">= 1"),
             ("loss", self.loss in ("l1", "mse"), "l1|mse"),
+            ("lr_schedule", self.lr_schedule in ("constant", "cosine"), "constant|cosine"),
             ("on_missing", self.on_missing in ("error", "skip"), "error|skip"),
             ("on_mismatch", self.on_mismatch in ("error", "skip"), "error|skip"),
             ("align_layer", self.align_layer is None or self.align_layer >= 0, ">= 0"),
@@ -305,6 +317,15 @@ class TrainConfig:
             dropout=self.lora_dropout,
             targets=self.lora_targets,
         )
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based): a linear warmup over
+        warmup_steps, then `lr` (constant) or a half cosine from `lr` down to 0 at `steps`."""
+        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.lr_schedule == "constant" or step < self.warmup_steps:
+            return self.lr * warm
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

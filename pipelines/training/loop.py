@@ -331,7 +331,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             images = batch.images.to(device, non_blocking=True)  # (B, [C,] 3, S, S)
             actions = batch.actions.to(device, non_blocking=True)  # (B, 7)
 
-            lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            lr = config.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             goal: Any = None

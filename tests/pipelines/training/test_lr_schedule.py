@@ -1,0 +1,48 @@
+"""`--lr-schedule`: the learning rate of every step, against the formula written out here, and
+the run's optimizer actually using it (metrics.jsonl logs the lr of each step)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from featurecache.errors import OptionError
+from featurecache.pipelines.training.config import TrainConfig
+from featurecache.pipelines.training.loop import train
+from featurecache.pipelines.training.metrics import read_metrics
+
+from ._train_helpers import TINY_OPTIONS
+
+
+def _config(**kw) -> TrainConfig:
+    return TrainConfig(frames=("x",), out="o", lambda_align=0, **kw)
+
+
+def test_cosine_schedule_values() -> None:
+    c = _config(lr=1e-3, warmup_steps=10, steps=110, lr_schedule="cosine")
+    lrs = [c.lr_at(s) for s in range(110)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert lrs[10] == pytest.approx(1e-3)  # the peak, right after the warmup
+    assert lrs[60] == pytest.approx(0.5e-3)  # half way through the decay
+    for s in range(10, 110):
+        assert lrs[s] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 100)))
+    assert all(a > b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 1e-6
+    constant = _config(lr=1e-3, warmup_steps=10, steps=110)
+    assert [constant.lr_at(s) for s in (9, 10, 109)] == pytest.approx([1e-3] * 3)
+    with pytest.raises(OptionError, match="--lr-schedule constant\\|cosine"):
+        _config(lr_schedule="linear")
+
+
+def test_the_run_uses_the_schedule(shards, tmp_path) -> None:
+    torch.set_num_threads(1)
+    config = TrainConfig(
+        frames=(str(shards[0]),), out=str(tmp_path / "r"), student_options=TINY_OPTIONS,
+        lambda_align=0.0, steps=6, warmup_steps=2, lr=1e-3, lr_schedule="cosine", batch_size=8,
+        shuffle_buffer=16, progress=False, plot=False, tensorboard=False,
+    )  # fmt: skip
+    train(config)
+    logged = [r["lr"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")]
+    assert logged == pytest.approx([config.lr_at(s) for s in range(6)])
