@@ -201,8 +201,8 @@ def _train_config(
         frames=(str(frames),), out=str(run), cache=str(cache), student="tiny-vla",
         student_options={"image_size": config.image_size}, teacher_layer=TEACHER_LAYER,
         lambda_align=lam, loss="mse", action_dims=LIVE_ACTION_DIMS, lr=config.lr,
-        warmup_steps=config.warmup_steps, steps=config.steps, batch_size=config.batch_size,
-        seed=seed, progress=config.progress, resume=False,
+        warmup_steps=config.warmup_steps, lr_schedule=config.lr_schedule, steps=config.steps,
+        batch_size=config.batch_size, seed=seed, progress=config.progress, resume=False,
     )  # fmt: skip
 
 

@@ -157,8 +157,9 @@ def format_report(report: DemoReport, *, teacher: str) -> str:
 
 Miniature of "Don't Blind Your VLA" (PAPER.md). tiny-vla (conv stem, 2-layer 128-wide Llama
 decoder) fine-tuned on {cfg["train_frames"]} frames ({cfg["frames_per_episode"]} per episode) of
-procedural pick-and-place on plain tables for {cfg["steps"]} steps (batch {cfg["batch_size"]}, MSE,
-lr {cfg["lr"]} after {cfg["warmup_steps"]} warm-up steps), plain (lambda 0) against aligned
+procedural pick-and-place on plain tables for {cfg["steps"]} steps (batch {cfg["batch_size"]}, MSE
+over the live dims, lr {cfg["lr"]} after {cfg["warmup_steps"]} warm-up steps, {cfg["lr_schedule"]}
+schedule), plain (lambda 0) against aligned
 (lambda {cfg["lambda_align"]}: the middle layer's visual tokens pulled towards the cached
 {teacher} features), seeds {list(cfg["seeds"])}. With several seeds: mean ± standard deviation.
 
