@@ -43,7 +43,8 @@ def demo(
        baseline) and probe the aligned layer (object colour/shape, positions)
     5. write OUT/report.md (success criteria, tables, cache, timings) and OUT/losses.png
 
-    About 10-12 minutes of CPU time at the default sizes (one seed); --full about 30.
+    About 8 minutes on 2 CPU cores at the default sizes (one seed); --full (seeds 0, 1, 2)
+    about three times the training and evaluation.
     """
     from featurecache.pipelines.demo.experiment import run_demo  # torch, Ray: only when run
 

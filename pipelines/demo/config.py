@@ -16,8 +16,9 @@ SPLITS: tuple[str, ...] = ("train", "ood-vision", "ood-semantic", "ood-execution
 
 @dataclass(kw_only=True, slots=True)
 class DemoConfig:
-    """Sizes of the miniature experiment. The defaults (one seed) cost 10-12 minutes of CPU time
-    in one thread (measured: 595-693 s, README); `full()` three seeds, about 30 minutes."""
+    """Sizes of the miniature experiment. The defaults (one seed) took 8 min wall on 2 quiet CPU
+    cores (843 s of CPU: two runs trained at once, README); `full()` three seeds, about three
+    times the training and evaluation."""
 
     out: str = "demo-out"
     """The demo folder: data/, cache.zarr, runs/, report.md, losses.png, report.json."""

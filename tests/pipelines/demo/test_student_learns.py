@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featurecache.pipelines.demo.config import DemoConfig
 from featurecache.pipelines.demo.experiment import action_array, live_errors
 from featurecache.pipelines.demo.sample_data import LIVE_ACTION_DIMS
 from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.evaluate import evaluate_run
 from featurecache.pipelines.training.loop import train
 
+DEMO = DemoConfig()  # the demo's recipe: MSE over the live dims, its lr and schedule
 SMALL = {"image_size": 64, "stem_width": 8, "hidden_size": 64, "num_layers": 2, "num_heads": 2}
 
 
@@ -28,8 +30,9 @@ def test_tiny_vla_beats_the_constant_baseline(sample_data_dir: Path, tmp_path: P
     train(
         TrainConfig(
             frames=(str(sample_data_dir),), out=str(run), student_options=SMALL,
-            lambda_align=0.0, loss="mse", lr=1e-3, warmup_steps=20, steps=150, batch_size=16,
-            seed=0, progress=False, plot=False,
+            lambda_align=0.0, loss="mse", action_dims=LIVE_ACTION_DIMS, lr=DEMO.lr,
+            warmup_steps=20, lr_schedule=DEMO.lr_schedule, steps=150, batch_size=16, seed=0,
+            progress=False, plot=False,
         )
     )  # fmt: skip
     actions = action_array(sample_data_dir)  # (48, 7)
