@@ -235,7 +235,7 @@ RUN gets config.json, metrics.jsonl (a line per step), checkpoint/, losses.png, 
     type=float,
     default=DEFAULTS["lr"],
     show_default=True,
-    help="AdamW learning rate (constant after the warm-up).",
+    help="AdamW learning rate after the warm-up (its peak with --lr-schedule cosine).",
 )
 @click.option("--warmup-steps", type=int, default=DEFAULTS["warmup_steps"], show_default=True)
 @click.option(

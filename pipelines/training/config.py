@@ -54,15 +54,6 @@ class LoraSettings:
         """alpha, with the released default min(rank, 16) filled in."""
         return float(min(self.rank, 16) if self.alpha is None else self.alpha)
 
-    def lr_at(self, step: int) -> float:
-        """The learning rate of optimizer step `step` (0-based): a linear warmup over
-        warmup_steps, then `lr` (constant) or a half cosine from `lr` down to 0 at `steps`."""
-        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
-        if self.lr_schedule == "constant" or step < self.warmup_steps:
-            return self.lr * warm
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
