@@ -28,8 +28,19 @@ _FULL = DemoConfig.full()
     help=f"Frames of the train split (default {_DEFAULT.train_frames}).",
 )
 @click.option("--seeds", type=str, help="Comma-separated seeds, one plain+aligned pair each.")
+@click.option(
+    "lambda_align",
+    "--lambda",
+    type=float,
+    help=f"Alignment weight of the aligned run (default {_DEFAULT.lambda_align}, the paper's).",
+)
 def demo(
-    out: str, full: bool, steps: int | None, train_frames: int | None, seeds: str | None
+    out: str,
+    full: bool,
+    steps: int | None,
+    train_frames: int | None,
+    seeds: str | None,
+    lambda_align: float | None,
 ) -> None:
     """Run the paper's experiment in miniature, end to end, into OUT (default: demo-out).
 
@@ -54,6 +65,8 @@ def demo(
         overrides["steps"] = steps
     if train_frames is not None:
         overrides["train_frames"] = train_frames
+    if lambda_align is not None:
+        overrides["lambda_align"] = lambda_align
     if seeds is not None:
         try:
             overrides["seeds"] = tuple(int(s) for s in seeds.split(",") if s.strip())

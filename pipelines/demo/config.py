@@ -63,6 +63,10 @@ class DemoConfig:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"The `{name}` should be >= 1. Found {getattr(self, name)}.")
+        if not (0 < self.lambda_align < float("inf")):  # the aligned run must align
+            raise ValueError(
+                f"The `lambda_align` should be a finite number > 0. Found {self.lambda_align}."
+            )
         if not self.seeds:
             raise ValueError("The `seeds` should name at least one seed. Found none.")
         local_path(self.out, "the demo folder OUT")  # UnsupportedURLError: never a folder s3:
