@@ -192,6 +192,9 @@ Held-out error per live dimension:
 
 {alignment_effect(report)}
 
+"Aligned better / worse" means the mean of the per-seed paired differences exceeds their standard
+deviation (a lenient rule, not a significance test); otherwise "within the spread".
+
 Alignment cosine reached by the aligned run(s) on the train split: {mean(cos) if cos else "n/a"}.
 
 ## Cache
