@@ -67,6 +67,10 @@ class DemoConfig:
             raise ValueError(
                 f"The `lambda_align` should be a finite number > 0. Found {self.lambda_align}."
             )
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"The `lr_schedule` should be 'constant' or 'cosine'. Found {self.lr_schedule!r}."
+            )
         if not self.seeds:
             raise ValueError("The `seeds` should name at least one seed. Found none.")
         local_path(self.out, "the demo folder OUT")  # UnsupportedURLError: never a folder s3:

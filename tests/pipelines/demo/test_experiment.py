@@ -94,3 +94,18 @@ def test_demo_baseline_is_the_train_median(demo_run: tuple[Path, DemoReport]) ->
     assert report.baseline["ood-semantic"] == pytest.approx(err, rel=1e-6)
     # The two runs differ (lambda 0 vs 0.2 on the same seed and data): not one copied number.
     assert report.errors["plain"]["ood-vision"] != report.errors["aligned"]["ood-vision"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("steps", 0, "`steps` should be >= 1"),
+        ("seeds", (), "at least one seed"),
+        ("lambda_align", 0.0, "finite number > 0"),
+        ("lambda_align", float("inf"), "finite number > 0"),
+        ("lr_schedule", "linear", "'constant' or 'cosine'"),
+    ],
+)
+def test_demo_config_refuses_bad_sizes(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**{field: value})
