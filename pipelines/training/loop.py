@@ -346,7 +346,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainSummary:
             )
             action_loss = out.action_loss
             if action_loss is None and live is not None:  # --action-dims: those columns only
-                action_loss = action_loss_fn(out.actions[:, live], actions[:, live])
+                action_loss = action_loss_fn(out.actions[..., live], actions[..., live])
             elif action_loss is None:
                 action_loss = action_loss_fn(out.actions, actions)
             if weighted is not None:
