@@ -17,6 +17,7 @@ import numpy as np
 
 from featurecache.codecs import calibrate_channel_scale
 from featurecache.manifest import plan_blocks
+from featurecache.pipelines.training.config import TrainConfig
 from featurecache.samples import decode_image, iter_samples
 from featurecache.spec import CacheSpec, LayerSpec
 from featurecache.writer import create_cache
@@ -34,6 +35,24 @@ TINY_OPTIONS: dict[str, Any] = {
 }
 TEACHER = "efficientnet-lite0@64"  # layer "10": stride 16 -> a 4x4 grid of 112-d tokens at 64 px
 TEACHER_LAYER = "10"
+
+
+def train_config(shards: Sequence[str | Path], out: str | Path, **overrides: Any) -> TrainConfig:
+    """A short, quiet tiny-vla run over `shards` into `out` (4 steps, batch 8, lambda 0.5 with a
+    32-wide projector, no plot); `overrides` replace any field."""
+    base: dict[str, Any] = {
+        "frames": tuple(str(s) for s in shards),
+        "out": str(out),
+        "student_options": TINY_OPTIONS,
+        "steps": 4,
+        "batch_size": 8,
+        "shuffle_buffer": 16,
+        "progress": False,
+        "plot": False,
+        "lambda_align": 0.5,
+        "projector_hidden": 32,
+    }
+    return TrainConfig(**(base | overrides))
 
 
 def key_vector(key: str, tokens: int, dim: int) -> np.ndarray:

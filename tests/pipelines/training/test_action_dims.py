@@ -23,7 +23,7 @@ from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.metrics import read_metrics
 
-from ._train_helpers import TINY_OPTIONS
+from ._train_helpers import train_config
 
 LIVE = (0, 1, 2, 5, 6)
 
@@ -55,11 +55,9 @@ def _rewrite_dead_columns(shards: list[Path], into: Path) -> list[Path]:
 
 
 def _run(shards: list[Path], out: Path, **kw) -> tuple[list[float], dict[str, torch.Tensor]]:
-    config = TrainConfig(
-        frames=tuple(str(s) for s in shards), out=str(out), student_options=TINY_OPTIONS,
-        lambda_align=0.0, loss="mse", steps=3, batch_size=8, shuffle_buffer=16,
-        progress=False, plot=False, tensorboard=False, **kw,
-    )  # fmt: skip
+    config = train_config(
+        shards, out, lambda_align=0.0, loss="mse", steps=3, tensorboard=False, **kw
+    )
     train(config)
     losses = [r["action_loss"] for r in read_metrics(out / "metrics.jsonl")]
     return losses, load_run(out).student.state_dict()

@@ -14,7 +14,7 @@ from featurecache.pipelines.training.config import TrainConfig
 from featurecache.pipelines.training.loop import train
 from featurecache.pipelines.training.metrics import read_metrics
 
-from ._train_helpers import TINY_OPTIONS
+from ._train_helpers import train_config
 
 
 def _config(**kw) -> TrainConfig:
@@ -38,10 +38,9 @@ def test_cosine_schedule_values() -> None:
 
 def test_the_run_uses_the_schedule(shards, tmp_path) -> None:
     torch.set_num_threads(1)
-    config = TrainConfig(
-        frames=(str(shards[0]),), out=str(tmp_path / "r"), student_options=TINY_OPTIONS,
-        lambda_align=0.0, steps=6, warmup_steps=2, lr=1e-3, lr_schedule="cosine", batch_size=8,
-        shuffle_buffer=16, progress=False, plot=False, tensorboard=False,
+    config = train_config(
+        shards[:1], tmp_path / "r", lambda_align=0.0, steps=6, warmup_steps=2, lr=1e-3,
+        lr_schedule="cosine", tensorboard=False,
     )  # fmt: skip
     train(config)
     logged = [r["lr"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")]

@@ -15,7 +15,14 @@ from featurecache.pipelines.training.metrics import read_metrics
 from featurecache.pipelines.training.students import load_student
 from featurecache.pipelines.training.students.pi0 import save_tiny_pi0
 
-from ._train_helpers import TEACHER, TEACHER_LAYER, one_thread, teacher_features, write_cache
+from ._train_helpers import (
+    TEACHER,
+    TEACHER_LAYER,
+    one_thread,
+    teacher_features,
+    train_config,
+    write_cache,
+)
 
 TEXTS = ["put the red cube on the plate", "pick up the green sphere"]
 
@@ -184,20 +191,8 @@ def caches(shards, tmp_path_factory) -> dict[str, Path]:
 
 
 def _config(pi0_path, shards, out, **kw) -> TrainConfig:
-    base = {
-        "frames": tuple(str(s) for s in shards),
-        "out": str(out),
-        "student": f"hf-pi0:{pi0_path}",
-        "student_options": {"state_key": "positions.gripper"},
-        "steps": 3,
-        "batch_size": 8,
-        "shuffle_buffer": 16,
-        "progress": False,
-        "plot": False,
-        "lambda_align": 0.5,
-        "projector_hidden": 32,
-    }
-    return TrainConfig(**(base | kw))
+    pi0 = {"student": f"hf-pi0:{pi0_path}", "student_options": {"state_key": "positions.gripper"}}
+    return train_config(shards, out, **(pi0 | {"steps": 3} | kw))
 
 
 def _losses(run: Path, name: str) -> torch.Tensor:

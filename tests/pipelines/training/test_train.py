@@ -34,6 +34,7 @@ from ._train_helpers import (
     key_features,
     one_thread,
     teacher_features,
+    train_config,
     write_cache,
 )
 
@@ -64,32 +65,16 @@ def caches(shards, teacher, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _config(shards, out, **kw) -> TrainConfig:
-    base = {
-        "frames": tuple(str(s) for s in shards),
-        "out": str(out),
-        "student_options": TINY_OPTIONS,
-        "steps": 4,
-        "batch_size": 8,
-        "shuffle_buffer": 16,
-        "progress": False,
-        "plot": False,
-        "lambda_align": 0.5,
-        "projector_hidden": 32,
-    }
-    return TrainConfig(**(base | kw))
-
-
 def _losses(run: Path, name: str) -> torch.Tensor:
     return torch.tensor([r[name] for r in read_metrics(run / "metrics.jsonl")])
 
 
 def test_cached_and_resident_teacher_give_the_same_losses(shards, caches, tmp_path) -> None:
     resident = tmp_path / "resident"
-    train(_config(shards, resident, resident_teacher=TEACHER, teacher_layer=TEACHER_LAYER))
+    train(train_config(shards, resident, resident_teacher=TEACHER, teacher_layer=TEACHER_LAYER))
     for codec, rtol in (("fp16", 2e-3), ("int8", 2e-2)):
         run = tmp_path / codec
-        summary = train(_config(shards, run, cache=str(caches[codec])))
+        summary = train(train_config(shards, run, cache=str(caches[codec])))
         assert summary.teacher_layer == TEACHER_LAYER and summary.steps == 4
         for part in ("action_loss", "align_loss"):
             torch.testing.assert_close(
@@ -100,10 +85,10 @@ def test_cached_and_resident_teacher_give_the_same_losses(shards, caches, tmp_pa
 
 def test_resume_matches_an_uninterrupted_run(shards, caches, tmp_path) -> None:
     kw = {"cache": str(caches["int8"]), "train_projector": True, "steps": 9, "batch_size": 12}
-    train(_config(shards, tmp_path / "full", **kw))
+    train(train_config(shards, tmp_path / "full", **kw))
     # stop after step 4 (the end of epoch 0: 48 frames / 12), then resume up to step 9
-    train(_config(shards, tmp_path / "cut2", **(kw | {"steps": 4})))
-    train(_config(shards, tmp_path / "cut2", **(kw | {"resume": True})))
+    train(train_config(shards, tmp_path / "cut2", **(kw | {"steps": 4})))
+    train(train_config(shards, tmp_path / "cut2", **(kw | {"resume": True})))
     for part in ("loss", "action_loss", "align_loss"):
         assert (
             _losses(tmp_path / "cut2", part).tolist() == _losses(tmp_path / "full", part).tolist()
@@ -118,9 +103,9 @@ def test_resume_matches_an_uninterrupted_run(shards, caches, tmp_path) -> None:
 
 
 def test_existing_run_needs_resume(shards, caches, tmp_path) -> None:
-    train(_config(shards, tmp_path / "r", cache=str(caches["fp16"]), steps=1))
+    train(train_config(shards, tmp_path / "r", cache=str(caches["fp16"]), steps=1))
     with pytest.raises(RunExistsError, match="--resume"):
-        train(_config(shards, tmp_path / "r", cache=str(caches["fp16"]), steps=2))
+        train(train_config(shards, tmp_path / "r", cache=str(caches["fp16"]), steps=2))
 
 
 def test_mismatched_caches_are_refused_before_the_first_step(shards, caches, tmp_path) -> None:
@@ -128,18 +113,18 @@ def test_mismatched_caches_are_refused_before_the_first_step(shards, caches, tmp
         tmp_path / "c7", shards[:1], [LayerSpec("x", 49, 16, (7, 7))], key_features("x", 49, 16)
     )
     with pytest.raises(ShapeMismatchError, match=r"16 tokens.*4x4.*got 49 tokens") as err:
-        train(_config(shards, tmp_path / "a", cache=str(seven)))
+        train(train_config(shards, tmp_path / "a", cache=str(seven)))
     assert "--resample" in str(err.value)
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
     with pytest.raises(UnknownLayerError, match=r"\['10'\].*'9'"):
-        train(_config(shards, tmp_path / "b", cache=str(caches["fp16"]), teacher_layer="9"))
+        train(train_config(shards, tmp_path / "b", cache=str(caches["fp16"]), teacher_layer="9"))
     # a resumed run whose cache (same path, rebuilt) has another width than its projector
     cache = tmp_path / "rebuilt"
     write_cache(cache, shards, [LayerSpec("10", 16, 112, (4, 4))], key_features("10", 16, 112))
-    train(_config(shards, tmp_path / "c", cache=str(cache), steps=1))
+    train(train_config(shards, tmp_path / "c", cache=str(cache), steps=1))
     write_cache(cache, shards, [LayerSpec("10", 16, 40, (4, 4))], key_features("10", 16, 40))
     with pytest.raises(SpecMismatchError, match=r"112.*40"):
-        train(_config(shards, tmp_path / "c", cache=str(cache), steps=2, resume=True))
+        train(train_config(shards, tmp_path / "c", cache=str(cache), steps=2, resume=True))
 
 
 def test_resample_resizes_the_target_grid(shards, tmp_path) -> None:
@@ -147,7 +132,7 @@ def test_resample_resizes_the_target_grid(shards, tmp_path) -> None:
         tmp_path / "c8", shards, [LayerSpec("x", 64, 16, (8, 8))], key_features("x", 64, 16),
         codec="int8",
     )  # fmt: skip
-    summary = train(_config(shards, tmp_path / "r", cache=str(eight), resample=True, steps=2))
+    summary = train(train_config(shards, tmp_path / "r", cache=str(eight), resample=True, steps=2))
     assert summary.target_grid == (8, 8) and summary.student_grid == (4, 4)
     assert (_losses(tmp_path / "r", "align_loss") > 0).all()
 
@@ -159,8 +144,10 @@ def test_missing_frames_error_or_skip(shards, tmp_path) -> None:
         drop_keys=dropped,
     )  # fmt: skip
     with pytest.raises(KeyError, match=dropped[0]):
-        train(_config(shards, tmp_path / "e", cache=str(holey), steps=6))
-    summary = train(_config(shards, tmp_path / "s", cache=str(holey), steps=6, on_missing="skip"))
+        train(train_config(shards, tmp_path / "e", cache=str(holey), steps=6))
+    summary = train(
+        train_config(shards, tmp_path / "s", cache=str(holey), steps=6, on_missing="skip")
+    )
     assert summary.missing == 2  # one epoch (48 frames, 6 x 8) read
 
 
@@ -179,7 +166,7 @@ def test_tiny_vla_learns_on_sample_data(shards, caches, tmp_path) -> None:
     """16 frames (one shard), full batches: the aligned student fits them (MSE; with L1 this
     small student sits at the per-dimension median for hundreds of steps)."""
     run = tmp_path / "learn"
-    config = _config(
+    config = train_config(
         shards[:1], run, cache=str(caches["int8"]), steps=64, batch_size=16, lr=1e-3,
         loss="mse", plot=True, lambda_align=0.2,
     )  # fmt: skip
