@@ -36,6 +36,7 @@ from featurecache.pipelines.precompute.teachers.base import (
     UnknownTeacherError,
     check_layers,
 )
+from featurecache.pipelines.precompute.teachers.device_preprocess import DevicePreprocess
 from featurecache.pipelines.precompute.teachers.hf_families import (
     RadioPreprocess,
     image_preprocessor,
@@ -123,8 +124,9 @@ class HFVisionTeacher(Teacher):
         return BatchFeature({k: v for k, v in out.items() if torch.is_tensor(v)})
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Inputs -> {layer: (B, h*w, D)} patch tokens of hidden_states[layer] / the output."""
-        inputs = dict(batch)
+        """Inputs (the processor's, or pixel_values from the device preprocessing) -> {layer:
+        (B, h*w, D)} patch tokens of hidden_states[layer] / the output."""
+        inputs = {"pixel_values": batch} if torch.is_tensor(batch) else dict(batch)
         if self.family.naflex:
             shapes = inputs["spatial_shapes"]
             if bool((shapes != shapes[0]).any()):
@@ -168,6 +170,15 @@ class HFVisionTeacher(Teacher):
         if self._grid_in is None:
             self([Image.new("RGB", (64, 64))])
         return self._grid_in
+
+    def _device_recipe(self) -> DevicePreprocess | None:
+        """RADIO's torch recipe, or the replay of a PIL-backend processor (OptionError naming a
+        setting it cannot replay); None for NaFlex (its patching stays on the host)."""
+        if self.family.naflex:
+            return None
+        if isinstance(self.processor, RadioPreprocess):
+            return self.processor.device_recipe()
+        return DevicePreprocess.from_image_processor(self.processor, where=self.spec)
 
     @property
     def _replays_processor(self) -> bool:
