@@ -175,7 +175,7 @@ def test_a_processor_outside_the_pil_backend_is_refused() -> None:
         def resize(self, image, size, resample=None, **kwargs):  # its own geometry
             return image
 
-    with pytest.raises(OptionError, match="Own .its own resize"):
+    with pytest.raises(OptionError, match=r"Own \(its own resize"):
         DevicePreprocess.from_image_processor(Own(size={"height": 8, "width": 8}), where="x")
 
 
