@@ -1,16 +1,17 @@
 """`--preprocess device`: every teacher kind's device replay against its host preprocessing, on
-real sample frames (64 px PNGs resized to the tiny models' 32 px, and frames already at 32 px),
-the features of both paths, fingerprints, and what stays on the host. The "device" here is the
-CPU's torch: the same code a GPU runs (the CUDA-only parts: test_host_copies.py, gpu marker).
+real sample frames (72 px PNGs shrunk and 24 px PNGs enlarged to the tiny models' 32 px, and
+frames already at 32 px), the features of both paths, fingerprints, and what stays on the host.
+The "device" here is the CPU's torch: the same code a GPU runs (the CUDA-only parts:
+test_host_copies.py, gpu marker).
 
-Measured bound (CPU, these frames, 64 -> 32 px): the device input differs from the host's by at
-most 2 eight-bit steps (one step = rescale / std after normalising) on at most 5 % of the values;
-frames already at the model's size give bit-identical inputs.
+Measured (CPU, these frames): the device input differs from the host's by at most one 8-bit step
+(one step = rescale / std after normalising) on 0.2 % of the values for bilinear teachers
+(efficientnet-lite0, ViT, DINOv3), none for the bicubic ones; 64 -> 224 px gave 2 steps on
+~2 % (bilinear): the bound asserted is 2 steps on <= 3 %. Frames already at the model's size
+give bit-identical inputs; features agree to a per-token cosine >= 0.99998.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from .tiny_teachers import save_tiny_teacher
 transformers = pytest.importorskip("transformers")
 
 STEPS = 2  # the bound, in 8-bit steps
-MAX_DIFFERING = 0.05  # fraction of the input's values that may differ at all
+MAX_DIFFERING = 0.03  # fraction of the input's values that may differ at all
 # One 8-bit step after rescale + normalise, per teacher: rescale / (smallest std), written from
 # each family's documented mean/std (not read from featurecache's tables).
 STEP = {
@@ -58,13 +59,15 @@ KINDS = [  # (teacher kind, frame_region): the two regions where a saved process
 
 
 @pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    """8 sample frames, 64 x 64 px, decoded from their PNGs."""
-    import tempfile
-
-    out = Path(tempfile.mkdtemp(prefix="fc-devprep-")) / "frames"
-    write_sample_data(out, frames=8, shard_size=8, image_size=64, seed=5, split="train")
-    return [decode_image(*s.image()) for p in sorted(out.glob("*.tar")) for s in iter_samples(p)]
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Image.Image]:
+    """8 sample frames: 6 of 72 x 72 px, 2 of 24 x 24 px (decoded from their PNGs); the tests
+    that stack them take them one size at a time or through the device's grouping."""
+    out = []
+    for size, n in ((72, 6), (24, 2)):
+        root = tmp_path_factory.mktemp(f"frames{size}")
+        write_sample_data(root, frames=n, shard_size=n, image_size=size, seed=5, split="train")
+        out += [decode_image(*s.image()) for p in root.glob("*.tar") for s in iter_samples(p)]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +138,9 @@ def test_mixed_frame_sizes_are_grouped_in_batch_order(models, images) -> None:
     host, device = _pair(models["vit"], "full")
     mixed = [im if i % 2 else im.resize((80, 60), Image.BILINEAR) for i, im in enumerate(images)]
     batch = device.prepare(mixed)
-    assert isinstance(batch, FrameBatch) and len(batch.groups) == 2 and len(batch) == 8
+    assert (
+        isinstance(batch, FrameBatch) and len(batch.groups) == 3 and len(batch) == 8
+    )  # 80x60, 72, 24
     together = _inputs(device, mixed)
     one_by_one = torch.cat([_inputs(device, [im]) for im in mixed])
     assert torch.equal(together, one_by_one)
