@@ -128,7 +128,9 @@ class DevicePreprocess:
     """(h, w) of the centre crop after the resize, or None."""
     recipe: dict[str, Any] = field(default_factory=dict)
     """JSON-able description for the teacher's fingerprint (its "preprocess"."device")."""
-    _tables: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False)
+    _tables: dict[torch.device, torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False
+    )  # `table` per device it has run on (copied there once)
 
     def __call__(self, batch: FrameBatch) -> torch.Tensor:
         """uint8 frames (any sizes, grouped) -> the model input (B, 3, h, w) float32 on the

@@ -15,7 +15,9 @@ A dual-tower checkpoint (CLIP, SigLIP) runs and hashes its vision tower only.
 `frame_region="full"` (the build's default) switches a saved processor's centre crop (and LLaVA-
 style letterbox) off: the frame is squashed to the crop size, as a student squashes it, so the
 whole frame reaches the teacher; "native" keeps the processor as saved. `frame_region(h, w)`
-reports the region either way (teachers/region.py). A VLM folder is
+reports the region either way (teachers/region.py). With `--preprocess device` the processor
+(or RADIO's recipe) is replayed on the model's device from uint8 frames (device_preprocess.py);
+NaFlex keeps its patching on the host. A VLM folder is
 refused with a pointer to `hf-vlm:`; an unsupported architecture names itself and the list.
 """
 
