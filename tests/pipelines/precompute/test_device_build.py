@@ -71,6 +71,37 @@ def test_device_build_reads_back_the_device_forward(sample_data_dir: Path, tmp_p
     assert cos.min().item() > 0.999
 
 
+def test_a_ray_device_build_equals_the_local_one(
+    sample_data_dir: Path, tmp_path: Path, ray_temp_dir: str
+) -> None:
+    """The Ray worker loads its own teacher with device preprocessing: its fingerprint must
+    equal the driver's, and it writes the local build's arrays."""
+    frames = sample_data_dir / FIRST_SHARD
+    local, ray_out = tmp_path / "local.zarr", tmp_path / "ray.zarr"
+    assert (
+        CliRunner().invoke(main, _build_args(frames, local, "--preprocess", "device")).exit_code
+        == 0
+    )
+    config = BuildConfig(
+        frames=[str(frames)],
+        teacher=TEACHER,
+        layers=["4"],
+        out=ray_out,
+        codec="fp16",
+        batch_size=8,
+        shard_rows=8,
+        local=False,
+        workers=1,
+        num_cpus=1,
+        ray_temp_dir=ray_temp_dir,
+        progress=False,
+        preprocess="device",
+    )
+    summary = build_cache(config)
+    assert not summary.local
+    assert_same_cache(local, ray_out)
+
+
 def test_host_and_device_caches_never_mix(sample_data_dir: Path, tmp_path: Path) -> None:
     frames = sample_data_dir / FIRST_SHARD
     out = tmp_path / "host.zarr"
