@@ -21,6 +21,14 @@ from featurecache.samples import decode_image, iter_samples
 
 from ._build_helpers import assert_same_cache
 
+
+@pytest.fixture
+def on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local builds on the CPU even where CUDA is visible (these tests compare bit for bit with
+    CPU forwards; the CUDA build has its own test)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 TEACHER = "efficientnet-lite0@48"  # the 64 px sample frames are resized: the resize is replayed
 FIRST_SHARD = "frames-000000.tar"
 
@@ -52,7 +60,9 @@ def _build_args(frames: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_device_build_reads_back_the_device_forward(sample_data_dir: Path, tmp_path: Path) -> None:
+def test_device_build_reads_back_the_device_forward(
+    sample_data_dir: Path, tmp_path: Path, on_cpu: None
+) -> None:
     frames = sample_data_dir / FIRST_SHARD
     out = tmp_path / "device.zarr"
     result = CliRunner().invoke(main, _build_args(frames, out, "--preprocess", "device"))
@@ -72,10 +82,12 @@ def test_device_build_reads_back_the_device_forward(sample_data_dir: Path, tmp_p
 
 
 def test_a_ray_device_build_equals_the_local_one(
-    sample_data_dir: Path, tmp_path: Path, ray_temp_dir: str
+    sample_data_dir: Path, tmp_path: Path, ray_temp_dir: str, on_cpu: None
 ) -> None:
     """The Ray worker loads its own teacher with device preprocessing: its fingerprint must
-    equal the driver's, and it writes the local build's arrays."""
+    equal the driver's, and it writes the local build's arrays (CPU-only Ray: num_gpus=0)."""
+    import ray
+
     frames = sample_data_dir / FIRST_SHARD
     local, ray_out = tmp_path / "local.zarr", tmp_path / "ray.zarr"
     assert (
@@ -92,17 +104,21 @@ def test_a_ray_device_build_equals_the_local_one(
         shard_rows=8,
         local=False,
         workers=1,
-        num_cpus=1,
-        ray_temp_dir=ray_temp_dir,
         progress=False,
         preprocess="device",
     )
-    summary = build_cache(config)
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, _temp_dir=ray_temp_dir)
+    try:
+        summary = build_cache(config)  # joins the running Ray
+    finally:
+        ray.shutdown()
     assert not summary.local
     assert_same_cache(local, ray_out)
 
 
-def test_host_and_device_caches_never_mix(sample_data_dir: Path, tmp_path: Path) -> None:
+def test_host_and_device_caches_never_mix(
+    sample_data_dir: Path, tmp_path: Path, on_cpu: None
+) -> None:
     frames = sample_data_dir / FIRST_SHARD
     out = tmp_path / "host.zarr"
     assert CliRunner().invoke(main, _build_args(frames, out)).exit_code == 0
@@ -131,7 +147,7 @@ def test_preprocess_option_is_checked(tmp_path: Path) -> None:
 
 
 def test_a_plugin_builds_the_same_cache_with_device_preprocess(
-    sample_data_dir: Path, tmp_path: Path
+    sample_data_dir: Path, tmp_path: Path, on_cpu: None
 ) -> None:
     plugin = tmp_path / "mine.py"
     plugin.write_text(
