@@ -47,6 +47,7 @@ def test_build_without_compressor_equals_zstd(sample_data_dir: Path, tmp_path: P
     inner = meta["codecs"][0]["configuration"]["codecs"]
     assert [c["name"] for c in inner] == ["bytes", "crc32c"]
     assert _bytes(none, "features/4") > _bytes(zstd, "features/4")
+    assert "compressor none" in CliRunner().invoke(main, ["inspect", str(none)]).output
 
     # resuming with another compressor is refused, from the CLI and from Python
     result = CliRunner().invoke(main, _args(frames, none))
