@@ -12,7 +12,9 @@ from types import ModuleType
 
 import click
 
-BENCHMARKS = ("kernel", "cache", "build", "ceiling", "train", "manifest", "views", "augment")
+BENCHMARKS = (
+    "kernel", "cache", "build", "ceiling", "writer", "train", "manifest", "views", "augment",
+)  # fmt: skip
 
 
 class MissingBenchmark(LookupError):
