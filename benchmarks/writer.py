@@ -84,8 +84,10 @@ def _write_block(path: Path, spec: fc.CacheSpec, encoded: list, scale: np.ndarra
 
 
 def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for name in ("keys", "digests", "features", "scales")
-               for f in (path / name).rglob("*") if f.is_file() and f.name != "zarr.json")  # fmt: skip
+    """Bytes of the chunk and shard objects of keys, digests, features and scales."""
+    arrays = ("keys", "digests", "features", "scales")
+    files = [f for name in arrays for f in (path / name).rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files if f.name != "zarr.json")
 
 
 def _encode_shard(path: Path, rows: np.ndarray, repeats: int) -> tuple[float, float]:
@@ -148,7 +150,8 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                     label, compressor, [1e3 * s / n for s in cpu], "writer CPU ms/frame", device,
                     disk_KiB_per_frame=disk / 1024, disk_vs_zstd3=disk / base,
                     decoded_over_disk=(x[0].size + 4 * x.shape[1] + spec.key_bytes + 16) / disk,
-                    encode_zarr_ms=1e3 * zarr_s / shard_n, encode_direct_ms=1e3 * direct_s / shard_n,
+                    encode_zarr_ms=1e3 * zarr_s / shard_n,
+                    encode_direct_ms=1e3 * direct_s / shard_n,
                     zarr_over_direct=zarr_s / direct_s,
                 ))  # fmt: skip
     finally:
@@ -162,9 +165,9 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
             "before the writer, as from the teacher's device). Writer CPU ms/frame: "
             "BlockWriter append + shard encoding + sha256 + local write, one thread. "
             "disk_KiB_per_frame: features, scales, keys, digests; decoded_over_disk: their "
-            "decoded bytes (int8 values, float32 scales, keys, digests) over that. encode_*_ms: one features shard encoded alone "
-            "(CPU ms per row), zarr-python (the writer before) vs chunk_codec (now), the same "
-            "bytes. " + harness.load_note(),
+            "decoded bytes (int8 values, float32 scales, keys, digests) over that. "
+            "encode_*_ms: one features shard encoded alone (CPU ms per row), zarr-python "
+            "(the writer before) vs chunk_codec (now), the same bytes. " + harness.load_note(),
         )
     return rows
 
