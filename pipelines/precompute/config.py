@@ -71,7 +71,7 @@ class BuildConfig:
         targets with outlier channels) or "fp16" (lossless). See FORMAT.md.
     compressor: inside every stored chunk: "zstd:L" (level 1..22; "zstd:3" the default, the
         format's chain before this option) or "none" (bytes -> crc32c: more bytes on disk, less
-        writer CPU; measured in benchmarks/ceiling.py). Recorded in the cache; plain Zarr reads
+        writer CPU; measured in benchmarks/writer.py). Recorded in the cache; plain Zarr reads
         either.
     calibration_frames: int8c: frames of the first shard whose teacher features calibrate each
         layer's channel scale (run by the driver, before any block is written).
