@@ -203,7 +203,7 @@ def _dying_worker(marker: Path) -> type[BuildWorker]:
     the actors by value (cloudpickle) and the fault lives in the test alone."""
 
     class DyingWorker(BuildWorker):
-        def __init__(self, config, fingerprint, device, report=None, teacher=None) -> None:
+        def __init__(self, config, fingerprint, device, report=None, teacher=None, cores=1):
             def die_then_report(index: int, frames: int) -> None:
                 # called after each batch is written, before the block is done
                 if index == 1 and not marker.exists():
@@ -212,7 +212,7 @@ def _dying_worker(marker: Path) -> type[BuildWorker]:
                 if report is not None:
                     report(index, frames)
 
-            super().__init__(config, fingerprint, device, die_then_report, teacher)
+            super().__init__(config, fingerprint, device, die_then_report, teacher, cores)
 
     return DyingWorker
 
