@@ -18,6 +18,7 @@ from featurecache.pipelines.demo.config import SPLITS
 from featurecache.pipelines.demo.sample_data import write_sample_data
 from featurecache.pipelines.precompute.config import (
     FRAME_REGION_MODES,
+    MAX_DECODE_THREADS,
     MAX_GRID_SIDE,
     BuildConfig,
     OnBadFrame,
@@ -253,8 +254,10 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
     "--decode-threads",
     type=click.IntRange(min=1),
     default=DEFAULTS["decode_threads"],
-    show_default=True,
-    help="Image decode threads per worker, running ahead of the teacher (raise on GPUs).",
+    help="Image decode threads per worker, running ahead of the teacher (PIL decodes outside "
+    "the GIL, so threads scale with cores). Default: on a GPU every core the worker is given "
+    "(its node's cores over its GPU workers; a local build: this machine's), up to "
+    f"{MAX_DECODE_THREADS}; on the CPU a quarter of them, at least 2.",
 )
 @click.option(
     "--views",
@@ -307,7 +310,7 @@ def build(
     allow_random_weights: bool,
     prompt: str | None,
     frame_region: str,
-    decode_threads: int,
+    decode_threads: int | None,
     views: int,
     augment: tuple[str, ...],
     view_seed: int,

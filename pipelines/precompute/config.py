@@ -28,6 +28,7 @@ from featurecache.store import is_url, open_store
 __all__ = [
     "DEFAULT_FRAME_REGION",
     "FRAME_REGION_MODES",
+    "MAX_DECODE_THREADS",
     "MAX_GRID_SIDE",
     "BuildConfig",
     "BuildError",
@@ -46,6 +47,7 @@ DEFAULT_FRAME_REGION: FrameRegionMode = "full"
 # --grid's bound, checked before any work: 256x256 = 65,536 tokens per frame and layer, beyond any
 # teacher's native grid (DINOv2 at 518 px: 37x37); 4000x4000 would allocate ~100 GB per batch.
 MAX_GRID_SIDE: Final = 256
+MAX_DECODE_THREADS: Final = 32  # a worker's decode threads when chosen for it
 
 
 class BuildError(FeatureCacheError):
@@ -97,7 +99,9 @@ class BuildConfig:
         a centre crop or letterbox of an hf processor is switched off) or "native" (the
         processor as saved; the training stream crops the student's frame to the region the
         teacher saw). The region is recorded in the cache either way.
-    decode_threads: image decode + preprocess threads per actor (they run ahead of the model).
+    decode_threads: image decode + preprocess threads per worker (they run ahead of the model;
+        PIL releases the GIL while decoding, so threads scale); None: `decode_threads_for` the
+        cores the worker is given (a GPU worker: all of them, up to MAX_DECODE_THREADS).
     max_retries: times a block is retried after its actor died, before the build fails.
     num_cpus: CPUs of a local Ray instance (None = all; a CPU worker's torch threads follow
         it), or torch threads of a local build on CPU (None = this process's setting, e.g.
@@ -134,7 +138,7 @@ class BuildConfig:
     allow_random_weights: bool = False
     prompt: str | None = None
     frame_region: FrameRegionMode = DEFAULT_FRAME_REGION
-    decode_threads: int = 2
+    decode_threads: int | None = None
     max_retries: int = 3
     num_cpus: int | None = None
     ray_temp_dir: str | None = None
@@ -176,6 +180,8 @@ class BuildConfig:
             raise BuildError(f"Expected --on-bad-frame fail or skip, got {self.on_bad_frame!r}.")
         for name in ("batch_size", "shard_rows", "decode_threads", "calibration_frames"):
             value = getattr(self, name)
+            if name == "decode_threads" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise BuildError(f"Expected {name} to be an integer >= 1, got {value!r}.")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
@@ -209,6 +215,17 @@ class BuildConfig:
             open_store(self.out)  # UnsupportedURLError now, before any work, for x://, http://
         else:
             self.out = Path(self.out)
+
+    def decode_threads_for(self, cores: int, device: str) -> int:
+        """Decode threads of a worker given `cores` CPU cores on `device`: `decode_threads` when
+        set; else on CUDA every core (the host only decodes there, and a GPU eats frames faster
+        than a core decodes them), up to MAX_DECODE_THREADS; on the CPU a quarter of them, at
+        least 2 (the teacher's forward uses the cores there)."""
+        if self.decode_threads is not None:
+            return self.decode_threads
+        if device == "cuda":
+            return max(1, min(cores, MAX_DECODE_THREADS))
+        return max(2, min(cores // 4, MAX_DECODE_THREADS))
 
     @property
     def view_recipe(self) -> ViewRecipe | None:
