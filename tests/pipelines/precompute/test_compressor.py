@@ -48,6 +48,8 @@ def test_build_without_compressor_equals_zstd(sample_data_dir: Path, tmp_path: P
     assert [c["name"] for c in inner] == ["bytes", "crc32c"]
     assert _bytes(none, "features/4") > _bytes(zstd, "features/4")
     assert "compressor none" in CliRunner().invoke(main, ["inspect", str(none)]).output
+    verified = CliRunner().invoke(main, ["verify", str(none)])  # reads through zarr-python
+    assert verified.exit_code == 0 and "OK: 1 done block(s), 16 rows" in verified.output
 
     # resuming with another compressor is refused, from the CLI and from Python
     result = CliRunner().invoke(main, _args(frames, none))
