@@ -1,5 +1,6 @@
 """Writing one block: `BlockWriter` streams a block's rows (validated, quantized, hashed) into
-whole Zarr shards, each encoded in memory and written as one object; `finish` returns the
+whole Zarr shards, each encoded in memory (`featurecache.chunk_codec`, byte for byte what
+zarr-python would write) and written as one object; `finish` returns the
 `BlockResult` (rows written, checksum, skipped keys) that `CacheWriter.mark_done` commits.
 
     bw = writer.open_block(0)            # a BlockWriter (featurecache.writer.CacheWriter)
@@ -14,16 +15,15 @@ bytes in FORMAT.md's order ("Block checksum").
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import MemoryStore
 
+from featurecache.chunk_codec import ArrayLayout, direct_layout
 from featurecache.codecs import EncodedFeatures, quantize_int8, to_numpy_float
 from featurecache.errors import (
     BlockCapacityError,
@@ -31,6 +31,7 @@ from featurecache.errors import (
     InvalidFeaturesError,
     InvalidKeyError,
     ShapeMismatchError,
+    SpecMismatchError,
     StorageError,
     UnknownLayerError,
 )
@@ -111,32 +112,34 @@ class BlockWriter:
     def __init__(self, path: str | Path, spec: CacheSpec, block: Block) -> None:
         self.path, self.spec, self.block = Path(path), spec, block
         self.store = open_store(path)
-        # Shards are encoded by zarr into memory (arrays with the cache's own metadata), then each
-        # is written as one whole object. write_empty_chunks: an all-zero written row is stored
-        # too, so every shard holding written rows has an object and a missing one means a loss.
-        self._encoded: dict[str, Any] = {}
-        proto = default_buffer_prototype()
-        for name in checksum_arrays(spec):
-            meta = self.store.read(f"{name}/{GROUP_METADATA}")
-            self._encoded[f"{name}/{GROUP_METADATA}"] = proto.buffer.from_bytes(meta)
-        memory = MemoryStore(store_dict=self._encoded)
-        self._arrays = {
-            name: zarr.open_array(memory, path=name, mode="r+").with_config(
-                {"write_empty_chunks": True}
-            )
-            for name in checksum_arrays(spec)
-        }
+        # Each shard is encoded in memory as its array's zarr.json lays it out, then written as
+        # one whole object. Every written row's chunk is stored, all-zero ones too, so every
+        # shard holding written rows has an object and a missing one means a loss.
+        self._layouts = {name: self._layout(name) for name in checksum_arrays(spec)}
         self._hash = hashlib.sha256()
         self._channel_scales = read_channel_scales(path, spec)  # int8c: {layer: (dim,)}
         for layer in spec.layer_names:  # FORMAT.md: an int8c checksum starts with them
             if layer in self._channel_scales:
                 self._hash.update(self._channel_scales[layer].astype("<f4").tobytes())
-        self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self._arrays}
+        self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self._layouts}
         self._buffered = 0
         self._written = 0
         self._seen: set[str] = set()
         self._skipped: list[str] = []
         self._finished = False
+
+    def _layout(self, name: str) -> ArrayLayout:
+        """The layout of array `name` from its zarr.json; SpecMismatchError when it is not one
+        featurecache writes (a chain of its own or another tool's)."""
+        key = f"{name}/{GROUP_METADATA}"
+        meta = json.loads(self.store.read(key))
+        layout = direct_layout(meta)
+        if layout is None:
+            raise SpecMismatchError(
+                f"Expected {self.store.url(key)!r} to lay out its chunks as featurecache writes "
+                f"them (bytes -> [zstd] -> crc32c, FORMAT.md), got codecs {meta.get('codecs')!r}"
+            )
+        return layout
 
     @property
     def count(self) -> int:
@@ -337,10 +340,10 @@ class BlockWriter:
             head, rest = data[:take], data[take:]
             self._buffers[name] = [rest] if len(rest) else []
             self._hash.update(np.ascontiguousarray(head).tobytes())
-            self._arrays[name][start : start + take] = head  # encoded into memory
-            key = shard_file(name, self._arrays[name].ndim, start // sr)
+            layout = self._layouts[name]
+            key = shard_file(name, 1 + len(layout.row_shape), start // sr)
             try:
-                self.store.put(key, self._encoded.pop(key).to_bytes())
+                self.store.put(key, layout.encode(head))
             except OSError as exc:  # disk full, read-only: the block stays pending
                 raise StorageError(
                     f"Expected to write {self.store.url(key)!r} (block {self.block.index}, "
@@ -358,8 +361,8 @@ class BlockWriter:
             self._flush_shard()
         sr = self.spec.shard_rows
         for s in range(-(-(self.block.row_start + self._written) // sr), self.block.row_stop // sr):
-            for name, arr in self._arrays.items():
-                self.store.delete(shard_file(name, arr.ndim, s))
+            for name, layout in self._layouts.items():
+                self.store.delete(shard_file(name, 1 + len(layout.row_shape), s))
         self._finished = True
         return BlockResult(
             index=self.block.index,

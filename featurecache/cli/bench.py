@@ -13,7 +13,8 @@ from types import ModuleType
 import click
 
 BENCHMARKS = (
-    "kernel", "cache", "build", "ceiling", "gpu_build", "train", "manifest", "views", "augment",
+    "kernel", "cache", "build", "ceiling", "gpu_build", "writer", "train", "manifest", "views",
+    "augment",
 )  # fmt: skip
 
 

@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
-from featurecache.errors import FeatureCacheError, OptionError
-from featurecache.format import CODECS, DEFAULT_CODEC, DEFAULT_SHARD_ROWS
+from featurecache.errors import FeatureCacheError, OptionError, SpecError
+from featurecache.format import (
+    CODECS,
+    DEFAULT_CODEC,
+    DEFAULT_COMPRESSOR,
+    DEFAULT_SHARD_ROWS,
+    compressor_level,
+)
 from featurecache.pipelines.precompute.frames import FrameShard
 from featurecache.pipelines.views import ViewRecipe, parse_augment
 from featurecache.samples import DEFAULT_CAMERA, check_camera
@@ -65,6 +71,10 @@ class BuildConfig:
     codec: "int8c" (the default: int8 with per-token and per-layer per-channel scales, ~2x
         smaller than fp16), "int8" (per-token absmax only, ~2x smaller; misses the fidelity
         targets with outlier channels) or "fp16" (lossless). See FORMAT.md.
+    compressor: inside every stored chunk: "zstd:L" (level 1..22; "zstd:3" the default, the
+        format's chain before this option) or "none" (bytes -> crc32c: more bytes on disk, less
+        writer CPU; measured in benchmarks/writer.py). Recorded in the cache; plain Zarr reads
+        either.
     calibration_frames: int8c: frames of the first shard whose teacher features calibrate each
         layer's channel scale (run by the driver, before any block is written).
     batch_size: frames per teacher forward.
@@ -112,6 +122,7 @@ class BuildConfig:
     layers: Sequence[str]
     out: str | Path
     codec: str = DEFAULT_CODEC
+    compressor: str = DEFAULT_COMPRESSOR
     calibration_frames: int = 16
     batch_size: int = 32
     shard_rows: int = DEFAULT_SHARD_ROWS
@@ -157,6 +168,10 @@ class BuildConfig:
             )
         if self.codec not in CODECS:
             raise BuildError(f"Expected --codec in {CODECS}, got {self.codec!r}.")
+        try:
+            compressor_level(self.compressor, "--compressor")
+        except SpecError as exc:
+            raise BuildError(f"{exc}.") from None
         if self.frame_region not in FRAME_REGION_MODES:
             raise BuildError(
                 f"Expected --frame-region in {FRAME_REGION_MODES}, got {self.frame_region!r}."
