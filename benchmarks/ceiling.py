@@ -212,7 +212,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
 
     n, sizes = (32, (64,)) if quick else (256, (224, 448))
     cases = list(FACTORIES.items())[:1] if quick else list(FACTORIES.items())
-    device = harness.device_name("cpu")
+    device = harness.build_device_name()  # stages alone run on the CPU; builds on the GPU
     root = Path(tempfile.mkdtemp(prefix="fcbench-ceiling-"))
     rows: list[harness.Result] = []
     try:

@@ -65,6 +65,15 @@ def device_name(device: str = "cpu") -> str:
     return f"CPU {model} ({os.cpu_count()} cores)"
 
 
+def build_device_name() -> str:
+    """What a local build runs on: "<GPU> + <CPU>" where CUDA is available (the teacher and
+    codec on the GPU, decoding and writing on the host), else the CPU's name."""
+    import torch
+
+    cpu = device_name("cpu")
+    return f"{device_name('cuda')} + {cpu}" if torch.cuda.is_available() else cpu
+
+
 def load_note() -> str:
     """How busy the machine was: its 1-minute load average now, against its core count (a
     benchmark on a shared machine says so in its note; ratios within one run stay meaningful)."""

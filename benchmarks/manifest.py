@@ -21,7 +21,10 @@ server sharing this machine's CPU; a cloud bucket adds 10-50 ms per request, whi
 sequential order amortises over a shard and the shuffled order would pay per row: the reader
 fetches a batch's shards concurrently (featurecache/reader.py, READ_WINDOW), and a third run adds
 LATENCY_S to every request of the server to measure shuffled against sequential there (claim of
-issue 21: within 1.5x). Beside them, serial ranged GETs of 20 kB through obstore (the store
+issue 21: within 1.5x). On that server too, the training stream's join (`CacheJoin`) feeding a
+consumer that spends STEP_S per batch of 32 (a training step), without and with its read-ahead
+(the next batch's reads run while this batch is consumed): ms per batch delivered, the step
+included (the floor is STEP_S). Beside them, serial ranged GETs of 20 kB through obstore (the store
 layer) and through s3fs, same server, same run.
 """
 
@@ -54,6 +57,7 @@ SPEC = CacheSpec((LayerSpec("x", 1, 8),), "fp16", 1024, {"model": "bench"})
 READ_SPEC = CacheSpec((LayerSpec("x", 49, 384),), "int8", 64, {"model": "bench"})
 READ_BATCH = 32
 LATENCY_S = 0.015  # added to every request of the latency run: a cloud bucket adds 10-50 ms
+STEP_S = 0.1  # the consumer's time per batch in the join runs: a training step
 # open_cache in a fresh process: resident memory before and after (bytes), from /proc
 _RSS_PROBE = """
 import sys
@@ -211,6 +215,39 @@ def _reads(location: str | Path, provider: str, rows: int, device: str) -> list[
     return out
 
 
+def _join_reads(location: str, provider: str, rows: int, device: str) -> list[harness.Result]:
+    """The training join over every key, sequential and shuffled, read_ahead 0 and 1, with a
+    consumer sleeping STEP_S per READ_BATCH samples: ms per batch delivered (step included)."""
+    from featurecache.pipelines.training.join import JOIN_CHUNK, CacheJoin
+
+    assert JOIN_CHUNK == READ_BATCH
+    out = []
+    for read_ahead in (0, 1):
+        per_order = {}
+        for order in ("sequential", "shuffled"):
+            keys = list(open_cache(location).keys)
+            if order == "shuffled":
+                keys = [keys[i] for i in np.random.default_rng(1).permutation(len(keys))]
+            samples = [{"key": k, "source": "bench", "encoded": {"": b""}} for k in keys]
+            join = CacheJoin(location, "x", "error", read_ahead=read_ahead)
+            times, t = [], time.perf_counter()
+            for i, _sample in enumerate(join(samples), 1):
+                if i % READ_BATCH == 0:
+                    time.sleep(STEP_S)  # the training step on this batch
+                    times.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+            per_order[order] = result = harness.result(
+                f"join batch {READ_BATCH}, {order}, read_ahead {read_ahead}, step "
+                f"{STEP_S * 1e3:.0f} ms", provider, [x * 1e3 for x in times], "ms", device,
+                rows_per_s=READ_BATCH / float(np.mean(times)),
+                x_step=float(np.mean(times)) / STEP_S)  # fmt: skip
+            out.append(result)
+        per_order["shuffled"].extra["shuffled_vs_sequential"] = (
+            per_order["sequential"].extra["rows_per_s"] / per_order["shuffled"].extra["rows_per_s"]
+        )
+    return out
+
+
 def _ranged_gets(bucket: str, key: str, device: str, n: int) -> list[harness.Result]:
     """`n` serial ranged GETs of 20 kB at seeded offsets of one object, through obstore (the
     store layer) and through s3fs (fsspec), against the same server: the store layer's choice."""
@@ -270,13 +307,14 @@ def _throughput(folder: Path, rows: int, device: str) -> list[harness.Result]:
         _write_read_cache(remote, rows)
         provider = f"S3 (moto, +{LATENCY_S * 1e3:.0f} ms per request)"
         latency_rows = _reads(remote, provider, rows, device)
+        join_rows = _join_reads(remote, provider, rows, device)
     finally:
         server.stop()  # type: ignore[attr-defined]
     sequential, shuffled = latency_rows
     shuffled.extra["shuffled_vs_sequential"] = (
         sequential.extra["rows_per_s"] / shuffled.extra["rows_per_s"]
     )
-    return local_rows + s3_rows + latency_rows + gets
+    return local_rows + s3_rows + latency_rows + join_rows + gets
 
 
 def run(json_path: str | Path | None = None, quick: bool = False) -> list[harness.Result]:

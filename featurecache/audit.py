@@ -95,6 +95,7 @@ def inspect_cache(path: str | Path) -> dict[str, Any]:
         "reader_version": FORMAT_VERSION,
         "codec": spec.codec,
         "shard_rows": spec.shard_rows,
+        "compressor": spec.compressor,
         "key_bytes": spec.key_bytes,
         "rows": m.rows,
         "rows_written": written,

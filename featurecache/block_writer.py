@@ -1,5 +1,6 @@
 """Writing one block: `BlockWriter` streams a block's rows (validated, quantized, hashed) into
-whole Zarr shards, each encoded in memory and written as one object; `finish` returns the
+whole Zarr shards, each encoded in memory (`featurecache.chunk_codec`, byte for byte what
+zarr-python would write) and written as one object; `finish` returns the
 `BlockResult` (rows written, checksum, skipped keys) that `CacheWriter.mark_done` commits.
 
     bw = writer.open_block(0)            # a BlockWriter (featurecache.writer.CacheWriter)
@@ -7,23 +8,26 @@ whole Zarr shards, each encoded in memory and written as one object; `finish` re
     result = bw.finish()
 
 Padding rows are never written; a retried writer of the block replaces its shard objects whole
-and `finish` deletes those past the rows written. The checksum covers the written rows' stored
-bytes in FORMAT.md's order ("Block checksum").
+and `finish` deletes those past the rows written. A shard's objects (one per array) are encoded
+and written by a small thread pool (zstd, crc32c and object-store PUTs run outside the GIL), at
+most WRITE_WINDOW at once; `finish` waits for every one, so a block is only ever committed
+whole. The checksum covers the written rows' stored bytes in FORMAT.md's order ("Block
+checksum").
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import MemoryStore
 
+from featurecache.chunk_codec import ArrayLayout, direct_layout
 from featurecache.codecs import EncodedFeatures, quantize_int8, to_numpy_float
 from featurecache.errors import (
     BlockCapacityError,
@@ -31,6 +35,7 @@ from featurecache.errors import (
     InvalidFeaturesError,
     InvalidKeyError,
     ShapeMismatchError,
+    SpecMismatchError,
     StorageError,
     UnknownLayerError,
 )
@@ -55,6 +60,10 @@ from featurecache.spec import CacheSpec
 from featurecache.store import open_store
 
 _FP16_MAX = float(np.finfo(np.float16).max)
+# Shard objects encoded and written at once: a shard of a DINOv2-B layer is ~12 MB and 4+ small
+# objects ride along per shard; one after another, a bucket's 10-50 ms per PUT would cap a build
+# at a few hundred frames/s.
+WRITE_WINDOW = 8
 
 
 @dataclass(frozen=True)
@@ -111,32 +120,36 @@ class BlockWriter:
     def __init__(self, path: str | Path, spec: CacheSpec, block: Block) -> None:
         self.path, self.spec, self.block = Path(path), spec, block
         self.store = open_store(path)
-        # Shards are encoded by zarr into memory (arrays with the cache's own metadata), then each
-        # is written as one whole object. write_empty_chunks: an all-zero written row is stored
-        # too, so every shard holding written rows has an object and a missing one means a loss.
-        self._encoded: dict[str, Any] = {}
-        proto = default_buffer_prototype()
-        for name in checksum_arrays(spec):
-            meta = self.store.read(f"{name}/{GROUP_METADATA}")
-            self._encoded[f"{name}/{GROUP_METADATA}"] = proto.buffer.from_bytes(meta)
-        memory = MemoryStore(store_dict=self._encoded)
-        self._arrays = {
-            name: zarr.open_array(memory, path=name, mode="r+").with_config(
-                {"write_empty_chunks": True}
-            )
-            for name in checksum_arrays(spec)
-        }
+        # Each shard is encoded in memory as its array's zarr.json lays it out, then written as
+        # one whole object. Every written row's chunk is stored, all-zero ones too, so every
+        # shard holding written rows has an object and a missing one means a loss.
+        self._layouts = {name: self._layout(name) for name in checksum_arrays(spec)}
         self._hash = hashlib.sha256()
         self._channel_scales = read_channel_scales(path, spec)  # int8c: {layer: (dim,)}
         for layer in spec.layer_names:  # FORMAT.md: an int8c checksum starts with them
             if layer in self._channel_scales:
                 self._hash.update(self._channel_scales[layer].astype("<f4").tobytes())
-        self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self._arrays}
+        self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self._layouts}
         self._buffered = 0
         self._written = 0
         self._seen: set[str] = set()
         self._skipped: list[str] = []
         self._finished = False
+        self._pool: ThreadPoolExecutor | None = None  # encode + write, started with the first shard
+        self._writes: list[Future] = []
+
+    def _layout(self, name: str) -> ArrayLayout:
+        """The layout of array `name` from its zarr.json; SpecMismatchError when it is not one
+        featurecache writes (a chain of its own or another tool's)."""
+        key = f"{name}/{GROUP_METADATA}"
+        meta = json.loads(self.store.read(key))
+        layout = direct_layout(meta)
+        if layout is None:
+            raise SpecMismatchError(
+                f"Expected {self.store.url(key)!r} to lay out its chunks as featurecache writes "
+                f"them (bytes -> [zstd] -> crc32c, FORMAT.md), got codecs {meta.get('codecs')!r}"
+            )
+        return layout
 
     @property
     def count(self) -> int:
@@ -147,7 +160,13 @@ class BlockWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        self._close()
+
+    def _close(self) -> None:
+        """Stop the write pool (what was submitted still runs to its end)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _check_open(self) -> None:
         if self._finished:
@@ -337,29 +356,44 @@ class BlockWriter:
             head, rest = data[:take], data[take:]
             self._buffers[name] = [rest] if len(rest) else []
             self._hash.update(np.ascontiguousarray(head).tobytes())
-            self._arrays[name][start : start + take] = head  # encoded into memory
-            key = shard_file(name, self._arrays[name].ndim, start // sr)
-            try:
-                self.store.put(key, self._encoded.pop(key).to_bytes())
-            except OSError as exc:  # disk full, read-only: the block stays pending
-                raise StorageError(
-                    f"Expected to write {self.store.url(key)!r} (block {self.block.index}, "
-                    f"{self.block.source}), got {exc.strerror or exc}; done blocks are kept and "
-                    f"this one stays pending: free space or fix permissions, then rerun to resume"
-                ) from exc
+            layout = self._layouts[name]
+            key = shard_file(name, 1 + len(layout.row_shape), start // sr)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(WRITE_WINDOW, thread_name_prefix="fc-write")
+            self._writes.append(self._pool.submit(self._write_object, key, layout, head))
+        while len(self._writes) > 2 * WRITE_WINDOW:  # bounded: encoded shards waiting to go
+            self._writes.pop(0).result()
         self._buffered -= take
         self._written += take
 
+    def _write_object(self, key: str, layout: ArrayLayout, rows: np.ndarray) -> None:
+        """Encode one shard object of `rows` and write it whole (a pool thread)."""
+        try:
+            self.store.put(key, layout.encode(rows))
+        except OSError as exc:  # disk full, read-only: the block stays pending
+            raise StorageError(
+                f"Expected to write {self.store.url(key)!r} (block {self.block.index}, "
+                f"{self.block.source}), got {exc.strerror or exc}; done blocks are kept and "
+                f"this one stays pending: free space or fix permissions, then rerun to resume"
+            ) from exc
+
     def finish(self) -> BlockResult:
-        """Write what is buffered, delete the block's shard objects past the rows written (an
-        earlier attempt's), and return the result for CacheWriter.mark_done."""
+        """Write what is buffered, wait for every shard object to be written, delete the block's
+        shard objects past the rows written (an earlier attempt's), and return the result for
+        CacheWriter.mark_done."""
         self._check_open()
         if self._buffered:
             self._flush_shard()
+        try:
+            for write in self._writes:
+                write.result()  # the first failed write raises here: the block stays pending
+        finally:
+            self._writes.clear()
+            self._close()
         sr = self.spec.shard_rows
         for s in range(-(-(self.block.row_start + self._written) // sr), self.block.row_stop // sr):
-            for name, arr in self._arrays.items():
-                self.store.delete(shard_file(name, arr.ndim, s))
+            for name, layout in self._layouts.items():
+                self.store.delete(shard_file(name, 1 + len(layout.row_shape), s))
         self._finished = True
         return BlockResult(
             index=self.block.index,

@@ -22,6 +22,7 @@ A cache is a Zarr v3 group:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -75,9 +76,14 @@ DEFAULT_CODEC: Final = "int8c"
 SCALE_DTYPE: Final = "float32"
 KEY_DTYPE: Final = "uint8"
 INT8_LEVELS: Final = 127  # q = round(x / scale), scale = absmax / 127, q in [-127, 127]
-ZSTD_LEVEL: Final = (
-    3  # zstd level of every array (fp16 zstd vs blosc+shuffle: same ratio, measured)
-)
+# The compressor inside every chunk's chain (featurecache.chunk_codec): "zstd:L" (level L in
+# ZSTD_LEVELS) or "none" (bytes -> crc32c). The header's optional "compressor" field; absent:
+# DEFAULT_COMPRESSOR, the one chain of caches written before the field (fp16 with zstd vs
+# blosc+shuffle: the same ratio, measured).
+COMPRESSOR_NONE: Final = "none"
+DEFAULT_COMPRESSOR: Final = "zstd:3"
+ZSTD_LEVELS: Final = range(1, 23)
+_ZSTD_COMPRESSOR = re.compile(r"zstd:([1-9][0-9]?)")
 
 DEFAULT_SHARD_ROWS: Final = 64
 DEFAULT_KEY_BYTES: Final = 128
@@ -87,6 +93,21 @@ STATUS_PENDING: Final = "pending"
 STATUS_DONE: Final = "done"
 STATUSES: Final = (STATUS_PENDING, STATUS_DONE)
 Status = Literal["pending", "done"]
+
+
+def compressor_level(compressor: str, what: str = "compressor") -> int | None:
+    """The zstd level a compressor name stands for: "zstd:L" -> L (1 <= L <= 22), "none" -> None;
+    SpecError naming `what` for anything else (the canonical spelling only: "zstd:3", not
+    "zstd:03")."""
+    match = _ZSTD_COMPRESSOR.fullmatch(compressor) if isinstance(compressor, str) else None
+    if compressor == COMPRESSOR_NONE:
+        return None
+    if match is None or int(match.group(1)) not in ZSTD_LEVELS:
+        raise SpecError(
+            f"Expected {what} 'none' or 'zstd:L' with L in {ZSTD_LEVELS.start}.."
+            f"{ZSTD_LEVELS.stop - 1}, got {compressor!r}"
+        )
+    return int(match.group(1))
 
 
 def camera_layer(camera: str, layer: str) -> str:

@@ -21,7 +21,8 @@ import zarr
 from zarr.storage import MemoryStore
 
 from featurecache.block_table import BlockTable
-from featurecache.codecs import check_channel_scale, inner_codecs
+from featurecache.chunk_codec import ChunkChain
+from featurecache.codecs import check_channel_scale
 from featurecache.completion import PLAN_OBJECT, CacheState, header_json, plan_bytes
 from featurecache.errors import (
     InvalidFeaturesError,
@@ -89,14 +90,15 @@ def _create_arrays(
 ) -> None:
     zarr.create_group(store=store, zarr_format=3)
     sr = spec.shard_rows
+    chain = ChunkChain.named(spec.compressor).zarr_kwargs()  # every array's, inside its shards
     zarr.create_array(
         store, name=KEYS_ARRAY, shape=(rows, spec.key_bytes), chunks=(sr, spec.key_bytes),
-        dtype=KEY_DTYPE, fill_value=0, dimension_names=("row", "byte"), **inner_codecs(),
+        dtype=KEY_DTYPE, fill_value=0, dimension_names=("row", "byte"), **chain,
         attributes={ATTRS_KEY: {"role": "keys", "encoding": "utf-8, NUL-padded"}},
     )  # fmt: skip
     zarr.create_array(
         store, name=DIGESTS_ARRAY, shape=(rows, DIGEST_BYTES), chunks=(sr, DIGEST_BYTES),
-        dtype=DIGEST_DTYPE, fill_value=0, dimension_names=("row", "byte"), **inner_codecs(),
+        dtype=DIGEST_DTYPE, fill_value=0, dimension_names=("row", "byte"), **chain,
         attributes={ATTRS_KEY: {"role": "digests", "digest": "sample_digest (FORMAT.md)"}},
     )  # fmt: skip
     for view in range(1, spec.views):
@@ -104,7 +106,7 @@ def _create_arrays(
         zarr.create_array(
             store, name=view_params_path(view), shape=(rows, cameras, len(VIEW_PARAM_FIELDS)),
             chunks=(sr, cameras, len(VIEW_PARAM_FIELDS)), dtype=VIEW_PARAM_DTYPE, fill_value=0,
-            dimension_names=("row", "camera", "field"), **inner_codecs(),
+            dimension_names=("row", "camera", "field"), **chain,
             attributes={ATTRS_KEY: {"role": "view_params", "view": view,
                                     "cameras": list(spec.view_cameras),
                                     "fields": list(VIEW_PARAM_FIELDS)}},
@@ -115,7 +117,7 @@ def _create_arrays(
             zarr.create_array(
                 store, name=features_path(layer.name, view), shape=(rows, t, d),
                 chunks=(1, t, d), shards=(sr, t, d), dtype=FEATURE_DTYPE[spec.codec],
-                fill_value=0, dimension_names=("row", "token", "dim"), **inner_codecs(),
+                fill_value=0, dimension_names=("row", "token", "dim"), **chain,
                 attributes={ATTRS_KEY: {"role": "features", "layer": layer.name, "view": view,
                                         "codec": spec.codec,
                                         "grid": list(layer.grid) if layer.grid else None}},
@@ -124,14 +126,14 @@ def _create_arrays(
                 zarr.create_array(
                     store, name=scales_path(layer.name, view), shape=(rows, t), chunks=(sr, t),
                     dtype=SCALE_DTYPE, fill_value=0, dimension_names=("row", "token"),
-                    **inner_codecs(), attributes={ATTRS_KEY: {"role": "scales",
+                    **chain, attributes={ATTRS_KEY: {"role": "scales",
                     "layer": layer.name, "view": view,
                     "dequantize": "features[r, t, :] * scales[r, t]"}},
                 )  # fmt: skip
         if spec.codec in CHANNEL_SCALED_CODECS:  # written once, here, before any block
             arr = zarr.create_array(
                 store, name=channel_scales_path(layer.name), shape=(d,), chunks=(d,),
-                dtype=SCALE_DTYPE, fill_value=0, dimension_names=("dim",), **inner_codecs(),
+                dtype=SCALE_DTYPE, fill_value=0, dimension_names=("dim",), **chain,
                 attributes={ATTRS_KEY: {"role": "channel_scales", "layer": layer.name,
                 "dequantize": "features[r, t, :] * scales[r, t] * channel_scales[:]"}},
             )  # fmt: skip

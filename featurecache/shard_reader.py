@@ -4,7 +4,7 @@ owns the key index and the row LRU and asks a `ShardReader` for what it lacks.
 
 A sharded features array: the shard index at the end of the object (read once, then kept), then
 one ranged read per run of adjacent chunks (one request for all of them on S3/GCS), each chunk
-crc32c checked and zstd decoded (`featurecache.codecs`). Per-row arrays chunked by shard (keys,
+crc32c checked and decompressed (`featurecache.chunk_codec`). Per-row arrays chunked by shard (keys,
 digests, scales) decode a whole chunk of shard_rows rows, kept in a small LRU. Arrays whose
 zarr.json holds another codec chain, and `direct=False`, are read through zarr-python: a whole
 shard per slice. Every unreadable file is a CorruptShardError naming the file, block and rows.
@@ -21,14 +21,8 @@ import numpy as np
 import zarr
 
 from featurecache.block_table import BlockTable
-from featurecache.codecs import (
-    ChunkError,
-    chunk_present,
-    decode_chunk,
-    decode_shard_index,
-    direct_layout,
-)
-from featurecache.errors import CorruptShardError, StorageError
+from featurecache.chunk_codec import ArrayLayout, chunk_present, decode_shard_index, direct_layout
+from featurecache.errors import ChunkError, CorruptShardError, StorageError
 from featurecache.format import (
     CHANNEL_SCALED_CODECS,
     DIGEST_BYTES,
@@ -76,7 +70,7 @@ class ShardReader:
         self.direct, self.row_key = direct, row_key
         self._zarr_store: Any = None
         self._arrays: dict[str, zarr.Array] = {}
-        self._layouts: dict[str, str | None] = {}
+        self._layouts: dict[str, ArrayLayout | None] = {}
         self._shard_index: dict[tuple[str, int], np.ndarray] = {}
         # decoded per-row chunks of scales and view params: (array path, shard) -> chunk
         self._scale_chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
@@ -125,21 +119,23 @@ class ShardReader:
     def block_keys_raw(self, block: Block) -> np.ndarray:
         """uint8 (count, key_bytes) key rows of a done block (direct chunk decode when possible)."""
         stop = block.row_start + block.count
-        if self.layout(KEYS_ARRAY) != "chunked":
+        layout = self.layout(KEYS_ARRAY)
+        if layout is None or layout.sharded:
             return self.block_rows(KEYS_ARRAY, block, block.row_start, stop)
         sr, width = self.spec.shard_rows, self.spec.key_bytes
         parts = []
         for s in range(block.row_start // sr, (stop - 1) // sr + 1):
             rows = range(s * sr, min((s + 1) * sr, stop))
             try:
-                chunk = decode_chunk(self.read_file(KEYS_ARRAY, s, rows), "|u1", (sr, width))
+                raw = self.read_file(KEYS_ARRAY, s, rows)
+                chunk = layout.chain.decode(raw, "|u1", (sr, width))
             except ChunkError as exc:
                 raise self.corrupt(KEYS_ARRAY, s, rows, str(exc)) from exc
             parts.append(chunk[: len(rows)])
         return np.concatenate(parts)
 
-    def layout(self, name: str) -> str | None:
-        """'sharded'/'chunked' when the direct decoder applies to array `name`, else None."""
+    def layout(self, name: str) -> ArrayLayout | None:
+        """The layout of array `name` when the direct decoder applies to it, else None."""
         if name not in self._layouts:
             layout = None
             if self.direct:
@@ -183,6 +179,8 @@ class ShardReader:
         key = shard_file(name, 3, shard)
         dtype = np.dtype(FEATURE_DTYPE[self.spec.codec])
         out = np.empty((len(local), *shape), dtype=dtype)
+        layout = self.layout(name)
+        assert layout is not None and layout.sharded, "called for direct sharded arrays only"
         try:
             index = self._shard_index.get((name, shard))
             if index is None:
@@ -201,7 +199,7 @@ class ShardReader:
                 raise ChunkError("a written row's chunk marked absent in the shard index")
             ranges = [(int(off), int(off) + int(nbytes)) for off, nbytes in entries]
             for k, buf in enumerate(self.store.read_ranges(key, ranges)):
-                out[k] = decode_chunk(buf, dtype.str, shape)
+                out[k] = layout.chain.decode(buf, dtype.str, shape)
         except FileNotFoundError as exc:
             raise self.corrupt(name, shard, rows, "no such file") from exc
         except (ChunkError, StorageError) as exc:
@@ -215,7 +213,8 @@ class ShardReader:
         Direct path: exactly those rows. Zarr path: the whole shard's written rows in one slice."""
         spec, sr = self.spec.layer(layer), self.spec.shard_rows
         name = features_path(layer, view)
-        if self.layout(name) == "sharded":
+        layout = self.layout(name)
+        if layout is not None and layout.sharded:
             values = self.direct_feature_rows(name, shard, local, (spec.tokens, spec.dim))
             rows = shard * sr + local
         else:
@@ -248,9 +247,10 @@ class ShardReader:
     ) -> np.ndarray:
         """The decoded chunk of `shape` (shard_rows, ...) of a per-row array chunked by shard
         (scales, view params): direct decode where the layout allows, else zarr-python."""
-        if self.layout(name) == "chunked":
+        layout = self.layout(name)
+        if layout is not None and not layout.sharded:
             try:
-                return decode_chunk(self.read_file(name, shard, rows), dtype, shape)
+                return layout.chain.decode(self.read_file(name, shard, rows), dtype, shape)
             except ChunkError as exc:
                 raise self.corrupt(name, shard, rows, str(exc)) from exc
         sr = self.spec.shard_rows
@@ -280,10 +280,11 @@ class ShardReader:
             self._digest_chunks.move_to_end(shard)
             return hit
         sr = self.spec.shard_rows
-        if self.layout(DIGESTS_ARRAY) == "chunked":
+        layout = self.layout(DIGESTS_ARRAY)
+        if layout is not None and not layout.sharded:
             try:
                 raw = self.read_file(DIGESTS_ARRAY, shard, rows)
-                chunk = decode_chunk(raw, "|u1", (sr, DIGEST_BYTES))
+                chunk = layout.chain.decode(raw, "|u1", (sr, DIGEST_BYTES))
             except ChunkError as exc:
                 raise self.corrupt(DIGESTS_ARRAY, shard, rows, str(exc)) from exc
         else:

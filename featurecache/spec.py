@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from featurecache.errors import SpecError, UnknownLayerError
-from featurecache.format import CODECS, DEFAULT_KEY_BYTES, DEFAULT_SHARD_ROWS, Codec
+from featurecache.format import (
+    CODECS,
+    DEFAULT_COMPRESSOR,
+    DEFAULT_KEY_BYTES,
+    DEFAULT_SHARD_ROWS,
+    Codec,
+    compressor_level,
+)
 from featurecache.region import FrameRegion
 
 # A cache layer: the teacher's layer name, prefixed by the camera in multi-camera caches
@@ -111,7 +118,9 @@ class CacheSpec:
     `frame_regions`: {camera: FrameRegion} ("" the single plain camera), the region of each
     camera's frames the teacher saw; empty when not recorded (caches written before it, or by the
     Python writer without one): the student then sees the whole frame, as before
-    (docs/FORMAT.md "Frame regions")."""
+    (docs/FORMAT.md "Frame regions"). `compressor`: inside every chunk's codec chain, "zstd:L"
+    (level 1..22; "zstd:3" the default and the one chain of caches written before the field) or
+    "none" (bytes -> crc32c: more bytes, less CPU; featurecache.chunk_codec)."""
 
     layers: tuple[LayerSpec, ...]
     codec: Codec
@@ -121,6 +130,7 @@ class CacheSpec:
     views: int = 1
     augment: dict[str, Any] | None = None
     frame_regions: dict[str, FrameRegion] = field(default_factory=dict)
+    compressor: str = DEFAULT_COMPRESSOR
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -134,6 +144,7 @@ class CacheSpec:
         for what, value in (("shard_rows", self.shard_rows), ("key_bytes", self.key_bytes)):
             if not isinstance(value, int) or value <= 0:
                 raise SpecError(f"Expected a positive int {what}, got {value!r}")
+        compressor_level(self.compressor)  # SpecError unless "none" or "zstd:L"
         object.__setattr__(self, "fingerprint", _canonical(dict(self.fingerprint)))
         if not is_json_int(self.views) or self.views < 1:
             raise SpecError(f"Expected views to be an integer >= 1, got {self.views!r}")
@@ -187,6 +198,7 @@ class CacheSpec:
             "shard_rows": self.shard_rows,
             "key_bytes": self.key_bytes,
             "fingerprint": self.fingerprint,
+            "compressor": self.compressor,
         }
         if self.views > 1:
             out |= {"views": self.views, "augment": self.augment}
@@ -205,6 +217,7 @@ class CacheSpec:
             shard_rows=json_int(d, "shard_rows", "the spec"),
             fingerprint=d.get("fingerprint") or {},
             key_bytes=json_int(d, "key_bytes", "the spec", DEFAULT_KEY_BYTES),
+            compressor=d.get("compressor", DEFAULT_COMPRESSOR),  # absent: written before it
             views=json_int(d, "views", "the spec", 1),
             augment=d.get("augment"),
             frame_regions={

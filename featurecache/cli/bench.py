@@ -12,7 +12,10 @@ from types import ModuleType
 
 import click
 
-BENCHMARKS = ("kernel", "cache", "build", "ceiling", "train", "manifest", "views", "augment")
+BENCHMARKS = (
+    "kernel", "cache", "build", "ceiling", "gpu_build", "writer", "train", "manifest", "views",
+    "augment",
+)  # fmt: skip
 
 
 class MissingBenchmark(LookupError):

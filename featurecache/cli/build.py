@@ -18,6 +18,7 @@ from featurecache.pipelines.demo.config import SPLITS
 from featurecache.pipelines.demo.sample_data import write_sample_data
 from featurecache.pipelines.precompute.config import (
     FRAME_REGION_MODES,
+    MAX_DECODE_THREADS,
     MAX_GRID_SIDE,
     PREPROCESS_MODES,
     BuildConfig,
@@ -150,6 +151,15 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
     "per-token scales only (loses precision with outlier channels); fp16: lossless.",
 )
 @click.option(
+    "--compressor",
+    default=DEFAULTS["compressor"],
+    show_default=True,
+    metavar="none|zstd:L",
+    help="Inside every stored chunk: zstd at level L (1..22) or none. int8 features compress "
+    "only ~1.1-1.3x: none writes more bytes for less writer CPU (README, 'Build'). Recorded in "
+    "the cache; plain Zarr reads either.",
+)
+@click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=DEFAULTS["batch_size"],
@@ -258,8 +268,10 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
     "--decode-threads",
     type=click.IntRange(min=1),
     default=DEFAULTS["decode_threads"],
-    show_default=True,
-    help="Image decode threads per worker, running ahead of the teacher (raise on GPUs).",
+    help="Image decode threads per worker, running ahead of the teacher (PIL decodes outside "
+    "the GIL, so threads scale with cores). Default: on a GPU every core the worker is given "
+    "(its node's cores over its GPU workers; a local build: this machine's), up to "
+    f"{MAX_DECODE_THREADS}; on the CPU a quarter of them, at least 2.",
 )
 @click.option(
     "--views",
@@ -297,6 +309,7 @@ def build(
     layers: str,
     out: str,
     codec: str,
+    compressor: str,
     batch_size: int,
     shard_rows: int,
     cameras: str | None,
@@ -312,7 +325,7 @@ def build(
     prompt: str | None,
     frame_region: str,
     preprocess: str,
-    decode_threads: int,
+    decode_threads: int | None,
     views: int,
     augment: tuple[str, ...],
     view_seed: int,
@@ -351,8 +364,8 @@ def build(
     \b
     Resume and faults: one block per input shard; rerun the same command after a crash and
     only unfinished blocks are written (the result equals an uninterrupted build). A dead
-    worker is replaced and its block retried. A cache built with another teacher, layers or
-    codec is refused (use --overwrite or another --out).
+    worker is replaced and its block retried. A cache built with another teacher, layers,
+    codec or compressor is refused (use --overwrite or another --out).
 
     \b
     Object stores: FRAMES and --out may be s3:// or gs:// URLs; credentials and endpoints
@@ -380,6 +393,7 @@ def build(
         layers=layers,
         out=out,
         codec=codec,
+        compressor=compressor,
         batch_size=batch_size,
         shard_rows=shard_rows,
         cameras=cameras,

@@ -32,7 +32,10 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"cache         {info['path']} (format v{info['format_version']})")
-    click.echo(f"codec         {info['codec']}   shard_rows {info['shard_rows']}")
+    click.echo(
+        f"codec         {info['codec']}   shard_rows {info['shard_rows']}   compressor "
+        f"{info['compressor']}"
+    )
     click.echo(
         f"rows          {info['rows_written']} written of {info['rows']} "
         f"({info['skipped']} skipped frames)"

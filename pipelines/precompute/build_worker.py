@@ -48,7 +48,8 @@ class BuildWorker:
     teacher must match it (so nodes with other package versions or weights cannot mix features
     into one cache). device: "cpu" or "cuda". report: called after each written batch with (block
     index, frames done). teacher: an already loaded teacher to use (local builds reuse the
-    driver's), else one is loaded on `device`.
+    driver's), else one is loaded on `device`. cores: the CPU cores this worker is given (its
+    decode pool: `BuildConfig.decode_threads_for`).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class BuildWorker:
         device: str,
         report: Report | None = None,
         teacher: Any | None = None,
+        cores: int = 1,
     ) -> None:
         import torch
 
@@ -79,6 +81,7 @@ class BuildWorker:
         self.regions = self.writer.spec.frame_regions  # {camera: FrameRegion}, maybe {}
         self._channel_scales: dict[str, Any] = {}  # int8c: {layer: (dim,) on the device}
         self.report = report
+        self.decode_threads = config.decode_threads_for(cores, device)
 
     def ready(self) -> str:
         """The node this actor runs on (also: a cheap call to wait for the teacher to load)."""
@@ -101,14 +104,15 @@ class BuildWorker:
         # device (this thread), compress + write (one thread, in order, 2 batches behind; on
         # CUDA it waits for the encoded bytes' copies to the host, which overlap the next
         # batch's forward).
-        decode = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="decode")
+        threads = self.decode_threads
+        decode = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         write = ThreadPoolExecutor(1, thread_name_prefix="write")
         inputs: collections.deque[Future] = collections.deque()
         outputs: collections.deque[Future] = collections.deque()
         try:
             for batch in _batched(shard.iter_frames(), cfg.batch_size):
                 inputs.append(decode.submit(self._prepare, batch, shard))
-                if len(inputs) > cfg.decode_threads:
+                if len(inputs) > threads:
                     self._forward(block, inputs.popleft().result(), index, write, outputs)
             while inputs:
                 self._forward(block, inputs.popleft().result(), index, write, outputs)

@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
-from featurecache.errors import FeatureCacheError, OptionError
-from featurecache.format import CODECS, DEFAULT_CODEC, DEFAULT_SHARD_ROWS
+from featurecache.errors import FeatureCacheError, OptionError, SpecError
+from featurecache.format import (
+    CODECS,
+    DEFAULT_CODEC,
+    DEFAULT_COMPRESSOR,
+    DEFAULT_SHARD_ROWS,
+    compressor_level,
+)
 from featurecache.pipelines.precompute.frames import FrameShard
 from featurecache.pipelines.views import ViewRecipe, parse_augment
 from featurecache.samples import DEFAULT_CAMERA, check_camera
@@ -22,6 +28,7 @@ from featurecache.store import is_url, open_store
 __all__ = [
     "DEFAULT_FRAME_REGION",
     "FRAME_REGION_MODES",
+    "MAX_DECODE_THREADS",
     "MAX_GRID_SIDE",
     "PREPROCESS_MODES",
     "BuildConfig",
@@ -39,14 +46,15 @@ OnBadFrame = Literal["fail", "skip"]
 FrameRegionMode = Literal["full", "native"]
 FRAME_REGION_MODES: tuple[str, ...] = get_args(FrameRegionMode)
 DEFAULT_FRAME_REGION: FrameRegionMode = "full"
-# Where a teacher's preprocessing runs (README "Preprocessing on the device"): "host" in the decode
-# threads (PIL resize, float32 to the device: the caches of every earlier build); "device" the
-# threads only decode and stack uint8 frames, the teacher's device resizes and normalises.
+# Where a teacher's preprocessing runs (README, "2. Build a cache"): "host" in the decode threads
+# (PIL resize, float32 to the device: the caches of every earlier build); "device" the threads
+# only decode and stack uint8 frames, the teacher's device resizes and normalises.
 PreprocessMode = Literal["host", "device"]
 PREPROCESS_MODES: tuple[str, ...] = get_args(PreprocessMode)
 # --grid's bound, checked before any work: 256x256 = 65,536 tokens per frame and layer, beyond any
 # teacher's native grid (DINOv2 at 518 px: 37x37); 4000x4000 would allocate ~100 GB per batch.
 MAX_GRID_SIDE: Final = 256
+MAX_DECODE_THREADS: Final = 32  # a worker's decode threads when chosen for it
 
 
 class BuildError(FeatureCacheError):
@@ -70,6 +78,10 @@ class BuildConfig:
     codec: "int8c" (the default: int8 with per-token and per-layer per-channel scales, ~2x
         smaller than fp16), "int8" (per-token absmax only, ~2x smaller; misses the fidelity
         targets with outlier channels) or "fp16" (lossless). See FORMAT.md.
+    compressor: inside every stored chunk: "zstd:L" (level 1..22; "zstd:3" the default, the
+        format's chain before this option) or "none" (bytes -> crc32c: more bytes on disk, less
+        writer CPU; measured in benchmarks/writer.py). Recorded in the cache; plain Zarr reads
+        either.
     calibration_frames: int8c: frames of the first shard whose teacher features calibrate each
         layer's channel scale (run by the driver, before any block is written).
     batch_size: frames per teacher forward.
@@ -103,7 +115,9 @@ class BuildConfig:
         (teachers/device_preprocess.py); efficientnet-lite0 and hf: (RADIO and processors of
         transformers' PIL backend) only: py:, hf-vlm: and SigLIP2 NaFlex teachers keep theirs on
         the host. Recorded in the fingerprint: a cache takes features of one mode only.
-    decode_threads: image decode + preprocess threads per actor (they run ahead of the model).
+    decode_threads: image decode + preprocess threads per worker (they run ahead of the model;
+        PIL releases the GIL while decoding, so threads scale); None: `decode_threads_for` the
+        cores the worker is given (a GPU worker: all of them, up to MAX_DECODE_THREADS).
     max_retries: times a block is retried after its actor died, before the build fails.
     num_cpus: CPUs of a local Ray instance (None = all; a CPU worker's torch threads follow
         it), or torch threads of a local build on CPU (None = this process's setting, e.g.
@@ -124,6 +138,7 @@ class BuildConfig:
     layers: Sequence[str]
     out: str | Path
     codec: str = DEFAULT_CODEC
+    compressor: str = DEFAULT_COMPRESSOR
     calibration_frames: int = 16
     batch_size: int = 32
     shard_rows: int = DEFAULT_SHARD_ROWS
@@ -140,7 +155,7 @@ class BuildConfig:
     prompt: str | None = None
     frame_region: FrameRegionMode = DEFAULT_FRAME_REGION
     preprocess: PreprocessMode = "host"
-    decode_threads: int = 2
+    decode_threads: int | None = None
     max_retries: int = 3
     num_cpus: int | None = None
     ray_temp_dir: str | None = None
@@ -170,6 +185,10 @@ class BuildConfig:
             )
         if self.codec not in CODECS:
             raise BuildError(f"Expected --codec in {CODECS}, got {self.codec!r}.")
+        try:
+            compressor_level(self.compressor, "--compressor")
+        except SpecError as exc:
+            raise BuildError(f"{exc}.") from None
         if self.frame_region not in FRAME_REGION_MODES:
             raise BuildError(
                 f"Expected --frame-region in {FRAME_REGION_MODES}, got {self.frame_region!r}."
@@ -182,6 +201,8 @@ class BuildConfig:
             raise BuildError(f"Expected --on-bad-frame fail or skip, got {self.on_bad_frame!r}.")
         for name in ("batch_size", "shard_rows", "decode_threads", "calibration_frames"):
             value = getattr(self, name)
+            if name == "decode_threads" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise BuildError(f"Expected {name} to be an integer >= 1, got {value!r}.")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
@@ -215,6 +236,17 @@ class BuildConfig:
             open_store(self.out)  # UnsupportedURLError now, before any work, for x://, http://
         else:
             self.out = Path(self.out)
+
+    def decode_threads_for(self, cores: int, device: str) -> int:
+        """Decode threads of a worker given `cores` CPU cores on `device`: `decode_threads` when
+        set; else on CUDA every core (the host only decodes there, and a GPU eats frames faster
+        than a core decodes them), up to MAX_DECODE_THREADS; on the CPU a quarter of them, at
+        least 2 (the teacher's forward uses the cores there)."""
+        if self.decode_threads is not None:
+            return self.decode_threads
+        if device == "cuda":
+            return max(1, min(cores, MAX_DECODE_THREADS))
+        return max(2, min(cores // 4, MAX_DECODE_THREADS))
 
     @property
     def view_recipe(self) -> ViewRecipe | None:

@@ -205,6 +205,7 @@ def prepare_build(config: BuildConfig, teacher: Any | None = None) -> tuple[Buil
         ),
         codec=config.codec,
         shard_rows=config.shard_rows,
+        compressor=config.compressor,
         fingerprint=teacher.fingerprint(),
         views=config.views,
         augment=None if config.view_recipe is None else config.view_recipe.to_json(),

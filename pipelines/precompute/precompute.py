@@ -32,6 +32,7 @@ uninterrupted build array for array.
 from __future__ import annotations
 
 import collections
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ __all__ = [
     "IterableShard",
     "TarShard",
     "build_cache",
+    "gpu_worker_cpus",
     "use_local",
 ]
 
@@ -206,9 +208,11 @@ def _run_local(
     finished = sum(b.count + len(b.skipped) for b in writer.refresh().blocks if b.done)
     bar = _progress_bar(config.progress, total, finished, 1)
     report = None if bar is None else (lambda _index, n: bar.update(n))
+    cores = config.num_cpus or len(os.sched_getaffinity(0))
     worker = BuildWorker(
-        config, fingerprint, device, report, teacher=teacher if device == "cpu" else None
-    )
+        config, fingerprint, device, report, teacher=teacher if device == "cpu" else None,
+        cores=cores,
+    )  # fmt: skip
     threads = torch.get_num_threads()
     if device == "cpu" and config.num_cpus:  # as a Ray CPU worker given num_cpus cores
         torch.set_num_threads(config.num_cpus)
@@ -249,6 +253,18 @@ def _run_ray(
             ray.shutdown()
 
 
+def gpu_worker_cpus(nodes: list[dict], gpus_per_worker: float) -> int:
+    """CPU cores to give each GPU worker: on every alive node with GPUs, its cores over the
+    workers its GPUs hold (GPU / gpus_per_worker), the smallest such share (so every GPU of the
+    cluster can still take a worker), at least 1. `nodes`: `ray.nodes()`."""
+    shares = [
+        int(node["Resources"].get("CPU", 0) // max(1, node["Resources"]["GPU"] // gpus_per_worker))
+        for node in nodes
+        if node.get("Alive") and node.get("Resources", {}).get("GPU", 0) > 0
+    ]
+    return max(1, min(shares, default=1))
+
+
 def _run_blocks(
     ray: Any,
     config: BuildConfig,
@@ -266,7 +282,9 @@ def _run_blocks(
     cpus = float(resources.get("CPU", 1))
     if gpus > 0:
         n = config.workers or max(1, int(gpus // config.gpus_per_worker))
-        options = {"num_gpus": config.gpus_per_worker, "num_cpus": 1}
+        # Each GPU worker takes its share of its node's cores: its decode pool runs on them.
+        options = {"num_gpus": config.gpus_per_worker,
+                   "num_cpus": gpu_worker_cpus(ray.nodes(), config.gpus_per_worker)}  # fmt: skip
         device = "cuda"
     else:
         n = config.workers or 1
@@ -280,7 +298,9 @@ def _run_blocks(
     report = RemoteProgress(progress)
 
     def spawn() -> Any:
-        return worker_cls.options(**options).remote(config, fingerprint, device, report)
+        return worker_cls.options(**options).remote(
+            config, fingerprint, device, report, cores=int(options["num_cpus"])
+        )
 
     actors: dict[int, Any] = {i: spawn() for i in range(n)}
     try:  # wait for every teacher to load: startup errors surface here, and timing starts

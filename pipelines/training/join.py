@@ -3,15 +3,21 @@ of view 0 or of the view replayed this epoch), read `JOIN_CHUNK` keys per cache 
 public API's rules (`alignment.lookup_targets`, `alignment.check_digests`). With replay, each
 sample also carries its view's transforms (`view_params`, one per camera) for
 `stream.student_frame`.
+
+The join reads one chunk ahead (`read_ahead`): the next chunk's targets are fetched in a
+background thread while the current chunk's samples go downstream (decode, the training step),
+so a bucket's per-request latency hides behind the work the stream does anyway.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from featurecache.errors import OptionError
 from featurecache.format import camera_layer
 from featurecache.pipelines.training.alignment import (
     OnMismatch,
@@ -28,13 +34,19 @@ from featurecache.samples import DEFAULT_CAMERA
 __all__ = ["JOIN_CHUNK", "CacheJoin"]
 
 JOIN_CHUNK = 32  # keys per cache read: amortises the per-call cost, stays within a Zarr shard
+READ_AHEAD = 1  # chunks whose reads run in the background while the current one is consumed
 
 
 class CacheJoin:
     """Attach each sample's cached target, reading `JOIN_CHUNK` keys per cache call, in order,
     through `alignment.lookup_targets` (the join of the public API: one missing-key rule), after
     checking that each frame's image bytes are those its cache row was built from
-    (`alignment.check_digests`, the public API's digest rule; `on_mismatch`)."""
+    (`alignment.check_digests`, the public API's digest rule; `on_mismatch`).
+
+    read_ahead: chunks read in a background thread ahead of the one being consumed (0: each
+    chunk is read when its samples are asked for). Samples, skip reports and errors come out in
+    the same order either way; an error of a chunk read ahead surfaces when that chunk is due.
+    """
 
     def __init__(
         self,
@@ -44,7 +56,11 @@ class CacheJoin:
         on_mismatch: OnMismatch = "error",
         cameras: Sequence[str] = (DEFAULT_CAMERA,),
         replay: tuple[int, int] | None = None,
+        read_ahead: int = READ_AHEAD,
     ) -> None:
+        if read_ahead < 0:
+            raise OptionError(f"Expected read_ahead >= 0 chunks, got {read_ahead}")
+        self.read_ahead = read_ahead
         self.cache_path, self.layer, self.on_missing = cache, layer, on_missing
         self.on_mismatch = on_mismatch
         self.cameras = tuple(cameras)
@@ -56,14 +72,23 @@ class CacheJoin:
         cache = open_cache(self.cache_path)  # opened here: once per worker process
         if self.replay is not None:
             require_views(cache)
-        chunk: list[dict] = []
-        for s in samples:
-            chunk.append(s)
-            if len(chunk) == JOIN_CHUNK:
+        if not self.read_ahead:
+            for chunk in _chunks(samples):
                 yield from self._read(cache, chunk)
-                chunk = []
-        if chunk:
-            yield from self._read(cache, chunk)
+            return
+        # One thread reads the chunks in order (the cache is used by it alone); at most
+        # read_ahead reads are queued beyond the chunk being yielded.
+        reader = ThreadPoolExecutor(1, thread_name_prefix="fc-join")
+        pending: list[Future] = []
+        try:
+            for chunk in _chunks(samples):
+                pending.append(reader.submit(lambda c=chunk: list(self._read(cache, c))))
+                if len(pending) > self.read_ahead:
+                    yield from pending.pop(0).result()
+            while pending:
+                yield from pending.pop(0).result()
+        finally:
+            reader.shutdown(wait=True, cancel_futures=True)
 
     def _check_digests(self, cache: FeatureCache, chunk: list[dict]) -> tuple[list[dict], list]:
         """(the samples to join, the keys left out because their images are not the cache's):
@@ -155,3 +180,15 @@ class CacheJoin:
     def _stack(self, per_camera: list[torch.Tensor]) -> torch.Tensor:
         """One camera's tensor as is, several stacked on a camera axis (C, ...)."""
         return torch.stack(per_camera) if self.camera_axis else per_camera[0]
+
+
+def _chunks(samples: Iterable[dict]) -> Iterator[list[dict]]:
+    """The samples in lists of JOIN_CHUNK (the last one shorter)."""
+    chunk: list[dict] = []
+    for s in samples:
+        chunk.append(s)
+        if len(chunk) == JOIN_CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

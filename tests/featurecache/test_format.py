@@ -38,13 +38,14 @@ def test_manifest_json_round_trip() -> None:
 def test_direct_layout_only_for_our_chains(build_cache) -> None:
     import json
 
-    from featurecache.codecs import direct_layout
+    from featurecache.chunk_codec import direct_layout
 
     path, _ = build_cache((4,), codec="int8")
     meta = {name: json.loads((path / name / "zarr.json").read_text()) for name in
             ("features/4", "scales/4", "keys")}  # fmt: skip
-    assert direct_layout(meta["features/4"]) == "sharded"
-    assert direct_layout(meta["scales/4"]) == direct_layout(meta["keys"]) == "chunked"
+    assert direct_layout(meta["features/4"]).sharded
+    assert not direct_layout(meta["scales/4"]).sharded
+    assert not direct_layout(meta["keys"]).sharded
     other = json.loads(json.dumps(meta["features/4"]))
     other["codecs"][0]["configuration"]["codecs"][1] = {"name": "blosc", "configuration": {}}
     assert direct_layout(other) is None  # read through zarr-python instead

@@ -287,7 +287,9 @@ def test_full_disk_names_the_file_and_keeps_done_blocks(tmp_path: Path, monkeypa
     monkeypatch.setattr(LocalStore, "put", full)
     bw = writer.open_block(1)
     with pytest.raises(fc.StorageError, match=r"features/x/c/2/0/0.*No space left.*pending"):
+        # shard objects are written by a pool: the failure surfaces by finish at the latest
         bw.append([f"b{i}" for i in range(8)], {"x": np.ones((8, 4, 8), np.float32)})
+        bw.finish()
     monkeypatch.undo()
     assert (path / GROUP_METADATA).read_bytes() == before  # the manifest was not touched
     cache = fc.open_cache(path)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,11 +85,13 @@ def test_two_writers_of_one_block_finish_identically(location: str) -> None:
     """Two concurrent builds write the same block with the same data: both commit (one creates
     the record, the other finds an identical one), nothing is lost, verify passes."""
     fc.create_cache(location, SPEC, fc.plan_blocks(SIZES, 8))
+    both_open = threading.Barrier(2, timeout=60)  # neither finishes before the other opened it
 
     def write(_: int) -> fc.Block:
         writer = fc.open_writer(location)
         keys, feats = _block(1, 9)
         bw = writer.open_block(1)
+        both_open.wait()
         bw.append(keys, feats)
         return writer.mark_done(bw.finish())
 

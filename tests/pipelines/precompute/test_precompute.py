@@ -203,7 +203,7 @@ def _dying_worker(marker: Path) -> type[BuildWorker]:
     the actors by value (cloudpickle) and the fault lives in the test alone."""
 
     class DyingWorker(BuildWorker):
-        def __init__(self, config, fingerprint, device, report=None, teacher=None) -> None:
+        def __init__(self, config, fingerprint, device, report=None, teacher=None, cores=1):
             def die_then_report(index: int, frames: int) -> None:
                 # called after each batch is written, before the block is done
                 if index == 1 and not marker.exists():
@@ -212,7 +212,7 @@ def _dying_worker(marker: Path) -> type[BuildWorker]:
                 if report is not None:
                     report(index, frames)
 
-            super().__init__(config, fingerprint, device, die_then_report, teacher)
+            super().__init__(config, fingerprint, device, die_then_report, teacher, cores)
 
     return DyingWorker
 
@@ -346,8 +346,7 @@ def test_build_on_gpu_matches_cpu_forward(
     sample_data_dir: Path, tmp_path: Path, ray_temp_dir: str
 ) -> None:
     """With a GPU, workers ask for one (--gpus-per-worker) and run the teacher on it."""
-    import ray
-
+    ray = pytest.importorskip("ray")  # a GPU machine may lack it (make bench-gpu)
     if ray.is_initialized():  # the module's CPU-only session (this test runs last)
         ray.shutdown()
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _temp_dir=ray_temp_dir)
