@@ -15,7 +15,12 @@ run: bare decode (CPU ms/frame, one thread), the local build (frames/s; CPU ms/f
 whole process: decode pool, forward, codec, writer), that over the bare decode, and the host
 cores one GPU needs at GPU_FPS frames/s (CPU ms/frame * GPU_FPS / 1000). Stages, measured alone
 on the same frames: decode + preprocess, the codec (encode_torch on this CPU), the writer
-(append + compress + checksum + write of encoded rows).
+(append + compress + checksum + write of encoded rows). And the preprocessing stage of
+`--preprocess host` vs `device` for a DINOv2-style processor (resize 224 bicubic + ImageNet
+mean/std, transformers' PIL backend), CPU ms/frame: host (PIL resize + normalise to float32 in the
+decode threads), device's host share (stacking uint8 frames: all the decode threads still do)
+and device's device share, here run by this CPU's torch (on a GPU it is device time: the saving
+on the host is host minus stack, and shows only on a GPU).
 
     python -m featurecache.benchmarks.ceiling [--json FILE] [--quick]
     featurecache bench ceiling [--json FILE] [--quick]
@@ -37,6 +42,10 @@ import torch
 from PIL import Image
 
 from featurecache.benchmarks import harness
+from featurecache.pipelines.precompute.teachers.device_preprocess import (
+    DevicePreprocess,
+    FrameBatch,
+)
 
 TITLE = "Build host ceiling: null teacher (zero device cost) vs bare decode"
 GPU_FPS = 5000  # a ViT-B-class teacher on one H100 (issue 21): the speed the host must feed
@@ -150,6 +159,36 @@ def _stages(images: list[Image.Image], factory: str, root: Path) -> dict[str, fl
     return {"preprocess": 1e3 * pre / n, "codec": 1e3 * codec / n, "writer": 1e3 * write / n}
 
 
+def _preprocess_stage(images: list[Image.Image]) -> dict[str, float]:
+    """CPU ms per frame of a DINOv2-style processor's preprocessing (224 bicubic, ImageNet),
+    batches of 32: on the host (the processor, PIL backend), and with --preprocess device: the
+    decode threads' uint8 stack, and the device replay run on this CPU."""
+    import transformers
+
+    processor = transformers.ViTImageProcessorPil(
+        size={"height": 224, "width": 224},
+        resample=Image.Resampling.BICUBIC,
+        image_mean=IMAGENET_MEAN.flatten().tolist(),
+        image_std=IMAGENET_STD.flatten().tolist(),
+    )
+    recipe = DevicePreprocess.from_image_processor(processor, where="bench")
+    batches = [images[i : i + 32] for i in range(0, len(images), 32)]
+    times = {}
+    start = time.process_time()
+    for b in batches:
+        processor(images=b, return_tensors="pt")
+    times["pre_host_ms"] = time.process_time() - start
+    start = time.process_time()
+    stacked = [FrameBatch.stack(b) for b in batches]
+    times["pre_stack_ms"] = time.process_time() - start
+    start = time.process_time()
+    with torch.inference_mode():
+        for b in stacked:
+            recipe(b)
+    times["pre_device_on_cpu_ms"] = time.process_time() - start
+    return {k: 1e3 * v / len(images) for k, v in times.items()}
+
+
 def _build(frames: Path, factory: str, out: Path, n: int) -> tuple[float, float]:
     """A local build with the null teacher: (frames/s, process CPU ms per frame)."""
     from featurecache.pipelines.precompute.config import BuildConfig
@@ -184,6 +223,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
             for fmt in ("png", "jpeg"):
                 frames = root / f"{fmt}{size}"
                 images, decode_ms = _decoded(frames)
+                prep = _preprocess_stage(images)
                 for (shape, pre), factory in cases:
                     stages = _stages(images, factory, root)
                     fps, cpu_ms = _build(frames, factory, root / "cache.zarr", n)
@@ -193,7 +233,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                         frames_per_s=fps, cpu_ms_per_frame=cpu_ms, bare_decode_ms=decode_ms,
                         x_bare_decode=cpu_ms / decode_ms, cores_at_gpu_fps=cpu_ms * GPU_FPS / 1e3,
                         preprocess_ms=stages["preprocess"], codec_ms=stages["codec"],
-                        writer_ms=stages["writer"],
+                        writer_ms=stages["writer"], **prep,
                     ))  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -207,7 +247,10 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
             "over the bare decode of the same frames (target <= 1.3x with uint8 to the device "
             f"and the codec on it); cores_at_gpu_fps: host cores to feed {GPU_FPS} frames/s. "
             "Stages alone (CPU ms/frame): preprocess, codec (on this CPU: on a GPU it is device "
-            "time), writer. " + harness.load_note(),
+            "time), writer. pre_*: a DINOv2-style processor (224 bicubic, ImageNet) alone: "
+            "pre_host_ms with --preprocess host (PIL, float32), pre_stack_ms the decode "
+            "threads' share with --preprocess device (uint8 stack), pre_device_on_cpu_ms its "
+            "device share run by this CPU's torch (device time on a GPU). " + harness.load_note(),
         )
     return rows
 

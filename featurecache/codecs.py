@@ -115,17 +115,25 @@ class EncodedFeatures:
     scales: np.ndarray | None
 
 
+def encode_on_device(
+    x: torch.Tensor, codec: str, channel_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's features x float (n, tokens, dim) encoded for `codec`, left on x's device:
+    (values float16 or int8 (n, tokens, dim), scales float32 (n, tokens) or None for fp16).
+    fp16: a cast (as numpy's astype: round to nearest even, out of range -> inf, which the writer
+    refuses); int8 / int8c: `quantize_int8_torch`."""
+    if codec == "fp16":
+        return x.float().half(), None
+    return quantize_int8_torch(x, channel_scale if codec == "int8c" else None)
+
+
 def encode_torch(
     x: torch.Tensor, codec: str, channel_scale: torch.Tensor | None = None
 ) -> EncodedFeatures:
-    """A layer's features x float (n, tokens, dim) encoded for `codec` on x's device, brought to
-    the host: fp16 cast (as numpy's astype: round to nearest even, out of range -> inf, which the
-    writer refuses), or `quantize_int8_torch`. Equal, byte for byte, to the writer's numpy
+    """`encode_on_device`, brought to the host. Equal, byte for byte, to the writer's numpy
     encoding of x.float()."""
-    if codec == "fp16":
-        return EncodedFeatures(x.float().half().cpu().numpy(), None)
-    q, scale = quantize_int8_torch(x, channel_scale if codec == "int8c" else None)
-    return EncodedFeatures(q.cpu().numpy(), scale.cpu().numpy())
+    values, scales = encode_on_device(x, codec, channel_scale)
+    return EncodedFeatures(values.cpu().numpy(), None if scales is None else scales.cpu().numpy())
 
 
 def dequantize_int8(

@@ -20,6 +20,7 @@ from featurecache.pipelines.precompute.config import (
     FRAME_REGION_MODES,
     MAX_DECODE_THREADS,
     MAX_GRID_SIDE,
+    PREPROCESS_MODES,
     BuildConfig,
     OnBadFrame,
 )
@@ -251,6 +252,19 @@ def _parse_grid(ctx: click.Context, param: click.Parameter, value: str | None):
     "quarters). The region is recorded in the cache either way ('inspect' shows it).",
 )
 @click.option(
+    "--preprocess",
+    type=click.Choice(PREPROCESS_MODES),
+    default=DEFAULTS["preprocess"],
+    show_default=True,
+    help="Where the teacher's resize and normalisation run. host: PIL in the decode threads, "
+    "float32 to the device (caches as before: they resume). device: the threads only decode; "
+    "uint8 frames (4x fewer bytes, pinned on CUDA) go to the teacher's device, which resizes "
+    "(torch, antialiased: ~1/255 from PIL on resized pixels, bit-identical where no resize), "
+    "rescales and normalises; for efficientnet-lite0 and hf: (RADIO, PIL-backend processors; "
+    "a setting it cannot replay is refused by name). py:, hf-vlm: and SigLIP2 NaFlex keep "
+    "theirs on the host. Recorded in the fingerprint: host and device caches never mix.",
+)
+@click.option(
     "--decode-threads",
     type=click.IntRange(min=1),
     default=DEFAULTS["decode_threads"],
@@ -310,6 +324,7 @@ def build(
     allow_random_weights: bool,
     prompt: str | None,
     frame_region: str,
+    preprocess: str,
     decode_threads: int | None,
     views: int,
     augment: tuple[str, ...],
@@ -393,6 +408,7 @@ def build(
         allow_random_weights=allow_random_weights,
         prompt=prompt,
         frame_region=frame_region,  # type: ignore[arg-type]
+        preprocess=preprocess,  # type: ignore[arg-type]
         decode_threads=decode_threads,
         views=views,
         augment=augment,

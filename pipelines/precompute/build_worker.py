@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from featurecache.codecs import EncodedFeatures, encode_torch
+from featurecache.codecs import encode_on_device
 from featurecache.errors import SpecMismatchError
 from featurecache.format import VIEW_PARAM_FIELDS, camera_layer, sample_digest
 from featurecache.pipelines.precompute.config import BuildConfig
 from featurecache.pipelines.precompute.frames import FramesChangedError, FrameShard
+from featurecache.pipelines.precompute.host_copies import DeviceFeatures, HostCopies
 from featurecache.pipelines.precompute.plan import load_build_teacher
 from featurecache.pipelines.views import ViewRecipe, apply_view
 from featurecache.samples import BadFrameError
@@ -98,9 +99,11 @@ class BuildWorker:
         """Write block `index` from `shard`; returns the BlockResult (not marked done yet)."""
         cfg = self.config
         block = self.writer.open_block(index, overwrite=False)
-        # Three stages overlap: decode + preprocess (decode_threads batches ahead), the teacher
-        # and the codec on its device (this thread), compress + write (one thread, in order, 2
-        # batches behind).
+        # Three stages overlap: decode + preprocess (decode_threads batches ahead; with
+        # --preprocess device only decode + stack uint8), the teacher and the codec on its
+        # device (this thread), compress + write (one thread, in order, 2 batches behind; on
+        # CUDA it waits for the encoded bytes' copies to the host, which overlap the next
+        # batch's forward).
         threads = self.decode_threads
         decode = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         write = ThreadPoolExecutor(1, thread_name_prefix="write")
@@ -126,10 +129,10 @@ class BuildWorker:
     def _prepare(
         self, batch: list[tuple[str, Any]], shard: FrameShard
     ) -> tuple[list[str], Any, list[str], list[bytes] | None, Any]:
-        """Decode + preprocess (thread pool): (good keys, input tensor (B * V * C, ...)
-        frame-major, then view, then camera, or None; bad keys; the good frames'
-        sample_digest, or None when the shard has no encoded images; views' params float64
-        (B, V - 1, C, fields), or None with one view)."""
+        """Decode + the teacher's host-side preprocessing (thread pool): (good keys, its batch
+        of B * V * C images (frame-major, then view, then camera: `teacher.prepare`), or None;
+        bad keys; the good frames' sample_digest, or None when the shard has no encoded images;
+        views' params float64 (B, V - 1, C, fields), or None with one view)."""
         keys, images, bad, digests, params = [], [], [], [], []
         for key, raw in batch:
             try:
@@ -148,7 +151,7 @@ class BuildWorker:
                 params.append(rows)
             digests.append(None if encoded is None else sample_digest(encoded))
             keys.append(key)
-        inputs = self.teacher.preprocess(images) if images else None
+        inputs = self.teacher.prepare(images) if images else None
         view_params = np.stack(params) if params else None
         return keys, inputs, bad, (None if None in digests else digests), view_params
 
@@ -174,21 +177,24 @@ class BuildWorker:
         import torch
 
         keys, inputs, bad, digests, params = prepared
-        feats: list[dict] = []
+        copies = HostCopies.start([])
         if keys:
             with torch.inference_mode():
-                out = self.teacher.forward(inputs.to(self.teacher.device))
+                out = self.teacher.forward(self.teacher.model_input(inputs))
                 views = _per_camera(out, self.cameras, len(keys), self.config.views)
-                # the codec runs where the features are: only the stored bytes come back
-                feats = [{name: self._encode(block, name, x) for name, x in view.items()}
-                         for view in views]  # fmt: skip
-        outputs.append(write.submit(self._write, block, keys, feats, digests, params, bad, index))
+                # the codec runs where the features are: only the stored bytes come back, copied
+                # without blocking this thread (host_copies.py)
+                copies = HostCopies.start(
+                    [{name: self._encode(block, name, x) for name, x in view.items()}
+                     for view in views]
+                )  # fmt: skip
+        outputs.append(write.submit(self._write, block, keys, copies, digests, params, bad, index))
         while len(outputs) > 2:
             outputs.popleft().result()  # bounded: at most 2 batches of features wait
 
-    def _encode(self, block: Any, layer: str, x: Any) -> EncodedFeatures:
-        """A cache layer's features (n, tokens, dim) on the teacher's device -> its stored bytes
-        on the host (`codecs.encode_torch`, byte for byte the writer's numpy encoding)."""
+    def _encode(self, block: Any, layer: str, x: Any) -> DeviceFeatures:
+        """A cache layer's features (n, tokens, dim) on the teacher's device -> its stored bytes,
+        still there (`codecs.encode_on_device`: byte for byte the writer's numpy encoding)."""
         codec = block.spec.codec
         scale = self._channel_scales.get(layer)
         if scale is None and codec == "int8c":
@@ -196,13 +202,13 @@ class BuildWorker:
 
             scale = torch.from_numpy(block.channel_scales[layer]).to(x.device)
             self._channel_scales[layer] = scale
-        return encode_torch(x, codec, scale)
+        return encode_on_device(x, codec, scale)
 
     def _write(
         self,
         block: Any,
         keys: list[str],
-        feats: list[dict],
+        copies: HostCopies,
         digests: list[bytes] | None,
         params: Any,
         bad: list[str],
@@ -211,6 +217,7 @@ class BuildWorker:
         for key in bad:
             block.skip(key)
         if keys:
+            feats = copies.wait()  # the one sync with the device's copies
             block.append(keys, feats[0], digests, view_features=feats[1:], view_params=params)
         if self.report is not None:
             self.report(index, len(keys) + len(bad))
@@ -242,9 +249,7 @@ def calibration_features(config: BuildConfig, teacher: Any, shard: FrameShard) -
     step = config.batch_size * len(cameras)
     for start in range(0, len(images), step):
         batch = images[start : start + step]
-        with torch.inference_mode():
-            out = teacher.forward(teacher.preprocess(batch).to(teacher.device))
-        out = {k: v.float().cpu() for k, v in out.items()}
+        out = {k: v.float().cpu() for k, v in teacher(batch).items()}
         for layer, value in _per_camera(out, cameras, len(batch) // len(cameras))[0].items():
             parts.setdefault(layer, []).append(value)
     return {layer: torch.cat(values) for layer, values in parts.items()}

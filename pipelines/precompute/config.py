@@ -30,10 +30,12 @@ __all__ = [
     "FRAME_REGION_MODES",
     "MAX_DECODE_THREADS",
     "MAX_GRID_SIDE",
+    "PREPROCESS_MODES",
     "BuildConfig",
     "BuildError",
     "FrameRegionMode",
     "OnBadFrame",
+    "PreprocessMode",
 ]
 
 OnBadFrame = Literal["fail", "skip"]
@@ -44,6 +46,11 @@ OnBadFrame = Literal["fail", "skip"]
 FrameRegionMode = Literal["full", "native"]
 FRAME_REGION_MODES: tuple[str, ...] = get_args(FrameRegionMode)
 DEFAULT_FRAME_REGION: FrameRegionMode = "full"
+# Where a teacher's preprocessing runs (README, "2. Build a cache"): "host" in the decode threads
+# (PIL resize, float32 to the device: the caches of every earlier build); "device" the threads
+# only decode and stack uint8 frames, the teacher's device resizes and normalises.
+PreprocessMode = Literal["host", "device"]
+PREPROCESS_MODES: tuple[str, ...] = get_args(PreprocessMode)
 # --grid's bound, checked before any work: 256x256 = 65,536 tokens per frame and layer, beyond any
 # teacher's native grid (DINOv2 at 518 px: 37x37); 4000x4000 would allocate ~100 GB per batch.
 MAX_GRID_SIDE: Final = 256
@@ -99,6 +106,15 @@ class BuildConfig:
         a centre crop or letterbox of an hf processor is switched off) or "native" (the
         processor as saved; the training stream crops the student's frame to the region the
         teacher saw). The region is recorded in the cache either way.
+    preprocess: where the teacher's resize + rescale + normalise run. "host" (the default: caches
+        identical to earlier builds', so they resume; the fingerprint is fixed by the driver,
+        often a CPU-only head node that cannot know what its workers hold): PIL in the decode
+        threads, float32 (B, 3, H, W) sent to the device. "device": the decode threads only
+        decode and stack uint8 frames (4x fewer bytes; pinned, copied non_blocking on CUDA)
+        and the teacher's device resizes (torch, antialiased), rescales and normalises
+        (teachers/device_preprocess.py); efficientnet-lite0 and hf: (RADIO and processors of
+        transformers' PIL backend) only: py:, hf-vlm: and SigLIP2 NaFlex teachers keep theirs on
+        the host. Recorded in the fingerprint: a cache takes features of one mode only.
     decode_threads: image decode + preprocess threads per worker (they run ahead of the model;
         PIL releases the GIL while decoding, so threads scale); None: `decode_threads_for` the
         cores the worker is given (a GPU worker: all of them, up to MAX_DECODE_THREADS).
@@ -138,6 +154,7 @@ class BuildConfig:
     allow_random_weights: bool = False
     prompt: str | None = None
     frame_region: FrameRegionMode = DEFAULT_FRAME_REGION
+    preprocess: PreprocessMode = "host"
     decode_threads: int | None = None
     max_retries: int = 3
     num_cpus: int | None = None
@@ -175,6 +192,10 @@ class BuildConfig:
         if self.frame_region not in FRAME_REGION_MODES:
             raise BuildError(
                 f"Expected --frame-region in {FRAME_REGION_MODES}, got {self.frame_region!r}."
+            )
+        if self.preprocess not in PREPROCESS_MODES:
+            raise BuildError(
+                f"Expected --preprocess in {PREPROCESS_MODES}, got {self.preprocess!r}."
             )
         if self.on_bad_frame not in get_args(OnBadFrame):
             raise BuildError(f"Expected --on-bad-frame fail or skip, got {self.on_bad_frame!r}.")

@@ -142,6 +142,7 @@ def load_build_teacher(config: BuildConfig, device: str) -> Any:
         grid=config.grid,
         prompt=config.prompt,
         frame_region=config.frame_region,
+        preprocess=config.preprocess,
     )
 
 

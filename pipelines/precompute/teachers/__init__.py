@@ -18,7 +18,9 @@ from featurecache.pipelines.model_loading import LoadOptions
 from featurecache.pipelines.precompute.config import (
     DEFAULT_FRAME_REGION,
     FRAME_REGION_MODES,
+    PREPROCESS_MODES,
     FrameRegionMode,
+    PreprocessMode,
 )
 from featurecache.pipelines.precompute.teachers.base import (
     Teacher,
@@ -58,6 +60,7 @@ def load_teacher(
     grid: tuple[int, int] | None = None,
     prompt: str | None = None,
     frame_region: FrameRegionMode = DEFAULT_FRAME_REGION,
+    preprocess: PreprocessMode = "host",
 ) -> Teacher:
     """The teacher named by `spec`, frozen (eval, no grad) on `device`, returning `layers`.
 
@@ -69,15 +72,36 @@ def load_teacher(
     frame_region: "full" (the whole frame reaches the teacher: an hf processor's centre crop or
     letterbox is switched off) or "native" (the processor as saved); `teacher.frame_region(h, w)`
     reports the region of an h x w frame either way (featurecache.region.FrameRegion).
+    preprocess: "host" (`teacher.preprocess` in the caller's threads) or "device" (uint8 frames
+    in, resized and normalised on `device` where the teacher can: `Teacher.use_device_preprocess`;
+    OptionError for an hf processor setting the device cannot replay).
     Raises UnknownTeacherError for an unknown spec, UnknownLayerError for a layer it lacks,
     IncompleteWeightsError for a checkpoint that does not cover the model.
     """
     spec = str(spec).strip()
     if frame_region not in FRAME_REGION_MODES:
         raise OptionError(f"Expected frame_region in {FRAME_REGION_MODES}, got {frame_region!r}.")
+    if preprocess not in PREPROCESS_MODES:
+        raise OptionError(f"Expected preprocess in {PREPROCESS_MODES}, got {preprocess!r}.")
     options = LoadOptions(
         allow_random_weights=allow_random_weights, trust_remote_code=trust_remote_code
     )
+    teacher = _load(spec, layers, device, options, grid, prompt, frame_region)
+    if preprocess == "device":
+        teacher.use_device_preprocess()
+    return teacher
+
+
+def _load(
+    spec: str,
+    layers: Sequence[str],
+    device: str,
+    options: LoadOptions,
+    grid: tuple[int, int] | None,
+    prompt: str | None,
+    frame_region: FrameRegionMode,
+) -> Teacher:
+    """The teacher of `spec` (see load_teacher)."""
     if spec.startswith("efficientnet-lite0"):
         return EfficientNetLiteTeacher(spec, layers, device=device, grid=grid)
     if spec.startswith("hf:") and len(spec) > 3:

@@ -13,9 +13,12 @@ A teacher also says which part of a frame reaches it: `frame_region(height, widt
 `featurecache.region.FrameRegion` (the whole frame, squashed, unless its preprocessing crops or
 pads: an `hf:` processor's centre crop, a letterbox); the build records it per camera.
 
-The build calls `preprocess` in decode threads and `forward` on the model's device (the batch
-moved there with `.to(teacher.device)`), so decoding overlaps the forward; `__call__` runs both
-under `torch.inference_mode()`.
+The build calls `prepare` (host side: `preprocess`) in decode threads and `forward` on the
+model's device after `model_input` (the batch moved there with `.to(teacher.device)`), so
+decoding overlaps the forward; `__call__` runs all three under `torch.inference_mode()`. With
+`use_device_preprocess()` (`--preprocess device`) a built-in teacher whose recipe the device can
+replay (`_device_recipe`, teachers/device_preprocess.py) prepares uint8 frames only and
+`model_input` resizes and normalises them on the device; the others keep `preprocess` on the host.
 
 `Teacher` is the base class of the built-in teachers. Its `fingerprint()` holds the identity
 (kind, architecture), `weights`: the sha256 of every tensor the model runs with after loading
@@ -35,6 +38,10 @@ from PIL import Image
 
 from featurecache.errors import FeatureCacheError, UnknownLayerError
 from featurecache.pipelines.model_loading import tensors_sha256
+from featurecache.pipelines.precompute.teachers.device_preprocess import (
+    DevicePreprocess,
+    FrameBatch,
+)
 from featurecache.pipelines.resample import resample_tokens
 from featurecache.region import FrameRegion
 from featurecache.spec import LayerSpec
@@ -90,6 +97,7 @@ class Teacher(ABC):
 
     _layer_specs: tuple[LayerSpec, ...] | None = None
     _fingerprint: dict[str, Any] | None = None
+    _on_device: DevicePreprocess | None = None  # set by use_device_preprocess
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
@@ -114,6 +122,11 @@ class Teacher(ABC):
     def _module(self) -> torch.nn.Module:
         """The torch module the features are computed with (hashed whole)."""
 
+    def _device_recipe(self) -> DevicePreprocess | None:
+        """This teacher's preprocessing as torch ops for its device, or None: it stays on the
+        host (the base class; plug-ins, VLMs, NaFlex)."""
+        return None
+
     def native_grid(self, layer: str) -> tuple[int, int] | None:
         """The layer's patch grid (h, w) before any resampling, as of the last forward (or a
         probe); None if its tokens are not one grid."""
@@ -125,10 +138,38 @@ class Teacher(ABC):
         return FrameRegion.whole_frame(height, width, "squash")
 
     # ------------------------------------------------------------------ shared behaviour
+    def use_device_preprocess(self) -> bool:
+        """Run the resize and normalisation on the teacher's device from now on, where its
+        recipe allows (`_device_recipe`); returns whether it does. Call before the first
+        forward or fingerprint (load_teacher does): the fingerprint records it."""
+        assert self._fingerprint is None and self._layer_specs is None, "call before use"
+        self._on_device = self._device_recipe()
+        return self._on_device is not None
+
+    @property
+    def preprocess_on_device(self) -> bool:
+        """Whether `model_input` resizes and normalises on the device (uint8 frames in)."""
+        return self._on_device is not None
+
+    def prepare(self, images: Sequence[Image.Image]) -> Any:
+        """Host side of the preprocessing (decode threads): `preprocess(images)`, or with device
+        preprocessing the frames as uint8 (a FrameBatch, pinned when the device is CUDA)."""
+        if self._on_device is None:
+            return self.preprocess(images)
+        return FrameBatch.stack(images, pin=self.device.type == "cuda")
+
+    def model_input(self, batch: Any) -> Any:
+        """Device side: `prepare`'s batch moved to the device (non_blocking from pinned frames)
+        and, with device preprocessing, resized and normalised there: the forward's input."""
+        if self._on_device is None:
+            return batch.to(self.device)
+        return self._on_device(batch.to(self.device, non_blocking=self.device.type == "cuda"))
+
     def __call__(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        """preprocess + forward under inference mode: {layer: (B, tokens, dim) float32}."""
+        """prepare + model_input + forward under inference mode: {layer: (B, tokens, dim)
+        float32}."""
         with torch.inference_mode():
-            return self.forward(self.preprocess(images).to(self.device))
+            return self.forward(self.model_input(self.prepare(images)))
 
     def layer_specs(self, probe: Image.Image | None = None) -> tuple[LayerSpec, ...]:
         """(name, tokens, dim, grid) per layer, measured once by a forward of `probe` (a real
@@ -154,12 +195,19 @@ class Teacher(ABC):
                 "fingerprint_version": FINGERPRINT_VERSION,
                 **self._identity(),
                 "weights": tensors_sha256(self._module()),
-                "preprocess": self._preprocessing(),
+                "preprocess": self._preprocessing_as_run(),
                 "layers": list(self.layers),
                 "grid": list(self.grid) if self.grid else None,
                 "dtype": str(self.dtype).removeprefix("torch."),
             }
         return self._fingerprint
+
+    def _preprocessing_as_run(self) -> dict[str, Any]:
+        """`_preprocessing()`, plus with device preprocessing "device": how the device replays
+        it (host and device caches never mix; host: unchanged, so earlier caches resume)."""
+        if self._on_device is None:
+            return self._preprocessing()
+        return {**self._preprocessing(), "device": self._on_device.recipe}
 
     def _finish(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Resample each layer to `grid` (when set) and cast to float32."""

@@ -49,6 +49,12 @@ from featurecache.pipelines.precompute.teachers.base import (
     UnknownTeacherError,
     check_layers,
 )
+from featurecache.pipelines.precompute.teachers.device_preprocess import (
+    DevicePreprocess,
+    fixed_size,
+    lookup_table,
+    resize_note,
+)
 from featurecache.region import FrameRegion
 
 __all__ = ["EfficientNetLiteTeacher"]
@@ -107,8 +113,23 @@ class EfficientNetLiteTeacher(Teacher):
             else np.asarray(im.convert("RGB").resize(size, Image.BILINEAR))
             for im in images
         ]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-        return x.sub_(LITE_MEAN).div_(LITE_STD)
+        return _normalise(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+
+    def _device_recipe(self) -> DevicePreprocess:
+        """The same on the device: antialiased bilinear resize of the uint8 frame (skipped at
+        R x R), then `_normalise` as a lookup table."""
+        r = self.resolution
+        return DevicePreprocess(
+            table=lookup_table(lambda pixels: _normalise(torch.from_numpy(pixels)).numpy()),
+            size=fixed_size(r, r),
+            mode="bilinear",
+            antialias=True,
+            recipe={
+                "frames": "uint8 (B, H, W, 3)",
+                "resize": resize_note([r, r], "bilinear", True, rounded=True),
+                "values": "lookup table of (pixel - 127) / 128",
+            },
+        )
 
     def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, R, R) -> {layer: (B, H*W, C)}; runs the blocks only up to the deepest layer."""
@@ -152,3 +173,8 @@ class EfficientNetLiteTeacher(Teacher):
 
     def _module(self) -> torch.nn.Module:
         return self.model
+
+
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape) -> float32 (pixel - 127) / 128 (host and device alike)."""
+    return pixels.float().sub_(LITE_MEAN).div_(LITE_STD)

@@ -15,7 +15,9 @@ A dual-tower checkpoint (CLIP, SigLIP) runs and hashes its vision tower only.
 `frame_region="full"` (the build's default) switches a saved processor's centre crop (and LLaVA-
 style letterbox) off: the frame is squashed to the crop size, as a student squashes it, so the
 whole frame reaches the teacher; "native" keeps the processor as saved. `frame_region(h, w)`
-reports the region either way (teachers/region.py). A VLM folder is
+reports the region either way (teachers/region.py). With `--preprocess device` the processor
+(or RADIO's recipe) is replayed on the model's device from uint8 frames (device_preprocess.py);
+NaFlex keeps its patching on the host. A VLM folder is
 refused with a pointer to `hf-vlm:`; an unsupported architecture names itself and the list.
 """
 
@@ -36,6 +38,7 @@ from featurecache.pipelines.precompute.teachers.base import (
     UnknownTeacherError,
     check_layers,
 )
+from featurecache.pipelines.precompute.teachers.device_preprocess import DevicePreprocess
 from featurecache.pipelines.precompute.teachers.hf_families import (
     RadioPreprocess,
     image_preprocessor,
@@ -123,8 +126,9 @@ class HFVisionTeacher(Teacher):
         return BatchFeature({k: v for k, v in out.items() if torch.is_tensor(v)})
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Inputs -> {layer: (B, h*w, D)} patch tokens of hidden_states[layer] / the output."""
-        inputs = dict(batch)
+        """Inputs (the processor's, or pixel_values from the device preprocessing) -> {layer:
+        (B, h*w, D)} patch tokens of hidden_states[layer] / the output."""
+        inputs = {"pixel_values": batch} if torch.is_tensor(batch) else dict(batch)
         if self.family.naflex:
             shapes = inputs["spatial_shapes"]
             if bool((shapes != shapes[0]).any()):
@@ -168,6 +172,15 @@ class HFVisionTeacher(Teacher):
         if self._grid_in is None:
             self([Image.new("RGB", (64, 64))])
         return self._grid_in
+
+    def _device_recipe(self) -> DevicePreprocess | None:
+        """RADIO's torch recipe, or the replay of a PIL-backend processor (OptionError naming a
+        setting it cannot replay); None for NaFlex (its patching stays on the host)."""
+        if self.family.naflex:
+            return None
+        if isinstance(self.processor, RadioPreprocess):
+            return self.processor.device_recipe()
+        return DevicePreprocess.from_image_processor(self.processor, where=self.spec)
 
     @property
     def _replays_processor(self) -> bool:

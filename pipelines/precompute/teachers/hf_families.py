@@ -37,6 +37,12 @@ from PIL import Image
 
 from featurecache.pipelines.model_loading import LoadOptions, ModelLoadError, load_processor
 from featurecache.pipelines.precompute.teachers.base import UnknownTeacherError
+from featurecache.pipelines.precompute.teachers.device_preprocess import (
+    DevicePreprocess,
+    fixed_size,
+    lookup_table,
+    resize_note,
+)
 
 __all__ = [
     "VISION_FAMILIES",
@@ -180,7 +186,7 @@ class RadioPreprocess:
     def __call__(self, images: Sequence[Image.Image], **_: Any) -> Any:
         from transformers import BatchFeature
 
-        x = [torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0) for im in images]
+        x = [torch.from_numpy(_unit(np.asarray(im))) for im in images]
         return BatchFeature(
             {
                 "pixel_values": torch.stack(
@@ -197,6 +203,21 @@ class RadioPreprocess:
             }
         )
 
+    def device_recipe(self) -> DevicePreprocess:
+        """The same torch ops on the device: [0, 1] by lookup table, then the interpolation."""
+        return DevicePreprocess(
+            table=lookup_table(_unit),
+            size=fixed_size(*self.size),
+            mode="bilinear",
+            antialias=False,
+            resize_pixels=False,
+            recipe={
+                "frames": "uint8 (B, H, W, 3)",
+                "values": "lookup table of pixel / 255",
+                "resize": resize_note(list(self.size), "bilinear", False, rounded=False),
+            },
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": "radio",
@@ -205,6 +226,11 @@ class RadioPreprocess:
             "resample": "torch bilinear, align_corners=False",
             "normalize": "inside the model (norm_mean / norm_std)",
         }
+
+
+def _unit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1] (RADIO's input, host and device alike)."""
+    return np.asarray(pixels, dtype=np.float32) / 255.0
 
 
 def image_preprocessor(

@@ -34,7 +34,7 @@ import numpy as np
 from featurecache.errors import FrameRegionError, OptionError
 from featurecache.region import FrameRegion, RegionMapping
 
-__all__ = ["image_processor_region", "see_whole_frame"]
+__all__ = ["image_processor_region", "resized_shape", "see_whole_frame", "size_fields"]
 
 _SIZE_FIELDS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
 
@@ -62,14 +62,14 @@ def image_processor_region(
         mean = getattr(processor, "image_mean", None)
         fill = tuple(int(m * 255) for m in mean) if mean else (0, 0, 0)  # as LLaVA pads
     if getattr(processor, "do_resize", True):
-        size = _size_fields(processor.size)
+        size = size_fields(processor.size)
         new_h, new_w = _resized(size, h, w, where)
         if not (size.get("height") and size.get("width")):
             scaling = "resize"
         at = (at[0] * new_w / w, at[1] * new_h / h, at[2] * new_w / w, at[3] * new_h / h)
         h, w = new_h, new_w
     if getattr(processor, "do_center_crop", False):
-        crop = _size_fields(processor.crop_size)
+        crop = size_fields(processor.crop_size)
         ch, cw = int(crop["height"]), int(crop["width"])
         if ch > h or cw > w:
             raise FrameRegionError(
@@ -83,7 +83,7 @@ def image_processor_region(
     pad_size = getattr(processor, "pad_size", None)
     pads_last = not hasattr(processor, "pad_to_square")  # LLaVA pads first, and only then
     if getattr(processor, "do_pad", False) and pad_size is not None and pads_last:
-        pad = _size_fields(pad_size)
+        pad = size_fields(pad_size)
         if (int(pad["height"]), int(pad["width"])) != (h, w):  # bottom and right
             h, w = int(pad["height"]), int(pad["width"])
             fill = _normalised_zero(processor)
@@ -135,7 +135,7 @@ def see_whole_frame(processor: Any, *, where: str = "") -> None:
 
     _check_replayable(processor, where)
     if getattr(processor, "do_center_crop", False):
-        crop = _size_fields(processor.crop_size)
+        crop = size_fields(processor.crop_size)
         processor.size = SizeDict(height=int(crop["height"]), width=int(crop["width"]))
         processor.do_center_crop = False
     if getattr(processor, "do_pad", False):
@@ -171,10 +171,16 @@ def _check_replayable(processor: Any, where: str) -> None:
         )
 
 
-def _size_fields(size: Any) -> dict[str, int]:
+def size_fields(size: Any) -> dict[str, int]:
     """The set fields of a processor size (a dict or a transformers SizeDict)."""
     get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
     return {k: int(v) for k in _SIZE_FIELDS if (v := get(k)) is not None}
+
+
+def resized_shape(size: Any, height: int, width: int, *, where: str = "") -> tuple[int, int]:
+    """(h, w) of a height x width frame after a PIL-backend processor's resize to `size` (its
+    `size`: a dict or SizeDict); also what the device replay resizes to (device_preprocess.py)."""
+    return _resized(size_fields(size), height, width, where)
 
 
 def _resized(size: dict[str, int], height: int, width: int, where: str) -> tuple[int, int]:
