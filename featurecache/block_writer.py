@@ -355,7 +355,7 @@ class BlockWriter:
             data = np.concatenate(parts) if len(parts) > 1 else parts[0]
             head, rest = data[:take], data[take:]
             self._buffers[name] = [rest] if len(rest) else []
-            self._hash.update(np.ascontiguousarray(head).tobytes())
+            self._hash.update(np.ascontiguousarray(head))  # its bytes, without a copy
             layout = self._layouts[name]
             key = shard_file(name, 1 + len(layout.row_shape), start // sr)
             if self._pool is None:
