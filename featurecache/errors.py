@@ -23,6 +23,7 @@ The CLI turns each class into one line and an exit status (featurecache/cli/main
       UnsupportedURLError      a URL (s3://, gs://, http://) where a local path is expected
       RemoteCodeError          code from a model / run / data folder, without --trust-remote-code
       UserCodeError            the user's own code raised (a plug-in teacher, a data object)
+      BadFrameError            one sample unusable as a frame (`--on-bad-frame skip` skips it)
       UnknownLayerError, UnknownKeyError, UnknownBlockError, BlockNotDoneError,
       BlockAlreadyDoneError, BlockConflictError, BlockCapacityError, InvalidKeyError,
       InvalidFeaturesError
@@ -134,6 +135,11 @@ class BlockAlreadyDoneError(FeatureCacheError):
     """Asked to (re)write a block already marked done, without overwrite=True."""
 
 
+class BadFrameError(FeatureCacheError):
+    """One sample that cannot be used as a frame (no image, an undecodable image, a bad json or
+    npy member, a missing camera). `--on-bad-frame skip` may skip these."""
+
+
 class InvalidKeyError(FeatureCacheError):
     """A sample key that is empty, too long for `key_bytes`, holds NUL, or repeats another key."""
 
@@ -151,6 +157,7 @@ class BlockCapacityError(FeatureCacheError):
 
 
 __all__ = [
+    "BadFrameError",
     "BlockAlreadyDoneError",
     "BlockCapacityError",
     "BlockConflictError",

@@ -15,8 +15,8 @@ Rules (checked while reading, each refusal naming the tar and the members):
   make sense as dotted keys (`a.1.png`, `a.2.json`) are refused: they would collapse onto `a`.
 - Camera names start with a letter: `[a-z][a-z0-9_-]*` (extensions are lower-cased).
 - A key's members are consecutive and appear once; a key does not come back later in the tar.
-- Images: IMAGE_EXTS, decoded to 8-bit RGB by `decode_image` (16-bit grey scaled, palette and
-  CMYK converted, alpha dropped; other modes refused).
+- Images: IMAGE_EXTS, decoded to 8-bit RGB by `decode_image` (featurecache.images: 16-bit grey
+  scaled, palette and CMYK converted, alpha dropped; other modes refused).
 - Metadata members (`__key__`-style names starting with `__`) are skipped; other extensions are
   kept unread. Nothing here unpickles: `.npy` loads with `allow_pickle=False`.
 """
@@ -35,9 +35,9 @@ from typing import IO, Any, Final
 
 import numpy as np
 from braceexpand import braceexpand
-from PIL import Image
 
-from featurecache.errors import FeatureCacheError, InvalidKeyError
+from featurecache.errors import BadFrameError, FeatureCacheError, InvalidKeyError
+from featurecache.images import IMAGE_EXTS, decode_image, to_rgb
 from featurecache.store import is_url, local_path
 from featurecache.store_files import expand_url, open_object
 
@@ -60,8 +60,6 @@ __all__ = [
     "to_rgb",
 ]
 
-# Image extensions recognised in a sample, in order of preference when one camera has several.
-IMAGE_EXTS: Final = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm")
 # The camera of a plain `key.png` image (single-camera data).
 DEFAULT_CAMERA: Final = ""
 # Members that hold one whole-sample value and therefore take no prefix (`key.json`).
@@ -74,22 +72,9 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]+)$")
 _CAMERA_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 _FIELD_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
-# 8-bit modes PIL converts to RGB with a well-defined meaning (alpha, if any, is dropped).
-_RGB_CONVERTIBLE: Final = frozenset(
-    {"1", "L", "P", "PA", "LA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "HSV"}
-)
-_16_BIT: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-# Formats whose 32-bit "I" mode can only hold 16-bit grey (PIL opens 16-bit PGM as "I").
-_I_IS_16_BIT: Final = frozenset({"PNG", "PPM"})
-
 
 class FramesNotFoundError(FeatureCacheError):
     """A frames pattern, file or folder that names no tar shard."""
-
-
-class BadFrameError(FeatureCacheError):
-    """One sample that cannot be used as a frame (no image, an undecodable image, a bad json or
-    npy member, a missing camera). `--on-bad-frame skip` may skip these."""
 
 
 class SampleLayoutError(FeatureCacheError):
@@ -430,71 +415,3 @@ def expand_frame_paths(patterns: Sequence[str | Path] | str | Path) -> list[Path
                 seen.add(resolved)
                 out.append(path)
     return out
-
-
-def decode_image(data: bytes, ext: str = "", where: str = "") -> Image.Image:
-    """Decode an encoded image to an 8-bit RGB PIL image (fully loaded); see `to_rgb`.
-
-    Raises BadFrameError (naming `where`, e.g. "sample 'k' of shard.tar") when `data` is empty,
-    not a decodable image, or in a mode without a defined RGB meaning.
-    """
-    at = f" in {where}" if where else ""
-    if not data:
-        raise BadFrameError(f"Expected an image ({'/'.join(IMAGE_EXTS)}){at}, got none.")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as err:  # PIL raises many types for corrupt data (and decompression bombs)
-        raise BadFrameError(
-            f"Expected a decodable {ext or 'image'} ({len(data)} bytes){at}, got: {err}"
-        ) from err
-    return to_rgb(image, where)
-
-
-def to_rgb(image: Image.Image | np.ndarray | Any, where: str = "") -> Image.Image:
-    """An 8-bit RGB PIL image from a PIL image or a uint8 array (H, W), (H, W, 1|3|4) (HWC).
-
-    Modes: RGB as is; 1/L/P/CMYK/YCbCr/HSV converted by PIL; LA/PA/RGBA/RGBa: alpha dropped
-    (colour channels kept, not composited); 16-bit grey (I;16*, and "I" from PNG/PGM, which can
-    only hold 16 bits) scaled to 8 bits as round(v / 257), so 0 -> 0 and 65535 -> 255.
-    Float ("F"), 32-bit integer, LAB and other modes raise BadFrameError naming `where`.
-    """
-    at = f" in {where}" if where else ""
-    if not isinstance(image, Image.Image):
-        image = _array_image(image, at)
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in _RGB_CONVERTIBLE:
-        if mode in ("P", "PA"):
-            image = image.convert("RGBA")  # palette transparency goes to alpha, then is dropped
-        return image.convert("RGB")
-    if mode in _16_BIT or (mode == "I" and image.format in _I_IS_16_BIT):
-        values = np.asarray(image).astype(np.uint32)
-        if values.size and (values.min() < 0 or values.max() > 65535):  # pragma: no cover
-            raise BadFrameError(f"Expected 16-bit grey values{at}, got range outside 0..65535")
-        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
-        return Image.fromarray(grey).convert("RGB")
-    raise BadFrameError(
-        f"Expected an image with 8-bit colour or 16-bit grey{at}, got PIL mode {mode!r} "
-        f"({image.format or 'array'}) which has no defined 8-bit RGB meaning (convert it to "
-        f"8-bit RGB or 16-bit grey PNG first)"
-    )
-
-
-def _array_image(array: Any, at: str) -> Image.Image:
-    """A PIL image from a uint8 HWC array (numpy, or anything `np.asarray` takes)."""
-    arr = np.asarray(array)
-    if arr.dtype != np.uint8:
-        raise BadFrameError(
-            f"Expected a PIL image or a uint8 array (H, W[, C]){at}, got dtype {arr.dtype} "
-            f"(scale floats to 0..255 and cast to uint8)"
-        )
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) and min(arr.shape[:2]) > 0:
-        return Image.fromarray(np.ascontiguousarray(arr))  # uint8: L, RGB or RGBA
-    raise BadFrameError(
-        f"Expected a uint8 image array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) "
-        f"(channels last){at}, got shape {tuple(arr.shape)}"
-    )
