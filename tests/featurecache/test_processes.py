@@ -45,6 +45,10 @@ def _files(path: Path) -> dict[str, bytes]:
     for root, _, files in os.walk(path):
         for f in files:
             rel = os.path.relpath(os.path.join(root, f), path)
+            # a write killed mid-way leaves a temp file, not an object (LocalStore.list skips
+            # them; a build's resume deletes them under its lock)
+            if f.startswith(".") and f.endswith(".tmp"):
+                continue
             if rel not in ("featurecache.lock", "zarr.json"):
                 out[rel] = Path(root, f).read_bytes()
     return out
