@@ -10,9 +10,11 @@ the sample's frame too (the student sees the pixels the teacher saw).
         for batch in DataLoader(ds, batch_size=8, collate_fn=collate): ...
 
 With `image=` the sample's decoded frame (PIL or uint8 (H, W, 3); {camera: frame} with several
-cameras) is replaced by `apply_view(frame, params)` before `collate`, so the user's processor
-runs on the view's pixels. Without it, batch[TARGETS_FIELD].views says which view each sample
-got and `cache.view_params(keys, view)` gives the transforms to apply in the user's own code.
+cameras) is replaced by the pixels the teacher saw (`region.teacher_pixels`: the view's transform,
+then the crop to the cache's frame region, e.g. DINOv2's centre crop under `build --frame-region
+native`) before `collate`, so the user's processor runs on those pixels. Without it,
+batch[TARGETS_FIELD].views says which view each sample got and `cache.view_params(keys, view)`
+gives the transforms to apply in the user's own code.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from featurecache.pipelines.training.alignment import (
     lookup_targets,
     require_views,
 )
+from featurecache.pipelines.training.region import teacher_pixels
 from featurecache.pipelines.training.targets import cache_target_spec
-from featurecache.pipelines.views import apply_view, choose_view
+from featurecache.pipelines.views import choose_view
 from featurecache.reader import FeatureCache, open_cache
 from featurecache.samples import DEFAULT_CAMERA, BadFrameError
 
@@ -64,10 +67,12 @@ class CachedTargets:
     view: which cached view's targets: an int (0 = the frame itself, the default), or "random":
         one augmented view per sample per epoch (`views.choose_view` of (seed, epoch, key):
         the same on every rank and worker, and after a resume; call `set_epoch` each epoch).
-    image: with a view other than 0, the sample field holding the decoded frame (PIL or uint8
-        (H, W, 3); {camera: frame} with several cameras), replaced by `apply_view(frame,
-        params)` before `collate`, so the student sees the view's pixels. None: the frames are
-        left alone (apply the transforms yourself: targets.views, cache.view_params).
+    image: the sample field holding the decoded frame (PIL or uint8 (H, W, 3); {camera: frame}
+        with several cameras), replaced before `collate` by the pixels the teacher saw: the
+        view's transform (view other than 0), then the crop to the cache's frame region (a
+        region that is not the whole frame), so the student sees what the targets describe.
+        None: the frames are left alone (apply them yourself: targets.views,
+        cache.view_params, region_crop with cache.spec.frame_region(camera)).
     seed: the run's seed for view="random".
     collate: collates the kept samples (default_collate; HF: default_data_collator).
     Returns dict batches with batch[TARGETS_FIELD] = AlignmentTargets, or for non-dict samples
@@ -123,20 +128,31 @@ class CachedTargets:
         return int(self.view)
 
     def _replay(self, sample: Any, key: str, view: int) -> Any:
-        """The sample with its frame (field `image`) replaced by view `view`'s pixels."""
-        if self.image is None or view == 0:
+        """The sample with its frame (field `image`) replaced by the pixels the teacher saw
+        (`region.teacher_pixels`: view `view`'s transform, then the crop to the cache's frame
+        region of that camera); unchanged without `image=`, or for view 0 of whole frames."""
+        if self.image is None:
+            return sample
+        regions = self.cache.spec.frame_regions
+        if view == 0 and all(r.whole for r in regions.values()):
             return sample
         if not isinstance(sample, Mapping) or self.image not in sample:
             raise OptionError(
                 f"Expected dict samples with the frame in field {self.image!r} (CachedTargets "
                 f"image=), got {type(sample).__name__} for {key!r}."
             )
+
+        def seen(frame: Any, camera: str | None) -> Any:
+            params = self.cache.view_params([key], view, camera)[0] if view else None
+            region = self.cache.spec.frame_region(camera or DEFAULT_CAMERA)
+            name = f"sample {key!r}{f' camera {camera!r}' if camera else ''}"
+            return teacher_pixels(frame, params, region, where=name)
+
         frame = sample[self.image]
         if isinstance(frame, Mapping):
-            new = {c: apply_view(f, self.cache.view_params([key], view, c)[0])
-                   for c, f in frame.items()}  # fmt: skip
+            new = {c: seen(f, c) for c, f in frame.items()}
         else:
-            new = apply_view(frame, self.cache.view_params([key], view)[0])
+            new = seen(frame, None)
         return {**sample, self.image: new}
 
     def _field(self, sample: Any, spec: str | Callable[[Any], Any], option: str) -> Any:

@@ -24,12 +24,36 @@ recorded for, are refused (FrameRegionError) rather than silently misaligned.
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image
 
 from featurecache.errors import FrameRegionError
+from featurecache.pipelines.views import apply_view
 from featurecache.region import FrameRegion
+from featurecache.view_params import ViewParams
 
-__all__ = ["region_crop"]
+__all__ = ["region_crop", "teacher_pixels"]
+
+
+def teacher_pixels(
+    frame: Image.Image | np.ndarray,
+    params: ViewParams | None,
+    region: FrameRegion | None,
+    *,
+    where: str = "a frame",
+) -> Image.Image | np.ndarray:
+    """The pixels of one decoded frame that the teacher saw, before any resize: the cached
+    view's transform (`apply_view`; None = the frame itself), then the crop to the region the
+    teacher saw (`region_crop`; None or a whole-frame region = all of it). The same type back
+    (PIL; a uint8 (H, W, 3) array stays an array). The one rule the training stream and
+    `CachedTargets(image=...)` prepare the student's frame with; `where` names it in errors."""
+    if params is not None:
+        frame = apply_view(frame, params)
+    if region is None or region.whole:
+        return frame
+    if isinstance(frame, np.ndarray):
+        return np.asarray(region_crop(Image.fromarray(frame), region, where=where))
+    return region_crop(frame, region, where=where)
 
 
 def region_crop(frame: Image.Image, region: FrameRegion | None, *, where: str = "") -> Image.Image:

@@ -38,7 +38,7 @@ from featurecache.pipelines.training.alignment import (
     AlignmentTargets,
 )
 from featurecache.pipelines.training.join import CacheJoin
-from featurecache.pipelines.training.region import region_crop
+from featurecache.pipelines.training.region import teacher_pixels
 from featurecache.pipelines.training.sample_fields import parse_action, parse_meta
 from featurecache.pipelines.views import ViewRecipe, apply_view
 from featurecache.region import FrameRegion
@@ -276,9 +276,7 @@ def student_frame(
     region of the frame the teacher saw (`region_crop`; None = the whole frame), then a bilinear
     resize to image_size x image_size -> uint8 (S, S, 3). One place for the student-side
     preparation of a frame; `where` names the frame in errors."""
-    if params is not None:
-        image = apply_view(image, params)
-    image = region_crop(image, region, where=where)
+    image = teacher_pixels(image, params, region, where=where)
     resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())
 

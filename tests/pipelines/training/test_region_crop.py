@@ -22,6 +22,7 @@ from featurecache.pipelines.precompute.config import BuildConfig
 from featurecache.pipelines.precompute.precompute import build_cache
 from featurecache.pipelines.precompute.teachers import load_teacher
 from featurecache.pipelines.training import region_crop
+from featurecache.pipelines.training.cached_targets import CachedTargets
 from featurecache.pipelines.training.stream import StreamConfig, iter_batches
 from featurecache.reader import open_cache
 from featurecache.region import FrameRegion
@@ -295,3 +296,24 @@ def test_a_crop_that_cuts_the_whole_letterbox_away_is_a_plain_crop() -> None:
     assert region.box == (128.0, 0.0, 384.0, 256.0)
     assert region.pad == (0.0, 0.0, 0.0, 0.0) and region.mapping == "resize"
     assert region.fill is None
+
+
+@pytest.mark.parametrize("as_array", [False, True], ids=["pil", "uint8"])
+def test_cached_targets_shows_the_student_the_region_the_teacher_saw(
+    native_cache, as_array
+) -> None:
+    """CachedTargets(image=...) crops each sample's frame to the documented box (rounded to whole
+    pixels) before collate, keeping its type; the targets are the frame's cached rows."""
+    c = native_cache
+    keys = [f"f{i:04d}" for i in range(4)]
+    frames = [np.asarray(f) if as_array else f for f in c.frames]
+    samples = [{"key": k, "image": f} for k, f in zip(keys, frames, strict=True)]
+    collate = CachedTargets(c.cache, "1", image="image", collate=lambda batch: batch)
+    batch, targets = collate(samples)  # (the collated list, AlignmentTargets)
+    box = tuple(round(v) for v in short_side_then_crop(*c.size, c.short, HUB_CROP))
+    for sample, frame in zip(batch, c.frames, strict=True):
+        got = sample["image"]
+        assert isinstance(got, np.ndarray) == as_array
+        assert np.array_equal(np.asarray(got), np.asarray(frame.crop(box)))
+    cached = open_cache(c.cache).read(keys, "1")
+    assert torch.equal(targets.values, cached)
