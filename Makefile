@@ -45,7 +45,8 @@ bench: $(STAMP)
 # transformers; the rest travels as wheels for CPython 3.12 made here (`make gpu-wheels` -> .whl/,
 # ~32 MB). There, `make bench-gpu` (with .whl carried) installs them into $(GPU_SITE), runs the gpu
 # tests (modules needing what is absent, e.g. Ray, fail to collect and are reported) and the
-# GPU benchmarks; figures go to benchmarks/RESULTS.md and JSON + logs to $(GPU_OUT).
+# GPU benchmarks; figures go to benchmarks/RESULTS.md, copied with JSON + logs to $(GPU_OUT) (on a
+# lent device: GPU_OUT=$$OUT, so they come back).
 GPU_PYTHON ?= python3
 GPU_SITE ?= /tmp/fc-site
 GPU_OUT ?= benchmarks/gpu-out
@@ -68,6 +69,7 @@ bench-gpu:
 	$(GPU_RUN) -m featurecache bench kernel --json $(GPU_OUT)/kernel.json
 	$(GPU_RUN) -m featurecache bench ceiling --json $(GPU_OUT)/ceiling.json
 	$(GPU_RUN) -m featurecache bench gpu_build --json $(GPU_OUT)/gpu_build.json
+	cp benchmarks/RESULTS.md $(GPU_OUT)/RESULTS.md
 
 # A fresh venv with the newest allowed versions; the lock is replaced only when the suite passes.
 lock:
