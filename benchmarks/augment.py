@@ -114,17 +114,17 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
             ))  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    table = harness.report(rows, TITLE, json_path)
-    if not quick:
-        harness.record(
-            "augment",
-            table,
-            f"`featurecache bench augment`: the demo's procedural data ({train_n} train frames, "
-            f"{eval_n} per evaluation split, {size} px), {teacher} block {LAYER}, tiny-vla, "
-            f"lambda 0.2, seed 0, {steps} steps of 16, openvla augmentation; two runs at a time, "
-            f"one torch thread each; {harness.load_note()}. align_cosine: on the un-augmented "
-            f"train frames against the cache's view 0; l1: action L1 over the live dimensions.",
-        )
+    harness.publish(
+        rows,
+        TITLE,
+        json_path,
+        None if quick else "augment",
+        f"`featurecache bench augment`: the demo's procedural data ({train_n} train frames, "
+        f"{eval_n} per evaluation split, {size} px), {teacher} block {LAYER}, tiny-vla, "
+        f"lambda 0.2, seed 0, {steps} steps of 16, openvla augmentation; two runs at a time, "
+        f"one torch thread each; {harness.load_note()}. align_cosine: on the un-augmented "
+        f"train frames against the cache's view 0; l1: action L1 over the live dimensions.",
+    )
     return rows
 
 

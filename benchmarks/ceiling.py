@@ -237,21 +237,21 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                     ))  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    table = harness.report(rows, TITLE, json_path)
-    if not quick:
-        harness.record(
-            "ceiling",
-            table,
-            f"{n} sample frames per case, one local build each (batch 32, int8c). ms/frame is "
-            "wall; cpu_ms_per_frame is the process's CPU over all threads; x_bare_decode is it "
-            "over the bare decode of the same frames (target <= 1.3x with uint8 to the device "
-            f"and the codec on it); cores_at_gpu_fps: host cores to feed {GPU_FPS} frames/s. "
-            "Stages alone (CPU ms/frame): preprocess, codec (on this CPU: on a GPU it is device "
-            "time), writer. pre_*: a DINOv2-style processor (224 bicubic, ImageNet) alone: "
-            "pre_host_ms with --preprocess host (PIL, float32), pre_stack_ms the decode "
-            "threads' share with --preprocess device (uint8 stack), pre_device_on_cpu_ms its "
-            "device share run by this CPU's torch (device time on a GPU). " + harness.load_note(),
-        )
+    harness.publish(
+        rows,
+        TITLE,
+        json_path,
+        None if quick else "ceiling",
+        f"{n} sample frames per case, one local build each (batch 32, int8c). ms/frame is "
+        "wall; cpu_ms_per_frame is the process's CPU over all threads; x_bare_decode is it "
+        "over the bare decode of the same frames (target <= 1.3x with uint8 to the device "
+        f"and the codec on it); cores_at_gpu_fps: host cores to feed {GPU_FPS} frames/s. "
+        "Stages alone (CPU ms/frame): preprocess, codec (on this CPU: on a GPU it is device "
+        "time), writer. pre_*: a DINOv2-style processor (224 bicubic, ImageNet) alone: "
+        "pre_host_ms with --preprocess host (PIL, float32), pre_stack_ms the decode "
+        "threads' share with --preprocess device (uint8 stack), pre_device_on_cpu_ms its "
+        "device share run by this CPU's torch (device time on a GPU). " + harness.load_note(),
+    )
     return rows
 
 

@@ -144,16 +144,16 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
             ))  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    table = harness.report(rows, TITLE, json_path)
-    if not quick:
-        harness.record(
-            "gpu_build",
-            table,
-            f"{n} frames, {repeats} passes or builds each (medians). frames/s of the build is "
-            "from the teacher loaded to the last block done; x_bare_forward is it over the bare "
-            "forward's (target >= 0.9); cpu_ms_per_frame is the build process's CPU over all "
-            "threads per frame. " + harness.load_note(),
-        )
+    harness.publish(
+        rows,
+        TITLE,
+        json_path,
+        None if quick else "gpu_build",
+        f"{n} frames, {repeats} passes or builds each (medians). frames/s of the build is "
+        "from the teacher loaded to the last block done; x_bare_forward is it over the bare "
+        "forward's (target >= 0.9); cpu_ms_per_frame is the build process's CPU over all "
+        "threads per frame. " + harness.load_note(),
+    )
     return rows
 
 

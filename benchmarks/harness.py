@@ -183,6 +183,21 @@ def report(rows: Sequence[Result], title: str, json_path: str | Path | None = No
     return table
 
 
+def publish(
+    rows: Sequence[Result],
+    title: str,
+    json_path: str | Path | None,
+    section: str | None,
+    note: str = "",
+) -> str:
+    """`report` the rows; with a `section` (a full run; None with --quick) also `record` the
+    table and `note` under `## section` in benchmarks/RESULTS.md. Returns the table."""
+    table = report(rows, title, json_path)
+    if section is not None:
+        record(section, table, note)
+    return table
+
+
 def record(section: str, table: str, note: str = "") -> None:
     """Replace (or append) `## section` in benchmarks/RESULTS.md with the table and a note."""
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"

@@ -248,9 +248,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
         rows, note = _run_cuda(quick)
     else:
         rows, note = _run_cpu(quick)
-    table = harness.report(rows, TITLE, json_path)
-    if not quick:
-        harness.record("kernel", table, note)
+    harness.publish(rows, TITLE, json_path, None if quick else "kernel", note)
     return rows
 
 

@@ -327,18 +327,17 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
         for n in sizes:
             rows += _one(n, marks, Path(tmp), device)
         rows += _throughput(Path(tmp), 256 if quick else 2048, device)
-    table = harness.report(rows, "featurecache bench manifest", json_path)
-    if not quick:
-        harness.record(
-            "manifest",
-            table,
-            "Version 1 rewrote the whole manifest per mark: 24 ms at 1k blocks, 623 ms at 20k "
-            "(issue 15). Version 2 creates one record per block; open_cache reads the plan and "
-            "one snapshot; rss_added is what opening adds to a fresh process. Reads: loopback "
-            "is not a network (no bandwidth limit, ~0.1 ms round trips; moto is a Python server "
-            "on the same 2 cores); a cloud bucket adds 10-50 ms per request. "
-            + harness.load_note(),
-        )
+    harness.publish(
+        rows,
+        "featurecache bench manifest",
+        json_path,
+        None if quick else "manifest",
+        "Version 1 rewrote the whole manifest per mark: 24 ms at 1k blocks, 623 ms at 20k "
+        "(issue 15). Version 2 creates one record per block; open_cache reads the plan and "
+        "one snapshot; rss_added is what opening adds to a fresh process. Reads: loopback "
+        "is not a network (no bandwidth limit, ~0.1 ms round trips; moto is a Python server "
+        "on the same 2 cores); a cloud bucket adds 10-50 ms per request. " + harness.load_note(),
+    )
     return rows
 
 

@@ -159,19 +159,19 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
             ))  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    table = harness.report(rows, TITLE, json_path)
-    if not quick:
-        harness.record(
-            "views",
-            table,
-            f"`featurecache bench views`: efficientnet-lite0 (ImageNet weights), {frames_n} "
-            f"sample frames at {size} px, codec int8c, {VIEWS} views (3 augmented) per frame, "
-            f"every augmented view compared; {harness.load_note()}. Replayed: the cached "
-            f"target of the view the student sees; naive: view 0's target (today's cache) "
-            f"against the same augmented frame; crop-aware (openvla: crop + colour only): view 0's "
-            f"grid resampled bilinearly to the crop box, the best a one-view cache can do. "
-            f"Build ms/frame: one local build, single run.",
-        )
+    harness.publish(
+        rows,
+        TITLE,
+        json_path,
+        None if quick else "views",
+        f"`featurecache bench views`: efficientnet-lite0 (ImageNet weights), {frames_n} "
+        f"sample frames at {size} px, codec int8c, {VIEWS} views (3 augmented) per frame, "
+        f"every augmented view compared; {harness.load_note()}. Replayed: the cached "
+        f"target of the view the student sees; naive: view 0's target (today's cache) "
+        f"against the same augmented frame; crop-aware (openvla: crop + colour only): view 0's "
+        f"grid resampled bilinearly to the crop box, the best a one-view cache can do. "
+        f"Build ms/frame: one local build, single run.",
+    )
     return rows
 
 

@@ -156,19 +156,19 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                 ))  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    table = harness.report(rows, TITLE, json_path)
-    if not quick:
-        harness.record(
-            "writer",
-            table,
-            f"{n} frames per kind, one block of {SHARD_ROWS}-row shards, int8c (rows encoded "
-            "before the writer, as from the teacher's device). Writer CPU ms/frame: "
-            "BlockWriter append + shard encoding + sha256 + local write, one thread. "
-            "disk_KiB_per_frame: features, scales, keys, digests; decoded_over_disk: their "
-            "decoded bytes (int8 values, float32 scales, keys, digests) over that. "
-            "encode_*_ms: one features shard encoded alone (CPU ms per row), zarr-python "
-            "(the writer before) vs chunk_codec (now), the same bytes. " + harness.load_note(),
-        )
+    harness.publish(
+        rows,
+        TITLE,
+        json_path,
+        None if quick else "writer",
+        f"{n} frames per kind, one block of {SHARD_ROWS}-row shards, int8c (rows encoded "
+        "before the writer, as from the teacher's device). Writer CPU ms/frame: "
+        "BlockWriter append + shard encoding + sha256 + local write, one thread. "
+        "disk_KiB_per_frame: features, scales, keys, digests; decoded_over_disk: their "
+        "decoded bytes (int8 values, float32 scales, keys, digests) over that. "
+        "encode_*_ms: one features shard encoded alone (CPU ms per row), zarr-python "
+        "(the writer before) vs chunk_codec (now), the same bytes. " + harness.load_note(),
+    )
     return rows
 
 
