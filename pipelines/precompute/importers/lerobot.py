@@ -54,6 +54,7 @@ from featurecache.pipelines.precompute.importers.lerobot_checks import (
     episode_field,
     read_columns,
 )
+from featurecache.pipelines.precompute.importers.lerobot_video import VideoCursor
 from featurecache.pipelines.precompute.importers.tars import ImageFormat, TarShardWriter
 from featurecache.samples import DEFAULT_CAMERA, decode_image
 
@@ -285,7 +286,7 @@ class LeRobotDataset:
         if len(set(vectors.values())) != len(vectors):
             raise LeRobotError(f"Expected distinct field names for {sorted(vectors)}")
         rows = _DataFiles()
-        cursors = {camera: _VideoCursor(self.fps) for camera in chosen}
+        cursors = {camera: VideoCursor(self.fps) for camera in chosen}
         try:
             for episode in self.episodes:
                 table = rows.episode(episode)
@@ -302,7 +303,7 @@ class LeRobotDataset:
         i: int,
         chosen: dict[str, str],
         vectors: dict[str, str],
-        cursors: dict[str, _VideoCursor],
+        cursors: dict[str, VideoCursor],
     ) -> LeRobotFrame:
         frame = int(table["frame_index"][i])
         key = frame_key(episode.index, frame)
@@ -359,57 +360,6 @@ class _DataFiles:
                 f"{episode.data_file}, got {got} rows (frame_index {frames[:3].tolist()}...)"
             )
         return rows
-
-
-class _VideoCursor:
-    """Sequential PyAV decoding of one camera's video files, with the frame nearest a time."""
-
-    def __init__(self, fps: float) -> None:
-        self.tolerance = 0.5 / fps  # frames are 1/fps apart: the nearest one is unambiguous
-        self.path: Path | None = None
-        self.container: Any = None
-        self.decoded: Iterator[Any] = iter(())
-        self.current: Any = None
-
-    def _open(self, path: Path, seek_to: float) -> None:
-        import av
-
-        self.close()
-        if not path.is_file():
-            raise LeRobotError(f"Expected the video file {path}, found none")
-        try:
-            self.container = av.open(str(path))
-            stream = self.container.streams.video[0]
-            stream.thread_type = "AUTO"
-            if seek_to > 1.0:  # to the key frame before; decoding runs forward from there
-                self.container.seek(int((seek_to - 1.0) / stream.time_base), stream=stream)
-            self.decoded = self.container.decode(stream)
-        except (av.error.FFmpegError, IndexError) as err:
-            raise LeRobotError(f"Expected a decodable video in {path}, got: {err}") from err
-        self.path, self.current = path, None
-
-    def frame_at(self, path: Path, t: float, key: str) -> np.ndarray:
-        """uint8 (H, W, 3) RGB: the decoded frame nearest to time `t` (seconds) in `path`."""
-        if path != self.path or (
-            self.current is not None and t < self.current.time - self.tolerance
-        ):
-            self._open(path, t)
-        while self.current is None or self.current.time < t - self.tolerance:
-            self.current = next(self.decoded, None)
-            if self.current is None:
-                break
-        if self.current is None or abs(self.current.time - t) > self.tolerance:
-            got = "the end of the video" if self.current is None else f"{self.current.time:.4f} s"
-            raise LeRobotError(
-                f"Expected a video frame at {t:.4f} s (+-{self.tolerance:.4f}) for {key} in "
-                f"{path}, got {got} (video and data timestamps disagree)"
-            )
-        return self.current.to_ndarray(format="rgb24")
-
-    def close(self) -> None:
-        if self.container is not None:
-            self.container.close()
-        self.container, self.path, self.current = None, None, None
 
 
 def _tasks_v3(table: Any) -> dict[int, str]:
