@@ -10,10 +10,12 @@ GPU takes it off) and uint8 pixels sent to the device (its preprocess only stack
 frames). Beside it, the same null teacher with a real teacher's CPU preprocessing (resize 224
 bicubic + ImageNet normalisation to float32, the "before" of issue 21).
 
-Per frame format (PNG, JPEG q90) and size (224, 448 px), output shape and preprocessing, in one
-run: bare decode (CPU ms/frame, one thread), the local build (frames/s; CPU ms/frame of the
-whole process: decode pool, forward, codec, writer), that over the bare decode, and the host
-cores one GPU needs at GPU_FPS frames/s (CPU ms/frame * GPU_FPS / 1000). Stages, measured alone
+Per frame format (PNG, JPEG q90) and size (224, 448 px), output shape, preprocessing and
+`--compressor`, in one run: bare decode (CPU ms/frame, one thread), the local build (frames/s;
+CPU ms/frame of the whole process: decode pool, forward, codec, writer), that over the bare
+decode, the same less the codec measured alone (an estimate of the host's share where a GPU runs
+the codec: on a GPU the build measures it directly), and the host cores one GPU needs at GPU_FPS
+frames/s (CPU ms/frame * GPU_FPS / 1000). Stages, measured alone
 on the same frames: decode + preprocess, the codec (encode_torch on this CPU), the writer
 (append + compress + checksum + write of encoded rows). And the preprocessing stage of
 `--preprocess host` vs `device` for a DINOv2-style processor (resize 224 bicubic + ImageNet
@@ -96,10 +98,11 @@ def null_dinov2b_cpu_preprocess(layers: Sequence[str], device: str) -> NullTeach
     return NullTeacher(layers, device, SHAPES["DINOv2-B"], cpu_preprocess=True)
 
 
-FACTORIES = {  # (shape, preprocessing) -> the plug-in factory's name in this module
-    ("DINOv2-B", "uint8"): "null_dinov2b",
-    ("ViT-L", "uint8"): "null_vitl",
-    ("DINOv2-B", "cpu resize+normalise"): "null_dinov2b_cpu_preprocess",
+FACTORIES = {  # (shape, preprocessing, --compressor) -> the plug-in factory's name here
+    ("DINOv2-B", "uint8", "zstd:3"): "null_dinov2b",
+    ("DINOv2-B", "uint8", "none"): "null_dinov2b",
+    ("ViT-L", "uint8", "zstd:3"): "null_vitl",
+    ("DINOv2-B", "cpu resize+normalise", "zstd:3"): "null_dinov2b_cpu_preprocess",
 }
 
 
@@ -189,14 +192,14 @@ def _preprocess_stage(images: list[Image.Image]) -> dict[str, float]:
     return {k: 1e3 * v / len(images) for k, v in times.items()}
 
 
-def _build(frames: Path, factory: str, out: Path, n: int) -> tuple[float, float]:
+def _build(frames: Path, factory: str, out: Path, n: int, compressor: str) -> tuple[float, float]:
     """A local build with the null teacher: (frames/s, process CPU ms per frame)."""
     from featurecache.pipelines.precompute.config import BuildConfig
     from featurecache.pipelines.precompute.precompute import build_cache
 
     config = BuildConfig(
         frames=[str(frames)], teacher=f"py:featurecache.benchmarks.ceiling:{factory}",
-        layers=["x"], out=out, batch_size=32, local=True, progress=False,
+        layers=["x"], out=out, batch_size=32, local=True, progress=False, compressor=compressor,
     )  # fmt: skip
     start, start_cpu = time.perf_counter(), time.process_time()
     build_cache(config)
@@ -224,14 +227,15 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
                 frames = root / f"{fmt}{size}"
                 images, decode_ms = _decoded(frames)
                 prep = _preprocess_stage(images)
-                for (shape, pre), factory in cases:
+                for (shape, pre, compressor), factory in cases:
                     stages = _stages(images, factory, root)
-                    fps, cpu_ms = _build(frames, factory, root / "cache.zarr", n)
-                    what = f"{fmt.upper()} {size}px, {shape} {SHAPES[shape]}, {pre}"
+                    fps, cpu_ms = _build(frames, factory, root / "cache.zarr", n, compressor)
+                    what = f"{fmt.upper()} {size}px, {shape} {SHAPES[shape]}, {pre}, {compressor}"
                     rows.append(harness.result(
                         what, "local build, null teacher", [1e3 / fps], "ms/frame", device,
                         frames_per_s=fps, cpu_ms_per_frame=cpu_ms, bare_decode_ms=decode_ms,
                         x_bare_decode=cpu_ms / decode_ms, cores_at_gpu_fps=cpu_ms * GPU_FPS / 1e3,
+                        x_bare_decode_less_codec=(cpu_ms - stages["codec"]) / decode_ms,
                         preprocess_ms=stages["preprocess"], codec_ms=stages["codec"],
                         writer_ms=stages["writer"], **prep,
                     ))  # fmt: skip
