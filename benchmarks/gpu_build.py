@@ -11,8 +11,8 @@ tokens) built from its real config with random weights, saved and loaded as an `
 On one set of procedural PNG frames (sample_data, tar shards), in one run:
 - bare forward: `teacher.forward` over batches already decoded, preprocessed and on the
   device; frames/s (CUDA: synchronised);
-- the local build (`build_cache`, --local: no Ray start-up) into a fresh cache, for each
-  preprocessing placement the build offers (`BuildConfig.preprocess`, where present): frames/s
+- the local build (`build_cache`, --local: no Ray start-up) into a fresh cache, with
+  `--preprocess host` and `device`: frames/s
   once the teacher is loaded (`frames_per_s_running`) and end to end, their ratio to the bare
   forward, and the build process's CPU ms per frame (all threads).
 
@@ -22,8 +22,8 @@ On one set of procedural PNG frames (sample_data, tar shards), in one run:
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -95,14 +95,7 @@ def _build(spec: str, frames: Path, out: Path, n: int, **options: Any) -> tuple[
     return summary.frames_per_s_running, n / wall, 1e3 * cpu / n
 
 
-def _placements() -> list[dict[str, Any]]:
-    """The build options compared: each preprocessing placement the build offers."""
-    from featurecache.pipelines.precompute.config import BuildConfig
-
-    names = {f.name for f in dataclasses.fields(BuildConfig)}
-    if "preprocess" not in names:
-        return [{}]
-    return [{"preprocess": "host"}, {"preprocess": "device"}]
+PLACEMENTS = ("host", "device")  # --preprocess values compared
 
 
 def run(json_path: str | Path | None = None, quick: bool = False) -> list[harness.Result]:
@@ -124,23 +117,20 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> list[harnes
         frames = root / "frames"
         write_sample_data(frames, frames=n, shard_size=min(n // 2, 512), image_size=size)
         bare = _bare_forward(spec, frames, device, repeats)
-        bare_fps = sorted(bare)[len(bare) // 2]
+        bare_fps = statistics.median(bare)
         model = "tiny DINOv2 (8 x 32)" if tiny else "DINOv2-B/14"
         what = f"{model}, {n} PNG frames {size}px, layer {LAYER}, batch {BATCH}, int8c"
         rows.append(harness.result(what, "bare forward", bare, "frames/s", name))
-        for options in _placements():
-            running, e2e, cpu_ms = [], [], []
-            for r in range(repeats):
-                fps, total, cpu = _build(spec, frames, root / f"cache-{r}", n, **options)
-                running.append(fps)
-                e2e.append(total)
-                cpu_ms.append(cpu)
-            label = ", ".join(f"{k} {v}" for k, v in options.items()) or "default"
-            run_fps = sorted(running)[len(running) // 2]
+        for placement in PLACEMENTS:
+            builds = [
+                _build(spec, frames, root / f"cache-{r}", n, preprocess=placement)
+                for r in range(repeats)
+            ]
+            running, e2e, cpu_ms = (list(column) for column in zip(*builds, strict=True))
             rows.append(harness.result(
-                what, f"local build ({label})", running, "frames/s", name,
-                x_bare_forward=run_fps / bare_fps, end_to_end_fps=sorted(e2e)[len(e2e) // 2],
-                cpu_ms_per_frame=sorted(cpu_ms)[len(cpu_ms) // 2],
+                what, f"local build (preprocess {placement})", running, "frames/s", name,
+                x_bare_forward=statistics.median(running) / bare_fps,
+                end_to_end_fps=statistics.median(e2e), cpu_ms_per_frame=statistics.median(cpu_ms),
             ))  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
