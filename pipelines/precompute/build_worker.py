@@ -12,13 +12,14 @@ from __future__ import annotations
 import collections
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from featurecache.batching import batched
 from featurecache.codecs import encode_on_device
 from featurecache.errors import SpecMismatchError
 from featurecache.format import VIEW_PARAM_FIELDS, camera_layer, sample_digest
@@ -110,7 +111,7 @@ class BuildWorker:
         inputs: collections.deque[Future] = collections.deque()
         outputs: collections.deque[Future] = collections.deque()
         try:
-            for batch in _batched(shard.iter_frames(), cfg.batch_size):
+            for batch in batched(shard.iter_frames(), cfg.batch_size):
                 inputs.append(decode.submit(self._prepare, batch, shard))
                 if len(inputs) > threads:
                     self._forward(block, inputs.popleft().result(), index, write, outputs)
@@ -320,17 +321,6 @@ def _check_planned(shard: FrameShard, result: Any, planned: int) -> None:
             f"{read} in the build's read of it (the shard changed, or its keys and frames "
             f"disagree); the block is left pending"
         )
-
-
-def _batched(samples: Iterator[tuple[str, Any]], size: int) -> Iterator[list[tuple[str, Any]]]:
-    batch: list[tuple[str, Any]] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _canonical(fingerprint: dict) -> Any:

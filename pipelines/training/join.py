@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from featurecache.batching import batched
 from featurecache.errors import OptionError
 from featurecache.format import camera_layer
 from featurecache.pipelines.training.alignment import (
@@ -73,7 +74,7 @@ class CacheJoin:
         if self.replay is not None:
             require_views(cache)
         if not self.read_ahead:
-            for chunk in _chunks(samples):
+            for chunk in batched(samples, JOIN_CHUNK):
                 yield from self._read(cache, chunk)
             return
         # One thread reads the chunks in order (the cache is used by it alone); at most
@@ -81,7 +82,7 @@ class CacheJoin:
         reader = ThreadPoolExecutor(1, thread_name_prefix="fc-join")
         pending: list[Future] = []
         try:
-            for chunk in _chunks(samples):
+            for chunk in batched(samples, JOIN_CHUNK):
                 pending.append(reader.submit(lambda c=chunk: list(self._read(cache, c))))
                 if len(pending) > self.read_ahead:
                     yield from pending.pop(0).result()
@@ -180,15 +181,3 @@ class CacheJoin:
     def _stack(self, per_camera: list[torch.Tensor]) -> torch.Tensor:
         """One camera's tensor as is, several stacked on a camera axis (C, ...)."""
         return torch.stack(per_camera) if self.camera_axis else per_camera[0]
-
-
-def _chunks(samples: Iterable[dict]) -> Iterator[list[dict]]:
-    """The samples in lists of JOIN_CHUNK (the last one shorter)."""
-    chunk: list[dict] = []
-    for s in samples:
-        chunk.append(s)
-        if len(chunk) == JOIN_CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
